@@ -1,0 +1,499 @@
+"""The one typed config tree, loaded from YAML plus ``key=value`` overrides.
+
+    config = load_config("jobs/configs/tiny.yaml", ["stage3.temperature=0.05"])
+    config.stage3.temperature          # 0.05
+    config.model.num_memory_tokens     # doc_max_len // compression_rate
+
+Sections and what reads them (defaults are the tiny CPU demo, written out in
+``jobs/configs/tiny.yaml``):
+
+- ``run``: run name, output directory, global seed.
+- ``data``: user corpus and QA files (JSON Lines, see ``clara_ray.data.formats``)
+  or, when all three are null, the bundled similarity-trap corpus.
+- ``model``: backbone (``"tiny"`` or a local path / hub id), dtype, lengths,
+  compression rate, LoRA settings.
+- ``stage1`` / ``stage3``: the compressor-pretraining and joint-training loops.
+- ``encode`` / ``index``: corpus encoding with Ray Data and the sharded FAISS index.
+- ``train``: Ray Train workers and DeepSpeed.
+- ``eval``: evaluation batch size and the baselines to compare against.
+
+Rules:
+
+- Every key must be known: a misspelt key is an error, never ignored.
+- Every value is checked when the config is loaded, so a bad setting fails
+  before any Ray job starts. Every problem is a ``ConfigError`` whose message
+  names the dotted key path, e.g. ``stage3.temperature: must be > 0 (got -1)``.
+- Overrides are ``dotted.key=value``; the value is parsed as YAML (``1e-4``,
+  ``true``, ``null``, ``[q_proj, v_proj]`` all work). Setting a section to a
+  mapping (``model.lora={r: 8, alpha: 16}``) merges into that section.
+- Relative paths are relative to the working directory of the process.
+- The tree is frozen. For a changed copy, validate again: ``load_config(path,
+  overrides)`` or ``config_from_dict(edited_copy_of(config.to_dict()))``.
+
+Consume the config at the edges: pass plain values (``config.stage3.top_k``)
+to components, not the config object.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from clara_ray.data.formats import BadRowPolicy
+
+TINY_BACKBONE = "tiny"
+
+NonEmptyStr = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+class ConfigError(ValueError):
+    """A config file, override or value that cannot be used; the message says which and why."""
+
+
+class DType(str, enum.Enum):
+    """Parameter and activation dtype of the backbone (names as in ``torch``)."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class Baseline(str, enum.Enum):
+    """Retrieval baselines evaluated next to the trained model."""
+
+    BM25 = "bm25"
+    MINILM = "minilm"
+
+
+class _FieldError(ValueError):
+    """A cross-field check that failed; ``field`` is the key it is reported under."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- run
+
+
+class RunConfig(_Section):
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$")] = "demo"
+    output_dir: Path = Path("runs")
+    seed: int = Field(0, ge=0)
+
+
+# -------------------------------------------------------------------------- data
+
+
+class TrapConfig(_Section):
+    """The bundled similarity-trap corpus (``clara_ray.data.trap``)."""
+
+    num_entities: int = Field(160, ge=10)
+    test_fraction: float = Field(0.5, gt=0, lt=1)
+    seed: int = Field(0, ge=0)
+
+
+class DataConfig(_Section):
+    corpus: Path | None = None
+    train_qa: Path | None = None
+    test_qa: Path | None = None
+    on_bad_row: BadRowPolicy = BadRowPolicy.QUARANTINE
+    trap: TrapConfig = TrapConfig()
+
+    @model_validator(mode="after")
+    def _user_files_all_or_none(self) -> DataConfig:
+        given = {name: getattr(self, name) for name in ("corpus", "train_qa", "test_qa")}
+        missing = [name for name, value in given.items() if value is None]
+        if missing and len(missing) < len(given):
+            raise _FieldError(
+                missing[0],
+                "corpus, train_qa and test_qa must be given together (or all null for the "
+                f"bundled trap corpus); missing: {', '.join(missing)}",
+            )
+        return self
+
+    @property
+    def uses_trap_corpus(self) -> bool:
+        return self.corpus is None
+
+
+# ------------------------------------------------------------------------- model
+
+
+class TinyModelConfig(_Section):
+    """Shape of the from-scratch model built when ``model.backbone`` is ``"tiny"``."""
+
+    hidden_size: int = Field(256, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(512, gt=0)
+    vocab_size: int = Field(2000, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise _FieldError(
+                "hidden_size",
+                f"must be divisible by num_heads (got hidden_size={self.hidden_size}, "
+                f"num_heads={self.num_heads})",
+            )
+        return self
+
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraConfig(_Section):
+    r: int = Field(32, gt=0)
+    alpha: int = Field(64, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[NonEmptyStr, ...] = Field(DEFAULT_LORA_TARGETS, min_length=1)
+
+
+class ModelConfig(_Section):
+    backbone: NonEmptyStr = TINY_BACKBONE
+    dtype: DType = DType.FLOAT32
+    tiny: TinyModelConfig = TinyModelConfig()
+    doc_max_len: int = Field(32, gt=0)
+    compression_rate: int = Field(8, gt=0)
+    question_max_len: int = Field(32, gt=0)
+    answer_max_len: int = Field(8, gt=0)
+    reconstruction_max_len: int = Field(40, gt=0)
+    lora: LoraConfig = LoraConfig()
+    # Full-parameter stage-1 training: a from-scratch tiny model has no language
+    # to keep, so LoRA alone would leave it unable to read its own memory tokens.
+    train_backbone_in_stage1: bool = True
+
+    @model_validator(mode="after")
+    def _compression_divides_length(self) -> ModelConfig:
+        if self.doc_max_len % self.compression_rate:
+            raise _FieldError(
+                "doc_max_len",
+                f"must be divisible by compression_rate (got doc_max_len={self.doc_max_len}, "
+                f"compression_rate={self.compression_rate})",
+            )
+        return self
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.backbone == TINY_BACKBONE
+
+    @property
+    def num_memory_tokens(self) -> int:
+        return self.doc_max_len // self.compression_rate
+
+
+# ------------------------------------------------------------------------ stages
+
+
+class Stage1Config(_Section):
+    """Compressor pretraining: QA + paraphrase from memory tokens, plus MSE alignment."""
+
+    steps: int = Field(1200, gt=0)
+    learning_rate: float = Field(1.0e-3, gt=0)
+    micro_batch_size_per_worker: int = Field(16, gt=0)
+    mse_weight: float = Field(0.1, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    report_every: int = Field(25, gt=0)
+
+
+class Stage3Config(_Section):
+    """Joint training of query reasoner and generator through the differentiable top-k."""
+
+    steps: int = Field(800, gt=0)
+    learning_rate: float = Field(1.0e-4, gt=0)
+    micro_batch_size_per_worker: int = Field(8, gt=0)
+    top_k: int = Field(5, ge=1)
+    temperature: float = Field(0.02, gt=0)
+    num_candidates: int = Field(32, gt=0)
+    report_every: int = Field(25, gt=0)
+    eval_every: int = Field(200, gt=0)
+
+    @model_validator(mode="after")
+    def _candidates_exceed_top_k(self) -> Stage3Config:
+        if self.num_candidates <= self.top_k:
+            raise _FieldError(
+                "num_candidates",
+                f"must be greater than top_k (got num_candidates={self.num_candidates}, "
+                f"top_k={self.top_k})",
+            )
+        return self
+
+
+# --------------------------------------------------------------- infrastructure
+
+
+class EncodeConfig(_Section):
+    """Ray Data corpus encoding with an autoscaling compressor actor pool."""
+
+    batch_size: int = Field(128, gt=0)
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(2, ge=1)
+    # Ray accepts fractions: 0.5 GPUs per actor packs two encoders on one GPU.
+    num_cpus_per_actor: float = Field(1, gt=0)
+    num_gpus_per_actor: float = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _actor_range(self) -> EncodeConfig:
+        if self.max_actors < self.min_actors:
+            raise _FieldError(
+                "max_actors",
+                f"must be >= min_actors (got max_actors={self.max_actors}, "
+                f"min_actors={self.min_actors})",
+            )
+        return self
+
+
+class IndexConfig(_Section):
+    factory: NonEmptyStr = "Flat"  # a FAISS index_factory string, e.g. "IVF4096,PQ64"
+    num_shards: int = Field(1, ge=1)
+
+
+class TrainConfig(_Section):
+    """Ray Train workers and DeepSpeed."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    zero_stage: int = Field(2, ge=0, le=3)
+    gradient_clipping: float = Field(1.0, ge=0)  # 0 disables clipping (DeepSpeed's convention)
+    cpu_threads_per_worker: int = Field(1, ge=1)
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(64, gt=0)
+    baselines: tuple[Baseline, ...] = (Baseline.BM25, Baseline.MINILM)
+
+    @model_validator(mode="after")
+    def _no_repeated_baselines(self) -> EvalConfig:
+        if len(set(self.baselines)) != len(self.baselines):
+            names = [baseline.value for baseline in self.baselines]
+            raise _FieldError("baselines", f"lists a baseline twice (got {names})")
+        return self
+
+
+# -------------------------------------------------------------------------- root
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    stage1: Stage1Config = Stage1Config()
+    stage3: Stage3Config = Stage3Config()
+    encode: EncodeConfig = EncodeConfig()
+    index: IndexConfig = IndexConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible dict (enums as their values, paths as strings)."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """YAML text that ``load_config`` reads back to an equal config."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------- loading
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 needs a dot: ``1.0e-4``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML:\n{error}") from None
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (None: all defaults), apply ``dotted.key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read config file {path}: {error}") from None
+        loaded = _parse_yaml(text, source)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{source}: the top level must be a mapping of sections "
+                f"({', '.join(Config.model_fields)}), got {type(loaded).__name__}"
+            )
+        data = loaded
+    if isinstance(overrides, str):
+        raise ConfigError("overrides must be a list of 'key=value' strings, not one string")
+    for override in overrides:
+        _apply_override(data, override)
+    if overrides:
+        source += " with overrides " + " ".join(overrides)
+    return config_from_dict(data, source=source)
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "dict") -> Config:
+    """Validate a nested dict (as read from YAML) into a ``Config``."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: a config must be a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(dict(data))
+    except ValidationError as error:
+        problems = [_describe(item) for item in error.errors()]
+        lines = "\n".join(f"  {problem}" for problem in problems)
+        raise ConfigError(f"invalid config ({source}):\n{lines}") from None
+
+
+# ---------------------------------------------------------------------- overrides
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    key, separator, raw_value = override.partition("=")
+    key = key.strip()
+    if not separator or not key:
+        raise ConfigError(f"override {override!r}: expected dotted.key=value, e.g. stage3.top_k=8")
+    value = _parse_yaml(raw_value, f"override {override!r}")
+    parts = key.split(".")
+    section: type[BaseModel] = Config
+    node = data
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[:depth]) or "the top level"
+        if part not in section.model_fields:
+            raise ConfigError(
+                f"override {override!r}: unknown key {'.'.join(parts[: depth + 1])}; "
+                f"valid keys at {here}: {', '.join(section.model_fields)}"
+            )
+        child = _section_type(section, part)
+        is_last = depth == len(parts) - 1
+        if is_last:
+            if child is not None and not isinstance(value, dict):
+                raise ConfigError(
+                    f"override {override!r}: {key} is a section; set one of its keys "
+                    f"({', '.join(child.model_fields)}) or give a mapping"
+                )
+            existing = node.get(part)
+            if child is not None and isinstance(existing, dict):
+                _deep_merge(existing, value)
+            else:
+                node[part] = value
+            return
+        if child is None:
+            raise ConfigError(
+                f"override {override!r}: {'.'.join(parts[: depth + 1])} is a value, not a section"
+            )
+        next_node = node.setdefault(part, {})
+        if not isinstance(next_node, dict):
+            raise ConfigError(
+                f"override {override!r}: {'.'.join(parts[: depth + 1])} must be a mapping "
+                f"in the config file, got {next_node!r}"
+            )
+        node, section = next_node, child
+
+
+def _section_type(section: type[BaseModel], name: str) -> type[BaseModel] | None:
+    annotation = section.model_fields[name].annotation
+    # get_origin: tuple[str, ...] passes isinstance(..., type) but is not a class.
+    is_class = get_origin(annotation) is None and isinstance(annotation, type)
+    if is_class and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _deep_merge(target: dict[str, Any], update: Mapping[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _deep_merge(target[key], value)
+        else:
+            target[key] = value
+
+
+# ------------------------------------------------------------------ error messages
+
+
+_BOUND_SYMBOLS = {
+    "greater_than": ">",
+    "greater_than_equal": ">=",
+    "less_than": "<",
+    "less_than_equal": "<=",
+}
+
+
+def _dotted(location: Sequence[str | int]) -> str:
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _section_at(location: Sequence[str | int]) -> type[BaseModel] | None:
+    section: type[BaseModel] | None = Config
+    for part in location:
+        if section is None or not isinstance(part, str) or part not in section.model_fields:
+            return None
+        section = _section_type(section, part)
+    return section
+
+
+def _describe(item: Mapping[str, Any]) -> str:
+    """One line per problem: ``dotted.key: what is wrong (got value)``."""
+    location = list(item["loc"])
+    kind = item["type"]
+    context = item.get("ctx") or {}
+    got = f" (got {item['input']!r})"
+    if kind == "extra_forbidden":
+        parent = _section_at(location[:-1])
+        valid = ", ".join(parent.model_fields) if parent is not None else "?"
+        return f"{_dotted(location)}: unknown key; valid keys at {_dotted(location[:-1])}: {valid}"
+    if kind == "value_error" and isinstance(context.get("error"), _FieldError):
+        error = context["error"]
+        return f"{_dotted([*location, error.field])}: {error}"
+    if kind == "model_type" or kind == "dict_type":
+        parent = _section_at(location)
+        keys = f" with keys {', '.join(parent.model_fields)}" if parent is not None else ""
+        return f"{_dotted(location)}: must be a mapping{keys}{got}"
+    if kind in _BOUND_SYMBOLS:
+        (bound,) = context.values()
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)  # "must be > 0", not "> 0.0"
+        return f"{_dotted(location)}: must be {_BOUND_SYMBOLS[kind]} {bound}{got}"
+    if kind == "enum":
+        return f"{_dotted(location)}: must be one of {context.get('expected', '?')}{got}"
+    if kind == "string_pattern_mismatch":
+        return f"{_dotted(location)}: must match {context.get('pattern')}{got}"
+    if kind == "missing":
+        return f"{_dotted(location)}: required key is missing"
+    message = item["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return f"{_dotted(location)}: {message[:1].lower()}{message[1:]}{got}"

@@ -1,0 +1,1 @@
+"""Retrieval index over memory shards: a plain FAISS shard and its Ray actor."""

@@ -1,0 +1,1 @@
+"""Model code: plain PyTorch / transformers, no Ray imports."""

@@ -1,0 +1,104 @@
+"""Save and load a CLaRa model as files a user can inspect.
+
+Layout of a model directory:
+    clara.json              backbone reference, memory tokens, LoRA settings, fingerprint
+    tokenizer/              tokenizer files (save_pretrained)
+    backbone/               config + safetensors of the base LM — only when the base
+                            was built here or trained (tiny preset); a frozen
+                            pretrained base is referenced by path / hub id instead
+    adapters.safetensors    LoRA weights of the three roles + memory-token embeddings
+
+The fingerprint is a hash of the compressor's weights (base + compressor
+adapter + memory tokens): memory shards record it, so shards encoded by another
+compressor are never mixed into one index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from clara_ray.modeling.clara import ClaraModel, LoraSettings, Role
+
+MANIFEST = "clara.json"
+ADAPTERS = "adapters.safetensors"
+
+
+def _state(model: ClaraModel, names) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if n in names}
+
+
+def adapter_names(model: ClaraModel) -> set[str]:
+    return {n for n, _ in model.named_parameters() if "lora_" in n or n.startswith("memory_tokens.")}
+
+
+def compressor_fingerprint(model: ClaraModel) -> str:
+    digest = hashlib.sha256()
+    params = {**model.backbone_parameters(), **model.role_parameters(Role.COMPRESSOR)}
+    for name in sorted(params):
+        digest.update(name.encode())
+        digest.update(params[name].detach().to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_model(model: ClaraModel, tokenizer, directory: str | Path, backbone_ref: str, save_backbone: bool) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(directory / "tokenizer")
+    if save_backbone:
+        base = model.lm.get_base_model()
+        # Write the plain base weights (LoRA layers excluded) with the base config.
+        state = {
+            n.removeprefix("lm.base_model.model.").replace(".base_layer.", "."): p.detach().cpu().contiguous()
+            for n, p in model.backbone_parameters().items()
+        }
+        (directory / "backbone").mkdir(exist_ok=True)
+        base.config.save_pretrained(directory / "backbone")
+        save_file(state, str(directory / "backbone" / "model.safetensors"))
+    save_file(_state(model, adapter_names(model)), str(directory / ADAPTERS))
+    lora = model.lm.peft_config[Role.COMPRESSOR.value]
+    manifest = {
+        "backbone": "backbone" if save_backbone else backbone_ref,
+        "num_memory_tokens": model.num_memory_tokens,
+        "hidden_size": model.hidden_size,
+        "lora": {
+            "r": lora.r,
+            "alpha": lora.lora_alpha,
+            "dropout": lora.lora_dropout,
+            "target_modules": sorted(lora.target_modules),
+        },
+        "compressor_fingerprint": compressor_fingerprint(model),
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return directory
+
+
+def load_model(directory: str | Path, dtype: torch.dtype = torch.float32):
+    """(ClaraModel, tokenizer, manifest) from a directory written by `save_model`."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{directory} is not a clara_ray model directory (no {MANIFEST})")
+    manifest = json.loads(manifest_path.read_text())
+    backbone_ref = manifest["backbone"]
+    backbone_path = directory / backbone_ref if backbone_ref == "backbone" else backbone_ref
+    backbone = AutoModelForCausalLM.from_pretrained(str(backbone_path), dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
+    lora = LoraSettings(
+        r=manifest["lora"]["r"],
+        alpha=manifest["lora"]["alpha"],
+        dropout=manifest["lora"]["dropout"],
+        target_modules=tuple(manifest["lora"]["target_modules"]),
+    )
+    model = ClaraModel(backbone, manifest["num_memory_tokens"], lora)
+    adapters = load_file(str(directory / ADAPTERS))
+    missing = adapter_names(model) - set(adapters)
+    if missing:
+        raise ValueError(f"{directory / ADAPTERS} lacks {len(missing)} adapter tensors, e.g. {sorted(missing)[:3]}")
+    model.load_state_dict(adapters, strict=False)
+    return model, tokenizer, manifest

@@ -1,0 +1,245 @@
+"""The CLaRa model: one causal LM, three roles as LoRA adapters on a shared base.
+
+- compressor: document tokens + n_mem memory tokens -> the last hidden states at
+  the memory positions, (n_mem, d). This is a document's memory.
+- query reasoner: the same computation on a question with its own adapter and
+  memory tokens -> (n_mem, d) in the same space; retrieval score = cosine of the
+  flattened vectors.
+- generator: reads memory vectors spliced into its input embeddings, then a
+  prompt (question or instruction), and is trained by next-token loss on the target.
+
+Sequences are laid out [memory | prompt | target] with padding anywhere, masked
+out; position ids count only real positions, so padding never shifts a token.
+All losses go through `forward` so DeepSpeed (ZeRO-3 included) sees every call.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from clara_ray.modeling.topk import retrieval_scores, select_memory, straight_through_topk
+
+IGNORE_INDEX = -100
+
+
+class Role(str, enum.Enum):
+    COMPRESSOR = "compressor"
+    QUERY_REASONER = "query_reasoner"
+    GENERATOR = "generator"
+
+
+class Objective(str, enum.Enum):
+    COMPRESSOR_PRETRAINING = "compressor_pretraining"  # stage 1
+    JOINT = "joint"  # stage 3
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding: (B, T) mask -> (B, T) positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ClaraModel(nn.Module):
+    def __init__(self, backbone: nn.Module, num_memory_tokens: int, lora: LoraSettings):
+        super().__init__()
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            bias="none",
+        )
+        self.lm = get_peft_model(backbone, config, adapter_name=Role.COMPRESSOR.value)
+        for role in (Role.QUERY_REASONER, Role.GENERATOR):
+            self.lm.add_adapter(role.value, config)
+        hidden_size = backbone.get_input_embeddings().embedding_dim
+        self.num_memory_tokens = num_memory_tokens
+        self.hidden_size = hidden_size
+        # Learned memory-token embeddings, one set per encoding role (modules, not
+        # bare parameters, so ZeRO-3 gathers them like any other weight).
+        self.memory_tokens = nn.ModuleDict(
+            {role.value: nn.Embedding(num_memory_tokens, hidden_size) for role in (Role.COMPRESSOR, Role.QUERY_REASONER)}
+        )
+        std = backbone.get_input_embeddings().weight.detach().float().std().item()
+        for embedding in self.memory_tokens.values():
+            nn.init.normal_(embedding.weight, std=std)
+        self._trainable: dict[str, bool] = {}
+        self.set_trainable(roles=(), backbone=False)
+
+    # --- parameter groups -------------------------------------------------
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The transformer stack without the LM head (e.g. LlamaModel)."""
+        return self.lm.get_base_model().base_model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.lm.get_base_model().get_output_embeddings()
+
+    def role_parameters(self, role: Role) -> dict[str, nn.Parameter]:
+        tag = f".{role.value}."
+        params = {n: p for n, p in self.named_parameters() if tag in n and "lora_" in n}
+        if role.value in self.memory_tokens:
+            params.update({f"memory_tokens.{role.value}.{n}": p for n, p in self.memory_tokens[role.value].named_parameters()})
+        return params
+
+    def backbone_parameters(self) -> dict[str, nn.Parameter]:
+        return {
+            n: p
+            for n, p in self.named_parameters()
+            if "lora_" not in n and not n.startswith("memory_tokens.")
+        }
+
+    def set_trainable(self, roles, backbone: bool) -> None:
+        """Make exactly the given roles' adapters (and optionally the base) trainable."""
+        trainable = set()
+        for role in roles:
+            trainable.update(self.role_parameters(Role(role)))
+        if backbone:
+            trainable.update(self.backbone_parameters())
+        self._trainable = {n: n in trainable for n, _ in self.named_parameters()}
+        self._apply_trainable()
+
+    def _apply_trainable(self) -> None:
+        for name, param in self.named_parameters():
+            param.requires_grad_(self._trainable[name])
+
+    def use(self, role: Role) -> None:
+        """Route the LoRA layers through `role`'s adapter."""
+        # peft's set_adapter also flips requires_grad; restore ours right after.
+        self.lm.base_model.set_adapter(role.value)
+        self._apply_trainable()
+
+    def copy_adapter(self, source: Role, target: Role) -> None:
+        """Initialise `target`'s adapter (and memory tokens) from `source`'s."""
+        source_params = self.role_parameters(source)
+        target_params = self.role_parameters(target)
+        with torch.no_grad():
+            for name, param in target_params.items():
+                param.copy_(source_params[name.replace(target.value, source.value)])
+
+    # --- the three computations ---------------------------------------------
+
+    def encode(self, role: Role, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Memory vectors of a text: (B, T) -> (B, n_mem, d), plus token states.
+
+        Returns (memory, token_states, attention_mask) where token_states are the
+        last hidden states of the text tokens (B, T, d) for the alignment loss.
+        """
+        if role not in (Role.COMPRESSOR, Role.QUERY_REASONER):
+            raise ValueError(f"encode takes the compressor or query reasoner role, not {role}")
+        self.use(role)
+        batch_size = input_ids.shape[0]
+        token_embeds = self.lm.get_input_embeddings()(input_ids)  # (B, T, d)
+        slots = torch.arange(self.num_memory_tokens, device=input_ids.device)
+        memory_embeds = self.memory_tokens[role.value](slots).unsqueeze(0).expand(batch_size, -1, -1)  # (B, n_mem, d)
+        embeds = torch.cat([token_embeds, memory_embeds.to(token_embeds.dtype)], dim=1)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, self.num_memory_tokens)], dim=1)
+        hidden = self.decoder(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask)
+        ).last_hidden_state  # (B, T + n_mem, d)
+        return hidden[:, -self.num_memory_tokens :], hidden[:, : -self.num_memory_tokens]
+
+    def _generator_embeddings(self, memory, prompt_ids, prompt_mask, memory_mask=None):
+        """[memory | prompt] embeddings and mask. memory: (B, M, d); memory_mask: (B, M) or None."""
+        prompt_embeds = self.lm.get_input_embeddings()(prompt_ids)  # (B, P, d)
+        embeds = torch.cat([memory.to(prompt_embeds.dtype), prompt_embeds], dim=1)
+        if memory_mask is None:
+            memory_mask = prompt_mask.new_ones(memory.shape[:2])
+        mask = torch.cat([memory_mask.to(prompt_mask.dtype), prompt_mask], dim=1)
+        return embeds, mask
+
+    def generator_loss(
+        self, memory, prompt_ids, prompt_mask, target_ids, target_mask, memory_mask=None
+    ) -> torch.Tensor:
+        """Next-token loss on the target given memory (B, M, d) and a prompt."""
+        self.use(Role.GENERATOR)
+        context_embeds, context_mask = self._generator_embeddings(memory, prompt_ids, prompt_mask, memory_mask)
+        target_embeds = self.lm.get_input_embeddings()(target_ids)
+        embeds = torch.cat([context_embeds, target_embeds], dim=1)
+        mask = torch.cat([context_mask, target_mask], dim=1)
+        hidden = self.decoder(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask)
+        ).last_hidden_state
+        # The state at the last context position predicts target token 0, and so on.
+        context_length = context_embeds.shape[1]
+        predicting = hidden[:, context_length - 1 : -1]  # (B, A, d)
+        logits = self.lm_head(predicting).float()  # (B, A, V)
+        labels = target_ids.masked_fill(target_mask == 0, IGNORE_INDEX)
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    @torch.no_grad()
+    def generate(
+        self, memory, prompt_ids, prompt_mask, max_new_tokens: int, eos_token_id: int, memory_mask=None
+    ) -> torch.Tensor:
+        """Greedy decoding from [memory | prompt]; returns (B, <=max_new_tokens) ids."""
+        from transformers import DynamicCache
+
+        self.use(Role.GENERATOR)
+        embeds, mask = self._generator_embeddings(memory, prompt_ids, prompt_mask, memory_mask)
+        positions = positions_from_mask(mask)
+        cache = DynamicCache()
+        finished = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+        generated = []
+        for _ in range(max_new_tokens):
+            hidden = self.decoder(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True,
+            ).last_hidden_state
+            next_token = self.lm_head(hidden[:, -1]).argmax(-1)  # (B,)
+            next_token = next_token.masked_fill(finished, eos_token_id)
+            generated.append(next_token)
+            finished |= next_token == eos_token_id
+            if finished.all():
+                break
+            embeds = self.lm.get_input_embeddings()(next_token).unsqueeze(1)
+            positions = positions[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        return torch.stack(generated, dim=1)
+
+    # --- training objectives (entered through forward for DeepSpeed) -----------
+
+    def forward(self, objective: Objective, **batch) -> dict[str, torch.Tensor]:
+        if objective == Objective.COMPRESSOR_PRETRAINING:
+            return self._compressor_pretraining(**batch)
+        if objective == Objective.JOINT:
+            return self._joint(**batch)
+        raise ValueError(f"unknown objective {objective!r}")
+
+    def _compressor_pretraining(
+        self, doc_ids, doc_mask, prompt_ids, prompt_mask, target_ids, target_mask, mse_weight: float
+    ):
+        """Stage 1: generate QA answers / reconstructions from a document's memory,
+        plus MSE between the mean memory vector and the mean document-token state."""
+        memory, token_states = self.encode(Role.COMPRESSOR, doc_ids, doc_mask)  # (B, n, d), (B, T, d)
+        generation = self.generator_loss(memory, prompt_ids, prompt_mask, target_ids, target_mask)
+        weights = doc_mask.unsqueeze(-1).to(token_states.dtype)
+        mean_tokens = (token_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        mse = nn.functional.mse_loss(memory.mean(1).float(), mean_tokens.float())
+        return {"loss": generation + mse_weight * mse, "generation_loss": generation, "mse_loss": mse}
+
+    def _joint(
+        self, question_ids, question_mask, candidate_memory, prompt_ids, prompt_mask,
+        target_ids, target_mask, k: int, temperature: float,
+    ):
+        """Stage 3: query reasoner scores L candidates, a differentiable top-k picks
+        k of them, the generator answers from the picked memories."""
+        query_memory, _ = self.encode(Role.QUERY_REASONER, question_ids, question_mask)  # (B, n, d)
+        scores = retrieval_scores(query_memory, candidate_memory)  # (B, L)
+        weights = straight_through_topk(scores, k, temperature)  # (B, k, L)
+        selected = select_memory(weights, candidate_memory)  # (B, k, n, d)
+        generation = self.generator_loss(selected.flatten(1, 2), prompt_ids, prompt_mask, target_ids, target_mask)
+        return {"loss": generation, "generation_loss": generation, "scores": scores.detach()}

@@ -1,0 +1,70 @@
+"""Tokenization into the padded tensors the model takes, and the prompt formats.
+
+Documents, questions and prompts are left-padded (their last token is real, so
+memory tokens and generation continue right after it); targets are right-padded
+and end with EOS. Padding position never matters to the model (masked, and
+position ids skip it), but keeping one convention keeps shapes predictable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+RECONSTRUCTION_PROMPT = "Repeat the document:"
+
+
+def question_prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def answer_target(answer: str) -> str:
+    return f" {answer.strip()}"
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    ids: torch.Tensor  # (B, T) long
+    mask: torch.Tensor  # (B, T) long, 1 = real token
+    num_truncated: int  # texts cut at max_length
+
+
+def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if not row:
+            continue
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> Tokenized:
+    """Left-padded token ids, cut to the first `max_length` tokens."""
+    rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    truncated = sum(len(r) > max_length for r in rows)
+    ids, mask = _pad([r[:max_length] for r in rows], tokenizer.pad_token_id, left=True)
+    return Tokenized(ids, mask, truncated)
+
+
+def tokenize_targets(tokenizer, texts: list[str], max_length: int) -> Tokenized:
+    """Right-padded target ids ending with EOS (EOS kept even when cut)."""
+    rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    truncated = sum(len(r) + 1 > max_length for r in rows)
+    rows = [r[: max_length - 1] + [tokenizer.eos_token_id] for r in rows]
+    ids, mask = _pad(rows, tokenizer.pad_token_id, left=False)
+    return Tokenized(ids, mask, truncated)
+
+
+def decode_answers(tokenizer, generated: torch.Tensor) -> list[str]:
+    """Generated ids (B, N) -> strings, cut at the first EOS."""
+    answers = []
+    for row in generated.tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers

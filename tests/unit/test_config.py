@@ -1,0 +1,196 @@
+"""The config tree: shipped presets load, overrides apply, bad settings fail with the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clara_ray.config import (
+    Baseline,
+    Config,
+    ConfigError,
+    DType,
+    config_from_dict,
+    load_config,
+)
+from clara_ray.data.formats import BadRowPolicy
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+PRESETS = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_presets_exist():
+    names = {path.name for path in PRESETS}
+    assert {"tiny.yaml", "mistral7b_gpu.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda path: path.name)
+def test_every_preset_loads_and_round_trips(path):
+    config = load_config(path)
+    assert isinstance(config, Config)
+    assert config.model.doc_max_len % config.model.compression_rate == 0
+    assert config_from_dict(config.to_dict()) == config
+
+
+def test_defaults_equal_tiny_preset():
+    assert load_config(None) == load_config(CONFIG_DIR / "tiny.yaml") == Config()
+
+
+def test_defaults():
+    config = load_config(None)
+    assert config.model.backbone == "tiny" and config.model.is_tiny
+    assert config.model.dtype is DType.FLOAT32
+    assert config.model.num_memory_tokens == 4
+    assert config.data.on_bad_row is BadRowPolicy.QUARANTINE
+    assert config.data.uses_trap_corpus
+    assert config.eval.baselines == (Baseline.BM25, Baseline.MINILM)
+    assert config.stage1.learning_rate == pytest.approx(1e-3)
+
+
+def test_mistral_preset():
+    config = load_config(CONFIG_DIR / "mistral7b_gpu.yaml")
+    assert config.model.backbone == "mistralai/Mistral-7B-Instruct-v0.2"
+    assert not config.model.is_tiny
+    assert config.model.dtype is DType.BFLOAT16
+    assert config.model.num_memory_tokens == 8
+    assert config.stage3.learning_rate == pytest.approx(5e-6)
+    assert (config.train.use_gpu, config.train.zero_stage) == (True, 3)
+    assert (config.index.factory, config.index.num_shards) == ("IVF4096,PQ64", 4)
+
+
+def test_overrides():
+    config = load_config(
+        None,
+        [
+            "stage3.temperature=1e-3",
+            "model.lora.target_modules=[q_proj,v_proj]",
+            "train.use_gpu=true",
+            "data.on_bad_row=fail",
+            "model.dtype=bfloat16",
+            "run.name=sweep-01",
+            "model.lora={r: 8, alpha: 16}",
+        ],
+    )
+    assert config.stage3.temperature == pytest.approx(1e-3)
+    assert config.model.lora.target_modules == ("q_proj", "v_proj")
+    assert (config.model.lora.r, config.model.lora.alpha) == (8, 16)
+    assert config.train.use_gpu is True
+    assert config.data.on_bad_row is BadRowPolicy.FAIL
+    assert config.model.dtype is DType.BFLOAT16
+    assert config.run.name == "sweep-01"
+
+
+def test_override_applies_on_top_of_file(tmp_path):
+    path = tmp_path / "partial.yaml"
+    path.write_text("stage3:\n  top_k: 3\n  learning_rate: 2e-5\n")
+    config = load_config(path, ["stage3.top_k=4"])
+    assert config.stage3.top_k == 4
+    assert config.stage3.learning_rate == pytest.approx(2e-5)
+    assert config.stage3.num_candidates == Config().stage3.num_candidates
+
+
+def test_user_data_paths_all_given():
+    overrides = ["data.corpus=c.jsonl", "data.train_qa=train.jsonl", "data.test_qa=test.jsonl"]
+    config = load_config(None, overrides)
+    assert config.data.corpus == Path("c.jsonl")
+    assert not config.data.uses_trap_corpus
+
+
+def _error(path=None, overrides=()) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, overrides)
+    return str(caught.value)
+
+
+def test_unknown_top_level_key_in_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("stage4:\n  steps: 1\n")
+    message = _error(path)
+    assert "stage4: unknown key" in message
+    assert "stage3" in message  # lists the valid keys
+
+
+def test_unknown_nested_key_in_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  lora:\n    rank: 8\n")
+    message = _error(path)
+    assert "model.lora.rank: unknown key" in message
+    assert "r, alpha, dropout, target_modules" in message
+
+
+def test_unknown_key_in_override():
+    message = _error(None, ["stage3.temprature=0.1"])
+    assert "stage3.temprature" in message and "temperature" in message
+    assert "valid keys at the top level" in _error(None, ["stages.top_k=1"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["stage3.temperature=-1"], "stage3.temperature: must be > 0 (got -1)"),
+        (["model.doc_max_len=30"], "model.doc_max_len: must be divisible by compression_rate"),
+        (["stage3.num_candidates=5"], "stage3.num_candidates: must be greater than top_k"),
+        (["stage3.top_k=0"], "stage3.top_k: must be >= 1"),
+        (["train.zero_stage=4"], "train.zero_stage: must be <= 3 (got 4)"),
+        (["model.dtype=fp8"], "model.dtype: must be one of"),
+        (["data.on_bad_row=skip"], "data.on_bad_row: must be one of"),
+        (["data.corpus=c.jsonl"], "missing: train_qa, test_qa"),
+        (["data.corpus=c.jsonl", "data.train_qa=t.jsonl"], "missing: test_qa"),
+        (["model.tiny.num_heads=3"], "model.tiny.hidden_size: must be divisible by num_heads"),
+        (["encode.min_actors=3"], "encode.max_actors: must be >= min_actors"),
+        (["run.name=my run"], "run.name: must match"),
+        (["eval.baselines=[bm25, colbert]"], "eval.baselines[1]: must be one of"),
+        (["stage1.steps=many"], "stage1.steps:"),
+        (["model.lora.target_modules=[]"], "model.lora.target_modules:"),
+    ],
+)
+def test_invalid_values(overrides, expected):
+    assert expected in _error(None, overrides)
+
+
+def test_every_problem_is_reported():
+    message = _error(None, ["stage3.temperature=0", "train.zero_stage=9"])
+    assert "stage3.temperature" in message and "train.zero_stage" in message
+
+
+@pytest.mark.parametrize(
+    "override", ["stage3", "stage3.temperature.value=1", "no_equals_sign", "=1"]
+)
+def test_malformed_overrides(override):
+    _error(None, [override])
+
+
+def test_file_problems(tmp_path):
+    assert "not found" in _error(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("stage3: [unclosed\n")
+    assert "not valid YAML" in _error(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    assert "must be a mapping" in _error(listed)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty) == Config()
+
+
+def test_config_error_is_value_error():
+    assert issubclass(ConfigError, ValueError)
+    with pytest.raises(ConfigError):
+        config_from_dict({"train": {"num_workers": 0}})
+
+
+def test_to_yaml_round_trip(tmp_path):
+    config = load_config(
+        CONFIG_DIR / "mistral7b_gpu.yaml",
+        ["stage3.temperature=1e-7", "data.on_bad_row=fail", "eval.baselines=[minilm]"],
+    )
+    path = tmp_path / "saved.yaml"
+    path.write_text(config.to_yaml())
+    assert load_config(path) == config
+
+
+def test_config_is_frozen():
+    config = Config()
+    with pytest.raises(ValueError):
+        config.stage3.top_k = 2  # type: ignore[misc]
