@@ -223,8 +223,11 @@ class Stage3Config(_Section):
     top_k: int = Field(5, ge=1)
     temperature: float = Field(0.02, gt=0)
     num_candidates: int = Field(32, gt=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    # The generator's adapter trains alongside the query reasoner (CLaRa); off
+    # leaves the stage-1 generator as it is, so only retrieval can lower the loss.
+    train_generator: bool = True
     report_every: int = Field(25, gt=0)
-    eval_every: int = Field(200, gt=0)
 
     @model_validator(mode="after")
     def _candidates_exceed_top_k(self) -> Stage3Config:

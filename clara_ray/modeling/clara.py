@@ -220,12 +220,23 @@ class ClaraModel(nn.Module):
         raise ValueError(f"unknown objective {objective!r}")
 
     def _compressor_pretraining(
-        self, doc_ids, doc_mask, prompt_ids, prompt_mask, target_ids, target_mask, mse_weight: float
+        self, doc_ids, doc_mask, doc_group, doc_slot, memory_mask,
+        prompt_ids, prompt_mask, target_ids, target_mask, mse_weight: float,
     ):
-        """Stage 1: generate QA answers / reconstructions from a document's memory,
-        plus MSE between the mean memory vector and the mean document-token state."""
-        memory, token_states = self.encode(Role.COMPRESSOR, doc_ids, doc_mask)  # (B, n, d), (B, T, d)
-        generation = self.generator_loss(memory, prompt_ids, prompt_mask, target_ids, target_mask)
+        """Stage 1: generate QA answers / reconstructions from documents' memory,
+        plus MSE between each document's mean memory vector and mean token state.
+
+        doc_ids: (N, T) all documents of the batch; document i is slot
+        doc_slot[i] of example doc_group[i]. memory_mask: (B, M) real memory slots.
+        """
+        memory, token_states = self.encode(Role.COMPRESSOR, doc_ids, doc_mask)  # (N, n, d), (N, T, d)
+        batch_size, width = memory_mask.shape
+        n = self.num_memory_tokens
+        grouped = memory.new_zeros(batch_size, width // n, n, memory.shape[-1])
+        grouped = grouped.index_put((doc_group, doc_slot), memory)  # (B, slots, n, d)
+        generation = self.generator_loss(
+            grouped.flatten(1, 2), prompt_ids, prompt_mask, target_ids, target_mask, memory_mask
+        )
         weights = doc_mask.unsqueeze(-1).to(token_states.dtype)
         mean_tokens = (token_states * weights).sum(1) / weights.sum(1).clamp(min=1)
         mse = nn.functional.mse_loss(memory.mean(1).float(), mean_tokens.float())

@@ -1,0 +1,87 @@
+"""Evaluate retrieval (Recall@k of gold documents) and answers (EM / F1).
+
+Every retriever — BM25, MiniLM, the query reasoner — produces a ranking over
+the corpus; the generator then answers each question from the memory vectors
+of that ranking's top-k documents, so answer quality is compared on equal terms.
+Gold document ids are read here only, to score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from clara_ray.eval.metrics import mean_exact_match, mean_f1, recall_at_k
+from clara_ray.modeling.clara import ClaraModel, Role
+from clara_ray.modeling.text import decode_answers, question_prompt, tokenize_texts
+from clara_ray.modeling.topk import retrieval_scores
+
+Search = Callable[[np.ndarray, int], "object"]  # (queries (B, key_dim), L) -> SearchResult
+
+
+@dataclass(frozen=True)
+class Scores:
+    recall_at_1: float
+    recall_at_5: float
+    exact_match: float
+    f1: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"recall@1": self.recall_at_1, "recall@5": self.recall_at_5, "em": self.exact_match, "f1": self.f1}
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.inference_mode()
+def query_reasoner_rankings(
+    model: ClaraModel, tokenizer, questions: list[str], search: Search,
+    num_candidates: int, question_max_len: int, batch_size: int,
+) -> list[list[str]]:
+    """Top-L documents per question: index search, then exact re-score on memory."""
+    rankings = []
+    for chunk in _batches(questions, batch_size):
+        tokens = tokenize_texts(tokenizer, chunk, question_max_len)
+        query_memory, _ = model.encode(Role.QUERY_REASONER, tokens.ids, tokens.mask)  # (B, n, d)
+        found = search(query_memory.flatten(1).float().numpy(), num_candidates)
+        scores = retrieval_scores(query_memory.float(), torch.from_numpy(found.memory.astype(np.float32)))
+        order = scores.argsort(dim=-1, descending=True).numpy()  # (B, L)
+        rankings.extend([list(found.doc_ids[row, order[row]]) for row in range(len(chunk))])
+    return rankings
+
+
+@torch.inference_mode()
+def generate_answers(
+    model: ClaraModel, tokenizer, questions: list[str], rankings: list[list[str]],
+    memory_of: dict[str, np.ndarray], top_k: int, question_max_len: int, answer_max_len: int, batch_size: int,
+) -> list[str]:
+    """Answers from the memory of each question's top-k ranked documents."""
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        memory = np.stack(
+            [np.stack([memory_of[d] for d in ranking[:top_k]]) for ranking in rankings[start : start + batch_size]]
+        )  # (B, k, n, d)
+        prompt = tokenize_texts(tokenizer, [question_prompt(q) for q in chunk], question_max_len)
+        generated = model.generate(
+            torch.from_numpy(memory.astype(np.float32)).flatten(1, 2), prompt.ids, prompt.mask,
+            max_new_tokens=answer_max_len, eos_token_id=tokenizer.eos_token_id,
+        )
+        answers.extend(decode_answers(tokenizer, generated))
+    return answers
+
+
+def score(rankings: list[list[str]], predictions: list[str], qa) -> Scores:
+    gold = [list(q.gold_doc_ids) for q in qa]
+    references = [list(q.answers) for q in qa]
+    return Scores(
+        recall_at_k(rankings, gold, 1),
+        recall_at_k(rankings, gold, 5),
+        mean_exact_match(predictions, references),
+        mean_f1(predictions, references),
+    )

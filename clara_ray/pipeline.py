@@ -1,0 +1,221 @@
+"""The whole CLaRa pipeline on Ray: data -> stage 1 -> encode -> index -> stage 3 -> evaluate.
+
+    summary = run_pipeline(load_config("jobs/configs/tiny.yaml"))
+
+Run directory (<run.output_dir>/<run.name>/):
+    config.yaml          the resolved config
+    data/                the bundled trap corpus files (when used) and quarantine files
+    models/init          the untrained model (tiny: tokenizer trained here + random weights)
+    models/stage1        after compressor pretraining (query reasoner = compressor)
+    models/stage3        after joint training
+    memory/              memory shards of the corpus, encoded by models/stage1
+    ray_train/           Ray Train's own run storage
+    report.md, training.png, metrics.json
+Test questions are read for evaluation only; they never enter any training.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from clara_ray.config import Baseline, Config
+from clara_ray.data.formats import Document, LoadResult, QAExample, read_corpus, read_qa, write_quarantine
+from clara_ray.data.trap import generate_trap_corpus, write_trap_corpus
+from clara_ray.encode import encode_documents
+from clara_ray.eval import baselines
+from clara_ray.eval.evaluate import Scores, generate_answers, query_reasoner_rankings, score
+from clara_ray.index.actor import INDEX_ACTOR_NAME, start_index_actor
+from clara_ray.memory_shards import read_memory_shards
+from clara_ray.modeling.backbone import build_tiny, load_pretrained, train_tokenizer
+from clara_ray.modeling.checkpoint import load_model, save_model
+from clara_ray.modeling.clara import ClaraModel, LoraSettings
+from clara_ray.modeling.text import RECONSTRUCTION_PROMPT, question_prompt
+from clara_ray.report import write_report
+from clara_ray.training.stages import run_stage1, run_stage3
+
+
+@dataclass(frozen=True)
+class Inputs:
+    corpus: LoadResult[Document]
+    train_qa: LoadResult[QAExample]
+    test_qa: LoadResult[QAExample]
+    source: str
+
+
+def load_inputs(config: Config, run_dir: Path) -> Inputs:
+    """Read (and for the trap corpus, first write) the three files, quarantining bad rows."""
+    data = config.data
+    if data.uses_trap_corpus:
+        trap = data.trap
+        corpus = generate_trap_corpus(trap.num_entities, trap.test_fraction, trap.seed)
+        paths = write_trap_corpus(run_dir / "data", corpus)
+        source = f"bundled similarity-trap corpus, {trap.num_entities} entities, seed {trap.seed}"
+    else:
+        paths = {"corpus": data.corpus, "train_qa": data.train_qa, "test_qa": data.test_qa}
+        source = f"user files {data.corpus}"
+    inputs = Inputs(
+        read_corpus(paths["corpus"], data.on_bad_row),
+        read_qa(paths["train_qa"], data.on_bad_row),
+        read_qa(paths["test_qa"], data.on_bad_row),
+        source,
+    )
+    for name in ("corpus", "train_qa", "test_qa"):
+        result = getattr(inputs, name)
+        if result.quarantined:
+            write_quarantine(run_dir / "data" / f"{name}.quarantine.jsonl", result.quarantined)
+    if not inputs.corpus.records or not inputs.train_qa.records or not inputs.test_qa.records:
+        raise ValueError("corpus, training QA and test QA must each keep at least one valid row")
+    return inputs
+
+
+def build_initial_model(config: Config, documents: list[Document], train_qa: list[QAExample], directory: Path) -> Path:
+    """models/init: the tiny model (tokenizer trained on the corpus and training
+    questions) or a pretrained base loaded with from_pretrained, with fresh adapters."""
+    model_config = config.model
+    lora = LoraSettings(
+        model_config.lora.r, model_config.lora.alpha, model_config.lora.dropout, tuple(model_config.lora.target_modules)
+    )
+    if model_config.is_tiny:
+        texts = [d.text for d in documents] + [question_prompt(q.question) for q in train_qa] + [RECONSTRUCTION_PROMPT]
+        tokenizer = train_tokenizer(texts, model_config.tiny.vocab_size)
+        tiny = model_config.tiny
+        backbone = build_tiny(
+            tokenizer, tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.intermediate_size,
+            max_positions=4 * (model_config.doc_max_len + model_config.question_max_len + model_config.reconstruction_max_len)
+            + config.stage3.top_k * model_config.num_memory_tokens,
+            seed=config.run.seed,
+        )
+        torch.manual_seed(config.run.seed)
+        model = ClaraModel(backbone, model_config.num_memory_tokens, lora)
+        return save_model(model, tokenizer, directory, backbone_ref="tiny", save_backbone=True)
+    backbone, tokenizer = load_pretrained(model_config.backbone, getattr(torch, model_config.dtype.value))
+    model = ClaraModel(backbone, model_config.num_memory_tokens, lora)
+    return save_model(model, tokenizer, directory, backbone_ref=model_config.backbone, save_backbone=False)
+
+
+def _evaluate_query_reasoner(config: Config, model_dir: Path, test_qa, memory_of, search) -> Scores:
+    model, tokenizer, _ = load_model(model_dir)
+    model.eval()
+    questions = [q.question for q in test_qa]
+    num_candidates = max(config.stage3.num_candidates, 5)
+    rankings = query_reasoner_rankings(
+        model, tokenizer, questions, search, num_candidates, config.model.question_max_len, config.eval.batch_size
+    )
+    answers = generate_answers(
+        model, tokenizer, questions, rankings, memory_of, config.stage3.top_k,
+        config.model.question_max_len, config.model.answer_max_len, config.eval.batch_size,
+    )
+    return score(rankings, answers, test_qa)
+
+
+def _evaluate_baseline(config: Config, baseline: Baseline, model_dir: Path, documents, test_qa, memory_of) -> Scores:
+    questions = [q.question for q in test_qa]
+    depth = max(5, config.stage3.top_k)
+    if baseline == Baseline.BM25:
+        rankings = baselines.bm25_rankings(documents, questions, depth)
+    else:
+        rankings = baselines.dense_rankings(documents, questions, depth, batch_size=config.eval.batch_size)
+    model, tokenizer, _ = load_model(model_dir)
+    model.eval()
+    answers = generate_answers(
+        model, tokenizer, questions, rankings, memory_of, config.stage3.top_k,
+        config.model.question_max_len, config.model.answer_max_len, config.eval.batch_size,
+    )
+    return score(rankings, answers, test_qa)
+
+
+def run_pipeline(config: Config, log=print) -> dict:
+    """Run every phase on the connected Ray cluster; returns the summary also written to metrics.json."""
+    run_dir = (Path(config.run.output_dir) / config.run.name).resolve()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run directory {run_dir} is not empty: pick another run.name or remove it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config.to_yaml())
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = now - clock
+        clock = now
+        log(f"[pipeline] {name} done in {seconds[name]:.1f}s")
+
+    log(f"[pipeline] run directory {run_dir}")
+    inputs = load_inputs(config, run_dir)
+    documents, train_qa, test_qa = inputs.corpus.records, inputs.train_qa.records, inputs.test_qa.records
+    log(
+        f"[pipeline] data: {len(documents)} documents, {len(train_qa)} training and {len(test_qa)} test "
+        f"questions ({sum(len(r.quarantined) for r in (inputs.corpus, inputs.train_qa, inputs.test_qa))} rows quarantined)"
+    )
+    init_dir = build_initial_model(config, documents, train_qa, run_dir / "models" / "init")
+    phase("data and initial model")
+
+    stage1 = run_stage1(config, {d.id: d.text for d in documents}, train_qa, init_dir, run_dir)
+    phase("stage 1 (compressor pretraining)")
+
+    encoded = encode_documents(
+        documents, inputs.corpus.quarantined, stage1.model_dir, run_dir / "memory",
+        config.model.doc_max_len, config.encode.batch_size, config.encode.min_actors, config.encode.max_actors,
+        config.encode.num_cpus_per_actor, config.encode.num_gpus_per_actor, config.model.dtype.value,
+    )
+    log(f"[pipeline] encoded {encoded.num_encoded} documents at {encoded.documents_per_second:.0f} docs/s")
+    phase("encode corpus (Ray Data)")
+
+    index = start_index_actor(str(run_dir / "memory"), config.index.factory, num_cpus=0)
+    shards = read_memory_shards(run_dir / "memory")
+    memory_of = dict(zip(shards.doc_ids, shards.memory))
+
+    def search(queries: np.ndarray, num_candidates: int):
+        return ray.get(index.search.remote(queries, num_candidates))
+
+    phase("index")
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results: dict[str, dict] = {}
+    before = _evaluate_query_reasoner(config, stage1.model_dir, test_qa, memory_of, search)
+    phase("evaluate before stage 3")
+
+    stage3 = run_stage3(config, train_qa, stage1.model_dir, INDEX_ACTOR_NAME, run_dir)
+    phase("stage 3 (joint training)")
+
+    for baseline in config.eval.baselines:
+        results[baseline.value] = _evaluate_baseline(
+            config, baseline, stage3.model_dir, documents, test_qa, memory_of
+        ).as_dict()
+    results["query reasoner before stage 3"] = before.as_dict()
+    results["query reasoner after stage 3"] = _evaluate_query_reasoner(
+        config, stage3.model_dir, test_qa, memory_of, search
+    ).as_dict()
+    phase("evaluate")
+    ray.kill(index)
+
+    files = {
+        name: {"input": r.num_input_rows, "used": len(r.records), "quarantined": len(r.quarantined)}
+        for name, r in (("corpus", inputs.corpus), ("train_qa", inputs.train_qa), ("test_qa", inputs.test_qa))
+    }
+    summary = {
+        "run": config.run.name,
+        "run_dir": str(run_dir),
+        "top_k": config.stage3.top_k,
+        "doc_max_len": config.model.doc_max_len,
+        "results": results,
+        "data": {
+            "corpus": inputs.source,
+            "num_test_questions": len(test_qa),
+            "files": files,
+            "num_encoded": encoded.num_encoded,
+            "num_truncated": encoded.num_truncated,
+        },
+        "seconds": seconds,
+        "models": {"stage1": str(stage1.model_dir), "stage3": str(stage3.model_dir)},
+    }
+    report = write_report(run_dir, summary, stage1.history, stage3.history)
+    log(f"[pipeline] report: {report}")
+    return summary

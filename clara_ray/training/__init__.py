@@ -1,0 +1,1 @@
+"""Training stages: batch building (pure), DeepSpeed loops (per Ray Train worker), drivers."""

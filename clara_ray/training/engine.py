@@ -1,0 +1,51 @@
+"""DeepSpeed set-up shared by the training stages (runs inside a Ray Train worker)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+def deepspeed_config(
+    micro_batch_size: int, learning_rate: float, total_steps: int, warmup_steps: int,
+    zero_stage: int, gradient_clipping: float, bf16: bool,
+) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": gradient_clipping,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        # torch's AdamW: no fused/CPU-Adam op to compile, same maths.
+        "optimizer": {"type": "AdamW", "params": {"lr": learning_rate, "weight_decay": 0.0, "torch_adam": True}},
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {"total_num_steps": total_steps, "warmup_num_steps": max(1, warmup_steps)},
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize(model, config: dict, use_gpu: bool):
+    """Wrap `model` in a DeepSpeed engine on the process group Ray Train made."""
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameters, config=config)
+    return engine
+
+
+@contextlib.contextmanager
+def full_parameters(engine, zero_stage: int):
+    """Every rank sees whole parameters inside (ZeRO-3 shards them); all ranks must enter."""
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield

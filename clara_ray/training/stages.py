@@ -1,0 +1,115 @@
+"""Drivers for the training stages: config in, Ray Train + DeepSpeed run, model directory out.
+
+    stage1 = run_stage1(config, documents, train_qa, init_model_dir, run_dir)
+    stage3 = run_stage3(config, train_qa, stage1.model_dir, index_actor_name, run_dir)
+
+Each returns a `StageResult` with the trained model directory (copied out of Ray
+Train's storage into <run_dir>/models/<stage>) and the metric history.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from clara_ray.config import Config
+from clara_ray.training.batches import stage1_examples
+from clara_ray.training.loops import stage1_loop, stage3_loop
+
+
+@dataclass(frozen=True)
+class StageResult:
+    model_dir: Path
+    history: list[dict]
+
+
+def _common(config: Config, model_dir: Path) -> dict:
+    return {
+        "model_dir": str(model_dir),
+        "seed": config.run.seed,
+        "use_gpu": config.train.use_gpu,
+        "cpu_threads": config.train.cpu_threads_per_worker,
+        "zero_stage": config.train.zero_stage,
+        "gradient_clipping": config.train.gradient_clipping,
+        "dtype": config.model.dtype.value,
+        "lengths": {
+            "doc": config.model.doc_max_len,
+            "question": config.model.question_max_len,
+            "answer": config.model.answer_max_len,
+            "reconstruction": config.model.reconstruction_max_len,
+        },
+    }
+
+
+def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str) -> StageResult:
+    run_dir = Path(run_dir).resolve()
+    resources = {"CPU": config.train.cpu_threads_per_worker}
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=config.train.num_workers, use_gpu=config.train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=stage,
+            storage_path=str(run_dir / "ray_train"),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"{stage} failed") from result.error
+    model_dir = run_dir / "models" / stage
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    with result.checkpoint.as_directory() as directory:
+        shutil.copytree(directory, model_dir)
+    return StageResult(model_dir, list(result.return_value or []))
+
+
+def run_stage1(config: Config, documents: dict[str, str], train_qa, init_model_dir: Path, run_dir: Path) -> StageResult:
+    """Compressor pretraining on every document (reconstruction) and the training
+    QA pairs with their gold documents."""
+    examples = stage1_examples(documents, train_qa)
+    loop_config = {
+        **_common(config, init_model_dir),
+        "steps": config.stage1.steps,
+        "learning_rate": config.stage1.learning_rate,
+        "warmup_fraction": config.stage1.warmup_fraction,
+        "micro_batch_size": config.stage1.micro_batch_size_per_worker,
+        "mse_weight": config.stage1.mse_weight,
+        "report_every": config.stage1.report_every,
+        "train_backbone": config.model.train_backbone_in_stage1,
+        "num_context_docs": config.stage3.top_k,
+        "examples": [(e.document, e.question, e.answer) for e in examples],
+        "documents": list(documents.values()),
+    }
+    return _fit(stage1_loop, loop_config, config, run_dir, "stage1")
+
+
+def run_stage3(config: Config, train_qa, stage1_model_dir: Path, index_actor: str, run_dir: Path) -> StageResult:
+    """Joint training of query reasoner and generator through the top-k.
+    Gold document ids travel along only to log training recall."""
+    loop_config = {
+        **_common(config, stage1_model_dir),
+        "steps": config.stage3.steps,
+        "learning_rate": config.stage3.learning_rate,
+        "warmup_fraction": config.stage3.warmup_fraction,
+        "micro_batch_size": config.stage3.micro_batch_size_per_worker,
+        "report_every": config.stage3.report_every,
+        "train_generator": config.stage3.train_generator,
+        "top_k": config.stage3.top_k,
+        "temperature": config.stage3.temperature,
+        "num_candidates": config.stage3.num_candidates,
+        "index_actor": index_actor,
+        "index_namespace": ray.get_runtime_context().namespace,
+        "questions": [qa.question for qa in train_qa],
+        "answers": [qa.answers[0] for qa in train_qa],
+        "gold_doc_ids": [list(qa.gold_doc_ids) for qa in train_qa],
+    }
+    return _fit(stage3_loop, loop_config, config, run_dir, "stage3")
