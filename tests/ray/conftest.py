@@ -1,0 +1,16 @@
+"""Local-Ray fixtures: one Ray instance for the whole session (starting one takes seconds)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    import ray
+
+    from clara_ray.cli import start_ray
+
+    start_ray(address=None)
+    yield ray
+    ray.shutdown()

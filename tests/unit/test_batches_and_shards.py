@@ -1,0 +1,71 @@
+import random
+
+import numpy as np
+import pytest
+
+from clara_ray.index.shard import IndexShard
+from clara_ray.memory_shards import memory_table, read_memory_shards, write_manifest
+from clara_ray.training.batches import Lengths, Stage1Example, stage1_batch, stage1_examples
+from clara_ray.data.formats import QAExample
+from tests.tiny_model import TEXTS, make_model
+
+
+def test_stage1_examples_cover_every_document_and_gold_qa():
+    documents = {"a": "doc a", "b": "doc b"}
+    qa = [QAExample("q1", "about a?", ["x"], ["a"]), QAExample("q2", "no gold?", ["y"], ["zz"])]
+    examples = stage1_examples(documents, qa)
+    assert [e.document for e in examples] == ["doc a", "doc b", "doc a"]
+    assert examples[2].question == "about a?" and examples[2].answer == "x"
+
+
+def test_stage1_batch_places_gold_document_among_context():
+    _, tokenizer = make_model()
+    examples = [Stage1Example(TEXTS[0]), Stage1Example(TEXTS[3], "Which job?", "baker")]
+    batch = stage1_batch(examples, TEXTS, num_context_docs=3, num_memory_tokens=2, tokenizer=tokenizer,
+                         lengths=Lengths(doc=64, question=16, answer=6, reconstruction=30), rng=random.Random(0))
+    # 1 document for the reconstruction, 3 for the QA example.
+    assert batch["doc_ids"].shape[0] == 4
+    assert batch["doc_group"].tolist() == [0, 1, 1, 1]
+    assert batch["doc_slot"].tolist() == [0, 0, 1, 2]
+    assert batch["memory_mask"].tolist() == [[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
+    gold_rows = [i for i in range(1, 4) if tokenizer.decode(batch["doc_ids"][i], skip_special_tokens=True).strip() == TEXTS[3]]
+    assert gold_rows, "the gold document must be one of the QA example's context documents"
+
+
+def _shards(tmp_path, count=50, n_mem=2, hidden=8, files=2, seed=0):
+    rng = np.random.default_rng(seed)
+    memory = rng.normal(size=(count, n_mem, hidden)).astype(np.float32)
+    ids = [f"d{i}" for i in range(count)]
+    import pyarrow.parquet as pq
+
+    for part, rows in enumerate(np.array_split(np.arange(count), files)):
+        table = memory_table([ids[i] for i in rows], memory[rows], num_tokens=[5] * len(rows),
+                             truncated=[i % 10 == 0 for i in rows])
+        pq.write_table(table, tmp_path / f"part-{part}.parquet")
+    write_manifest(tmp_path, model_fingerprint="abc", num_memory_tokens=n_mem, hidden_size=hidden,
+                   memory_dtype="float16", key_kind="flat_memory", key_dim=n_mem * hidden,
+                   num_input_documents=count, num_quarantined=0, quarantine_file="quarantine.jsonl")
+    return ids, memory
+
+
+def test_memory_shards_round_trip(tmp_path):
+    ids, memory = _shards(tmp_path)
+    shards = read_memory_shards(tmp_path)
+    assert shards.doc_ids == ids
+    assert shards.manifest["num_encoded"] == 50 and shards.manifest["num_truncated"] == 5
+    assert [s["rows"] for s in shards.manifest["shards"]] == [25, 25]
+    assert np.allclose(shards.memory, memory.astype(np.float16))
+    assert np.allclose(np.linalg.norm(shards.keys, axis=1), 1.0, atol=1e-5)
+
+
+def test_index_shard_own_key_ranks_first_and_returns_memory(tmp_path):
+    ids, _ = _shards(tmp_path)
+    shards = read_memory_shards(tmp_path)
+    index = IndexShard(shards.doc_ids, shards.keys, shards.memory, factory="Flat")
+    found = index.search(shards.keys * 3.0, num_candidates=4)  # scale must not matter
+    assert list(found.doc_ids[:, 0]) == ids
+    assert np.allclose(found.scores[:, 0], 1.0, atol=1e-4)
+    assert found.memory.shape == (50, 4, 2, 8)
+    assert np.array_equal(found.memory[:, 0], shards.memory)
+    with pytest.raises(ValueError, match="num_candidates"):
+        index.search(shards.keys[:1], num_candidates=51)

@@ -1,0 +1,106 @@
+import torch
+
+from clara_ray.modeling.checkpoint import compressor_fingerprint, load_model, save_model
+from clara_ray.modeling.clara import Objective, Role
+from clara_ray.modeling.text import tokenize_targets, tokenize_texts
+from tests.tiny_model import TEXTS, make_model
+
+
+def _encode(model, tokenizer, role, texts, max_length=24):
+    tokens = tokenize_texts(tokenizer, texts, max_length)
+    memory, _ = model.encode(role, tokens.ids, tokens.mask)
+    return memory
+
+
+def test_memory_shape_and_padding_invariance():
+    model, tokenizer = make_model(num_memory_tokens=3)
+    model.eval()
+    alone = _encode(model, tokenizer, Role.COMPRESSOR, [TEXTS[3]])
+    batched = _encode(model, tokenizer, Role.COMPRESSOR, [TEXTS[3], TEXTS[1] + " " + TEXTS[0]])
+    assert alone.shape == (1, 3, 32)
+    assert torch.allclose(alone[0], batched[0], atol=1e-5)
+
+
+def test_roles_differ_and_copy_adapter_makes_them_equal():
+    model, tokenizer = make_model()
+    model.eval()
+    compressor = _encode(model, tokenizer, Role.COMPRESSOR, TEXTS[:2])
+    query = _encode(model, tokenizer, Role.QUERY_REASONER, TEXTS[:2])
+    assert not torch.allclose(compressor, query, atol=1e-4)
+    model.copy_adapter(Role.COMPRESSOR, Role.QUERY_REASONER)
+    assert torch.allclose(compressor, _encode(model, tokenizer, Role.QUERY_REASONER, TEXTS[:2]), atol=1e-6)
+
+
+def test_generator_reads_spliced_memory_and_ignores_padding():
+    model, tokenizer = make_model()
+    model.eval()
+    prompt = tokenize_texts(tokenizer, ["Question: Which city?\nAnswer:"], 16)
+    target = tokenize_targets(tokenizer, [" Marlow"], 8)
+    memory = torch.randn(1, 4, 32)
+    loss = model.generator_loss(memory, prompt.ids, prompt.mask, target.ids, target.mask)
+    # Memory is at the front of the sequence: other memory, other loss.
+    other = model.generator_loss(memory + 1.0, prompt.ids, prompt.mask, target.ids, target.mask)
+    assert not torch.isclose(loss, other)
+    # Padding between memory and prompt (left-padded prompt) and after the target changes nothing.
+    pad = tokenizer.pad_token_id
+    padded_ids = torch.cat([torch.full((1, 3), pad), prompt.ids], dim=1)
+    padded_mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt.mask], dim=1)
+    target_ids = torch.cat([target.ids, torch.full((1, 2), pad)], dim=1)
+    target_mask = torch.cat([target.mask, torch.zeros(1, 2, dtype=torch.long)], dim=1)
+    padded = model.generator_loss(memory, padded_ids, padded_mask, target_ids, target_mask)
+    assert torch.isclose(loss, padded, atol=1e-5)
+    # Masked memory slots are ignored too.
+    extra = torch.cat([memory, torch.randn(1, 2, 32)], dim=1)
+    memory_mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    masked = model.generator_loss(extra, prompt.ids, prompt.mask, target.ids, target.mask, memory_mask)
+    assert torch.isclose(loss, masked, atol=1e-5)
+
+
+def test_greedy_generation_matches_teacher_forced_argmax():
+    model, tokenizer = make_model()
+    model.eval()
+    prompt = tokenize_texts(tokenizer, ["Question: Which city?\nAnswer:", "Repeat the document:"], 16)
+    memory = torch.randn(2, 4, 32)
+    generated = model.generate(memory, prompt.ids, prompt.mask, max_new_tokens=3, eos_token_id=-1)
+    assert generated.shape == (2, 3)
+    # Re-running the whole sequence without a cache gives the same next tokens.
+    for step in range(3):
+        ids = torch.cat([prompt.ids, generated[:, :step]], dim=1)
+        mask = torch.cat([prompt.mask, torch.ones(2, step, dtype=torch.long)], dim=1)
+        embeds, full_mask = model._generator_embeddings(memory, ids, mask)
+        hidden = model.decoder(inputs_embeds=embeds, attention_mask=full_mask,
+                               position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+        assert torch.equal(model.lm_head(hidden[:, -1]).argmax(-1), generated[:, step])
+
+
+def test_joint_gradient_reaches_query_reasoner_not_frozen_compressor():
+    model, tokenizer = make_model()
+    model.set_trainable([Role.QUERY_REASONER, Role.GENERATOR], backbone=False)
+    docs = tokenize_texts(tokenizer, TEXTS[:4], 24)
+    candidate_memory, _ = model.encode(Role.COMPRESSOR, docs.ids, docs.mask)  # graph kept on purpose
+    question = tokenize_texts(tokenizer, ["Which city was Zorvan Kellit born in?"] * 2, 16)
+    prompt = tokenize_texts(tokenizer, ["Question: Which city was Zorvan Kellit born in?\nAnswer:"] * 2, 24)
+    target = tokenize_targets(tokenizer, [" Marlow"] * 2, 8)
+    out = model(
+        Objective.JOINT, question_ids=question.ids, question_mask=question.mask,
+        candidate_memory=candidate_memory.unsqueeze(0).expand(2, -1, -1, -1),
+        prompt_ids=prompt.ids, prompt_mask=prompt.mask, target_ids=target.ids, target_mask=target.mask,
+        k=2, temperature=0.02,
+    )
+    out["loss"].backward()
+    query = model.role_parameters(Role.QUERY_REASONER)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in query.items() if "lora_A" in n)
+    assert query["memory_tokens.query_reasoner.weight"].grad.abs().sum() > 0
+    for params in (model.role_parameters(Role.COMPRESSOR), model.backbone_parameters()):
+        assert all(p.grad is None for p in params.values())
+
+
+def test_save_load_round_trip(tmp_path):
+    model, tokenizer = make_model()
+    model.eval()
+    save_model(model, tokenizer, tmp_path / "m", backbone_ref="tiny", save_backbone=True)
+    loaded, loaded_tokenizer, manifest = load_model(tmp_path / "m")
+    loaded.eval()
+    assert manifest["compressor_fingerprint"] == compressor_fingerprint(model) == compressor_fingerprint(loaded)
+    for role in (Role.COMPRESSOR, Role.QUERY_REASONER):
+        assert torch.allclose(_encode(model, tokenizer, role, TEXTS), _encode(loaded, loaded_tokenizer, role, TEXTS))
