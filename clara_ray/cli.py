@@ -18,7 +18,13 @@ import sys
 from clara_ray.config import ConfigError, load_config
 
 # Passed to every Ray worker: no hub access, quiet tokenizers.
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# RAY_TRAIN_ENABLE_PRINT_PATCH=0: Ray Train would otherwise log every worker print twice.
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
 
 
 def start_ray(address: str | None):

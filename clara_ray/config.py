@@ -71,6 +71,13 @@ class DType(str, enum.Enum):
     FLOAT16 = "float16"
 
 
+class ReconstructionOrder(str, enum.Enum):
+    """Word order of stage-1 reconstruction targets (see clara_ray/training/batches.py)."""
+
+    FORWARD = "forward"
+    REVERSED = "reversed"
+
+
 class Baseline(str, enum.Enum):
     """Retrieval baselines evaluated next to the trained model."""
 
@@ -211,6 +218,10 @@ class Stage1Config(_Section):
     micro_batch_size_per_worker: int = Field(16, gt=0)
     mse_weight: float = Field(0.1, ge=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    # See clara_ray/training/batches.py: reversed reconstruction and counterfactual
+    # answers keep a small model from memorising facts instead of reading memory.
+    reconstruction_order: ReconstructionOrder = ReconstructionOrder.FORWARD
+    counterfactual_rate: float = Field(0.0, ge=0, le=1)
     report_every: int = Field(25, gt=0)
 
 

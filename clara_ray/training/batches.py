@@ -1,11 +1,19 @@
 """Turn training examples into model inputs. Pure Python + torch, no Ray.
 
 Stage 1 (compressor pretraining) mixes two kinds of example:
-- reconstruction: one document's memory -> the document text;
+- reconstruction: one document's memory -> the document text, in reading
+  order or word-reversed. Reversed, the generator cannot learn "subject ->
+  fact" from the text itself (it only ever sees the fact before the subject),
+  so a small model does not memorise the corpus into its weights: answers must
+  then come from memory vectors, i.e. from retrieval.
 - QA: memory of the gold document placed at a random slot among
   `num_context_docs - 1` random other documents -> the answer. Training the
   generator to find the answer among several memories is what it must do in
-  stage 3, where it reads the top-k.
+  stage 3, where it reads the top-k. With `counterfactual_rate` > 0, that share
+  of QA examples whose gold document contains the answer verbatim gets another
+  training answer swapped in, in document and target alike: the question alone
+  no longer determines the answer, so the generator learns to read it from
+  memory instead of memorising question -> answer.
 Stage 3 batches carry only questions and answers; candidates come from the index.
 """
 
@@ -16,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from clara_ray.config import ReconstructionOrder
 from clara_ray.modeling.text import (
     RECONSTRUCTION_PROMPT,
     answer_target,
@@ -23,6 +32,21 @@ from clara_ray.modeling.text import (
     tokenize_targets,
     tokenize_texts,
 )
+
+
+def reconstruction_target(document: str, order: ReconstructionOrder) -> str:
+    words = document.split()
+    return " " + " ".join(reversed(words) if order == ReconstructionOrder.REVERSED else words)
+
+
+def counterfactual(document: str, answer: str, answer_pool: list[str], rng: random.Random) -> tuple[str, str]:
+    """Swap `answer` in `document` for another answer of the pool (unchanged if absent)."""
+    if answer not in document:
+        return document, answer
+    replacement = rng.choice(answer_pool)
+    if replacement == answer or replacement in document:
+        return document, answer
+    return document.replace(answer, replacement), replacement
 
 
 @dataclass(frozen=True)
@@ -64,6 +88,9 @@ def stage1_batch(
     tokenizer,
     lengths: Lengths,
     rng: random.Random,
+    reconstruction_order: ReconstructionOrder = ReconstructionOrder.FORWARD,
+    counterfactual_rate: float = 0.0,
+    answer_pool: list[str] = (),
 ) -> dict[str, torch.Tensor]:
     """Model inputs for `ClaraModel(Objective.COMPRESSOR_PRETRAINING, ...)`."""
     doc_texts, doc_slots, prompts, targets = [], [], [], []
@@ -71,12 +98,15 @@ def stage1_batch(
         if example.question is None:
             context = [example.document]
             prompts.append(RECONSTRUCTION_PROMPT)
-            targets.append(" " + example.document)
+            targets.append(reconstruction_target(example.document, reconstruction_order))
         else:
+            document, answer = example.document, example.answer
+            if answer_pool and rng.random() < counterfactual_rate:
+                document, answer = counterfactual(document, answer, answer_pool, rng)
             context = rng.sample(all_documents, num_context_docs - 1)
-            context.insert(rng.randrange(num_context_docs), example.document)
+            context.insert(rng.randrange(num_context_docs), document)
             prompts.append(question_prompt(example.question))
-            targets.append(answer_target(example.answer))
+            targets.append(answer_target(answer))
         doc_slots.append(len(context))
         doc_texts.extend(context)
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from clara_ray.modeling.checkpoint import load_model, save_model
 from clara_ray.modeling.clara import Objective, Role
 from clara_ray.training import engine as ds
-from clara_ray.training.batches import Lengths, Stage1Example, stage1_batch, stage3_batch
+from clara_ray.training.batches import Lengths, ReconstructionOrder, Stage1Example, stage1_batch, stage3_batch
 
 
 class _Progress:
@@ -111,6 +111,7 @@ def stage1_loop(config: dict):
     )
     examples = [Stage1Example(*e) for e in config["examples"]]
     documents = config["documents"]
+    answer_pool = sorted({e.answer for e in examples if e.answer is not None})
     rng = random.Random(config["seed"] * 7919 + rank)
     batches = _epoch_slices(len(examples), config["micro_batch_size"], rank, world, config["seed"])
     progress, history = _Progress("stage1", config["steps"], rank), []
@@ -120,6 +121,7 @@ def stage1_loop(config: dict):
         batch = stage1_batch(
             [examples[i] for i in next(batches)], documents, config["num_context_docs"],
             engine.module.num_memory_tokens, tokenizer, lengths, rng,
+            ReconstructionOrder(config["reconstruction_order"]), config["counterfactual_rate"], answer_pool,
         )
         out = engine(
             Objective.COMPRESSOR_PRETRAINING,

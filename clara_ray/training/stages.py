@@ -83,6 +83,8 @@ def run_stage1(config: Config, documents: dict[str, str], train_qa, init_model_d
         "warmup_fraction": config.stage1.warmup_fraction,
         "micro_batch_size": config.stage1.micro_batch_size_per_worker,
         "mse_weight": config.stage1.mse_weight,
+        "reconstruction_order": config.stage1.reconstruction_order.value,
+        "counterfactual_rate": config.stage1.counterfactual_rate,
         "report_every": config.stage1.report_every,
         "train_backbone": config.model.train_backbone_in_stage1,
         "num_context_docs": config.stage3.top_k,

@@ -69,3 +69,15 @@ def test_index_shard_own_key_ranks_first_and_returns_memory(tmp_path):
     assert np.array_equal(found.memory[:, 0], shards.memory)
     with pytest.raises(ValueError, match="num_candidates"):
         index.search(shards.keys[:1], num_candidates=51)
+
+
+def test_reversed_reconstruction_and_counterfactual_answers():
+    from clara_ray.config import ReconstructionOrder
+    from clara_ray.training.batches import counterfactual, reconstruction_target
+
+    assert reconstruction_target("Ann grew up in Marlow.", ReconstructionOrder.REVERSED) == " Marlow. in up grew Ann"
+    assert reconstruction_target("Ann grew up in Marlow.", ReconstructionOrder.FORWARD) == " Ann grew up in Marlow."
+    document, answer = counterfactual("Ann grew up in Marlow.", "Marlow", ["Tessin"], random.Random(0))
+    assert (document, answer) == ("Ann grew up in Tessin.", "Tessin")
+    # An answer the document does not contain verbatim leaves the example as it is.
+    assert counterfactual("Ann is a baker.", "Marlow", ["Tessin"], random.Random(0)) == ("Ann is a baker.", "Marlow")
