@@ -42,12 +42,12 @@ class CompressorActor:
             memory, _ = self.model.encode(
                 Role.COMPRESSOR, tokens.ids.to(self.device), tokens.mask.to(self.device)
             )  # (B, n_mem, d)
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        lengths = np.asarray(tokens.lengths)
         return memory_table(
             batch["doc_id"],
             memory.float().cpu().numpy(),
             num_tokens=np.minimum(lengths, self.doc_max_len),
-            truncated=np.asarray(lengths) > self.doc_max_len,
+            truncated=lengths > self.doc_max_len,
         )
 
 

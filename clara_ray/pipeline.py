@@ -177,7 +177,6 @@ def run_pipeline(config: Config, log=print) -> dict:
 
     phase("index")
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     results: dict[str, dict] = {}
     before = _evaluate_query_reasoner(config, stage1.model_dir, test_qa, memory_of, search)
     phase("evaluate before stage 3")

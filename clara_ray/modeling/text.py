@@ -28,6 +28,7 @@ class Tokenized:
     ids: torch.Tensor  # (B, T) long
     mask: torch.Tensor  # (B, T) long, 1 = real token
     num_truncated: int  # texts cut at max_length
+    lengths: tuple[int, ...] = ()  # token counts before cutting
 
 
 def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +49,7 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> Tokenized:
     rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     truncated = sum(len(r) > max_length for r in rows)
     ids, mask = _pad([r[:max_length] for r in rows], tokenizer.pad_token_id, left=True)
-    return Tokenized(ids, mask, truncated)
+    return Tokenized(ids, mask, truncated, tuple(len(r) for r in rows))
 
 
 def tokenize_targets(tokenizer, texts: list[str], max_length: int) -> Tokenized:

@@ -25,20 +25,35 @@ from clara_ray.training import engine as ds
 from clara_ray.training.batches import Lengths, ReconstructionOrder, Stage1Example, stage1_batch, stage3_batch
 
 
-class _Progress:
-    """Step counter with ETA, printed by rank 0."""
+class _Reporter:
+    """Averages step metrics over each reporting window (and over ranks), prints a
+    progress line with ETA on rank 0, and reports to Ray Train. The last window
+    is reported by `_finish`, together with the checkpoint."""
 
-    def __init__(self, stage: str, total_steps: int, rank: int):
-        self.stage, self.total, self.rank = stage, total_steps, rank
+    def __init__(self, stage: str, total_steps: int, report_every: int, rank: int):
+        self.stage, self.total, self.every, self.rank = stage, total_steps, report_every, rank
         self.started = time.perf_counter()
+        self.history: list[dict] = []
+        self._sums: dict[str, float] = {}
+        self._count = 0
 
-    def line(self, step: int, metrics: dict) -> None:
-        if self.rank != 0:
+    def add(self, step: int, values: dict[str, float], learning_rate: float) -> None:
+        for key, value in values.items():
+            self._sums[key] = self._sums.get(key, 0.0) + float(value)
+        self._count += 1
+        if step % self.every and step != self.total:
             return
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / step * (self.total - step)
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("step", "stage"))
-        print(f"[{self.stage}] step {step}/{self.total} {shown} | {elapsed:.0f}s elapsed, eta {eta:.0f}s", flush=True)
+        metrics = _mean_over_ranks({k: v / self._count for k, v in self._sums.items()})
+        metrics.update(step=step, stage=self.stage, learning_rate=learning_rate)
+        self._sums, self._count = {}, 0
+        self.history.append(metrics)
+        if self.rank == 0:
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / step * (self.total - step)
+            shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("step", "stage"))
+            print(f"[{self.stage}] step {step}/{self.total} {shown} | {elapsed:.0f}s elapsed, eta {eta:.0f}s", flush=True)
+        if step != self.total:
+            ray.train.report(metrics)
 
 
 def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -114,9 +129,8 @@ def stage1_loop(config: dict):
     answer_pool = sorted({e.answer for e in examples if e.answer is not None})
     rng = random.Random(config["seed"] * 7919 + rank)
     batches = _epoch_slices(len(examples), config["micro_batch_size"], rank, world, config["seed"])
-    progress, history = _Progress("stage1", config["steps"], rank), []
+    reporter = _Reporter("stage1", config["steps"], config["report_every"], rank)
     device = engine.device
-    totals: dict[str, float] = {}
     for step in range(1, config["steps"] + 1):
         batch = stage1_batch(
             [examples[i] for i in next(batches)], documents, config["num_context_docs"],
@@ -130,21 +144,11 @@ def stage1_loop(config: dict):
         )
         engine.backward(out["loss"])
         engine.step()
-        for key in ("loss", "generation_loss", "mse_loss"):
-            totals[key] = totals.get(key, 0.0) + out[key].item()
-        if step % config["report_every"] == 0 or step == config["steps"]:
-            count = step - (history[-1]["step"] if history else 0)
-            metrics = _mean_over_ranks({k: v / count for k, v in totals.items()})
-            metrics.update(step=step, stage="stage1", learning_rate=engine.get_lr()[0])
-            totals = {}
-            history.append(metrics)
-            progress.line(step, metrics)
-            if step != config["steps"]:
-                ray.train.report(metrics)
+        reporter.add(step, {k: out[k].item() for k in ("loss", "generation_loss", "mse_loss")}, engine.get_lr()[0])
     # Stage 3 starts its query reasoner from the trained compressor (CLaRa's init).
     engine.module.copy_adapter(Role.COMPRESSOR, Role.QUERY_REASONER)
-    _finish(engine, tokenizer, manifest, config, rank, history[-1], config["train_backbone"])
-    return history
+    _finish(engine, tokenizer, manifest, config, rank, reporter.history[-1], config["train_backbone"])
+    return reporter.history
 
 
 def stage3_loop(config: dict):
@@ -155,9 +159,8 @@ def stage3_loop(config: dict):
     index = ray.get_actor(config["index_actor"], namespace=config["index_namespace"])
     questions, answers, gold = config["questions"], config["answers"], config["gold_doc_ids"]
     batches = _epoch_slices(len(questions), config["micro_batch_size"], rank, world, config["seed"])
-    progress, history = _Progress("stage3", config["steps"], rank), []
+    reporter = _Reporter("stage3", config["steps"], config["report_every"], rank)
     device = engine.device
-    totals: dict[str, float] = {}
     for step in range(1, config["steps"] + 1):
         rows = next(batches)
         batch = {
@@ -178,17 +181,8 @@ def stage3_loop(config: dict):
         top1 = out["scores"].argmax(-1).cpu().numpy()
         hits = [found.doc_ids[j, top1[j]] in gold[i] for j, i in enumerate(rows)]
         in_candidates = [any(d in gold[i] for d in found.doc_ids[j]) for j, i in enumerate(rows)]
-        for key, value in (("loss", out["loss"].item()), ("train_recall_at_1", np.mean(hits)),
-                           ("gold_in_candidates", np.mean(in_candidates))):
-            totals[key] = totals.get(key, 0.0) + float(value)
-        if step % config["report_every"] == 0 or step == config["steps"]:
-            count = step - (history[-1]["step"] if history else 0)
-            metrics = _mean_over_ranks({k: v / count for k, v in totals.items()})
-            metrics.update(step=step, stage="stage3", learning_rate=engine.get_lr()[0])
-            totals = {}
-            history.append(metrics)
-            progress.line(step, metrics)
-            if step != config["steps"]:
-                ray.train.report(metrics)
-    _finish(engine, tokenizer, manifest, config, rank, history[-1], trained_backbone=False)
-    return history
+        values = {"loss": out["loss"].item(), "train_recall_at_1": np.mean(hits),
+                  "gold_in_candidates": np.mean(in_candidates)}
+        reporter.add(step, values, engine.get_lr()[0])
+    _finish(engine, tokenizer, manifest, config, rank, reporter.history[-1], trained_backbone=False)
+    return reporter.history
