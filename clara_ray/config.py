@@ -151,7 +151,7 @@ class TinyModelConfig(_Section):
     num_layers: int = Field(4, gt=0)
     num_heads: int = Field(4, gt=0)
     intermediate_size: int = Field(512, gt=0)
-    vocab_size: int = Field(2000, gt=0)
+    vocab_size: int = Field(600, gt=0)
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> TinyModelConfig:
@@ -213,31 +213,31 @@ class ModelConfig(_Section):
 class Stage1Config(_Section):
     """Compressor pretraining: QA + paraphrase from memory tokens, plus MSE alignment."""
 
-    steps: int = Field(1200, gt=0)
+    steps: int = Field(800, gt=0)
     learning_rate: float = Field(1.0e-3, gt=0)
     micro_batch_size_per_worker: int = Field(16, gt=0)
     mse_weight: float = Field(0.1, ge=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     # See clara_ray/training/batches.py: reversed reconstruction and counterfactual
     # answers keep a small model from memorising facts instead of reading memory.
-    reconstruction_order: ReconstructionOrder = ReconstructionOrder.FORWARD
-    counterfactual_rate: float = Field(0.0, ge=0, le=1)
+    reconstruction_order: ReconstructionOrder = ReconstructionOrder.REVERSED
+    counterfactual_rate: float = Field(1.0, ge=0, le=1)
     report_every: int = Field(25, gt=0)
 
 
 class Stage3Config(_Section):
     """Joint training of query reasoner and generator through the differentiable top-k."""
 
-    steps: int = Field(800, gt=0)
-    learning_rate: float = Field(1.0e-4, gt=0)
+    steps: int = Field(600, gt=0)
+    learning_rate: float = Field(5.0e-4, gt=0)
     micro_batch_size_per_worker: int = Field(8, gt=0)
     top_k: int = Field(5, ge=1)
     temperature: float = Field(0.02, gt=0)
-    num_candidates: int = Field(32, gt=0)
+    num_candidates: int = Field(128, gt=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     # The generator's adapter trains alongside the query reasoner (CLaRa); off
     # leaves the stage-1 generator as it is, so only retrieval can lower the loss.
-    train_generator: bool = True
+    train_generator: bool = False
     report_every: int = Field(25, gt=0)
 
     @model_validator(mode="after")
