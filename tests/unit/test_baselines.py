@@ -5,7 +5,6 @@ on 2 CPU cores; it runs when CLARA_RAY_SLOW_TESTS=1. The fast test runs MiniLM
 on a smaller trap corpus (the trap is per entity, so size does not matter).
 """
 
-import os
 
 import pytest
 
@@ -62,9 +61,7 @@ def test_minilm_falls_for_the_trap_small_corpus():
     assert recall_1 <= MAX_TRAP_RECALL_AT_1
 
 
-@pytest.mark.skipif(
-    os.environ.get("CLARA_RAY_SLOW_TESTS") != "1", reason="slow; set CLARA_RAY_SLOW_TESTS=1"
-)
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_minilm_falls_for_the_trap_default_corpus(seed):
     recall_1, recall_5 = _trap_recall(dense_rankings, generate_trap_corpus(seed=seed))
