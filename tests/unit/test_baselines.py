@@ -1,10 +1,9 @@
 """Surface-similarity baselines, and the check that the trap corpus fools them.
 
 The MiniLM check on the full default corpus for seeds 0-2 takes about 30 s per seed
-on 2 CPU cores; it runs when CLARA_RAY_SLOW_TESTS=1. The fast test runs MiniLM
-on a smaller trap corpus (the trap is per entity, so size does not matter).
+on 2 CPU cores (marked slow; `pytest -m "not slow"` skips it). The fast test runs
+MiniLM on a smaller trap corpus (the trap is per entity, so size does not matter).
 """
-
 
 import pytest
 
