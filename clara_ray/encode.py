@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 
@@ -32,7 +33,7 @@ class CompressorActor:
         self.model = model.to(self.device).eval()
         self.doc_max_len = doc_max_len
 
-    def __call__(self, batch: dict) -> "pyarrow.Table":
+    def __call__(self, batch: dict) -> pa.Table:
         from clara_ray.modeling.clara import Role
         from clara_ray.modeling.text import tokenize_texts
 
