@@ -99,32 +99,30 @@ def build_initial_model(config: Config, documents: list[Document], train_qa: lis
     return save_model(model, tokenizer, directory, backbone_ref=model_config.backbone, save_backbone=False)
 
 
-def _evaluate_query_reasoner(config: Config, model_dir: Path, test_qa, memory_of, search) -> Scores:
+def _load_for_eval(model_dir: Path):
     model, tokenizer, _ = load_model(model_dir)
-    model.eval()
-    questions = [q.question for q in test_qa]
-    num_candidates = max(config.stage3.num_candidates, 5)
-    rankings = query_reasoner_rankings(
-        model, tokenizer, questions, search, num_candidates, config.model.question_max_len, config.eval.batch_size
-    )
-    answers = generate_answers(
-        model, tokenizer, questions, rankings, memory_of, config.stage3.top_k,
-        config.model.question_max_len, config.model.answer_max_len, config.eval.batch_size,
-    )
-    return score(rankings, answers, test_qa)
+    return model.eval(), tokenizer
 
 
-def _evaluate_baseline(config: Config, baseline: Baseline, model_dir: Path, documents, test_qa, memory_of) -> Scores:
+def _query_reasoner_rankings(config: Config, model, tokenizer, test_qa, search) -> list[list[str]]:
+    return query_reasoner_rankings(
+        model, tokenizer, [q.question for q in test_qa], search, max(config.stage3.num_candidates, 5),
+        config.model.question_max_len, config.eval.batch_size,
+    )
+
+
+def _baseline_rankings(config: Config, baseline: Baseline, documents, test_qa) -> list[list[str]]:
     questions = [q.question for q in test_qa]
     depth = max(5, config.stage3.top_k)
     if baseline == Baseline.BM25:
-        rankings = baselines.bm25_rankings(documents, questions, depth)
-    else:
-        rankings = baselines.dense_rankings(documents, questions, depth, batch_size=config.eval.batch_size)
-    model, tokenizer, _ = load_model(model_dir)
-    model.eval()
+        return baselines.bm25_rankings(documents, questions, depth)
+    return baselines.dense_rankings(documents, questions, depth, batch_size=config.eval.batch_size)
+
+
+def _answer_and_score(config: Config, model, tokenizer, rankings, test_qa, memory_of) -> Scores:
+    """The generator answers from each ranking's top-k memories; score retrieval and answers."""
     answers = generate_answers(
-        model, tokenizer, questions, rankings, memory_of, config.stage3.top_k,
+        model, tokenizer, [q.question for q in test_qa], rankings, memory_of, config.stage3.top_k,
         config.model.question_max_len, config.model.answer_max_len, config.eval.batch_size,
     )
     return score(rankings, answers, test_qa)
@@ -178,19 +176,22 @@ def run_pipeline(config: Config, log=print) -> dict:
     phase("index")
 
     results: dict[str, dict] = {}
-    before = _evaluate_query_reasoner(config, stage1.model_dir, test_qa, memory_of, search)
+    model, tokenizer = _load_for_eval(stage1.model_dir)
+    rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search)
+    before = _answer_and_score(config, model, tokenizer, rankings, test_qa, memory_of)
     phase("evaluate before stage 3")
 
     stage3 = run_stage3(config, train_qa, stage1.model_dir, INDEX_ACTOR_NAME, run_dir)
     phase("stage 3 (joint training)")
 
+    model, tokenizer = _load_for_eval(stage3.model_dir)
     for baseline in config.eval.baselines:
-        results[baseline.value] = _evaluate_baseline(
-            config, baseline, stage3.model_dir, documents, test_qa, memory_of
-        ).as_dict()
+        rankings = _baseline_rankings(config, baseline, documents, test_qa)
+        results[baseline.value] = _answer_and_score(config, model, tokenizer, rankings, test_qa, memory_of).as_dict()
     results["query reasoner before stage 3"] = before.as_dict()
-    results["query reasoner after stage 3"] = _evaluate_query_reasoner(
-        config, stage3.model_dir, test_qa, memory_of, search
+    rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search)
+    results["query reasoner after stage 3"] = _answer_and_score(
+        config, model, tokenizer, rankings, test_qa, memory_of
     ).as_dict()
     phase("evaluate")
     ray.kill(index)
