@@ -37,9 +37,16 @@ def adapter_names(model: ClaraModel) -> set[str]:
     return {n for n, _ in model.named_parameters() if "lora_" in n or n.startswith("memory_tokens.")}
 
 
-def compressor_fingerprint(model: ClaraModel) -> str:
+def compressor_fingerprint(model: ClaraModel, backbone_ref: str | None = None) -> str:
+    """Hash of the compressor's weights. With `backbone_ref` (a frozen pretrained
+    base, referenced rather than saved) the reference stands in for the base
+    weights, so a 7B base is not hashed at every save."""
     digest = hashlib.sha256()
-    params = {**model.backbone_parameters(), **model.role_parameters(Role.COMPRESSOR)}
+    params = dict(model.role_parameters(Role.COMPRESSOR))
+    if backbone_ref is None:
+        params.update(model.backbone_parameters())
+    else:
+        digest.update(backbone_ref.encode())
     for name in sorted(params):
         digest.update(name.encode())
         digest.update(params[name].detach().to("cpu", torch.float32).numpy().tobytes())
@@ -72,7 +79,7 @@ def save_model(model: ClaraModel, tokenizer, directory: str | Path, backbone_ref
             "dropout": lora.lora_dropout,
             "target_modules": sorted(lora.target_modules),
         },
-        "compressor_fingerprint": compressor_fingerprint(model),
+        "compressor_fingerprint": compressor_fingerprint(model, None if save_backbone else backbone_ref),
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return directory
