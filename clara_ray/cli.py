@@ -4,8 +4,10 @@
     clara-ray demo stage3.temperature=0.05 run.name=t005
     clara-ray demo --corpus docs.jsonl --train-qa train.jsonl --test-qa test.jsonl
     clara-ray demo --config jobs/configs/tiny.yaml --address auto   # on a running cluster
+    clara-ray encode --model-dir runs/demo/models/stage1 --output enc/ --input psgs_w100.tsv
 
-Prints progress while it runs and, last, one JSON line with the metrics.
+Prints progress while it runs and, last, one JSON line with the metrics (demo)
+or the encoding summary (encode).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from clara_ray.config import ConfigError, load_config
+from clara_ray.data.corpus_rows import CorpusFormat
 
 # Passed to every Ray worker: no hub access, quiet tokenizers.
 # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Ray Train would otherwise log every worker print twice.
@@ -50,20 +54,55 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--test-qa", help="test QA JSONL, used only for evaluation")
     demo.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     demo.add_argument("overrides", nargs="*", help="config overrides, dotted.key=value")
+
+    encode = commands.add_parser(
+        "encode", help="encode corpus files into memory shards with a trained compressor (resumable)"
+    )
+    encode.add_argument("--model-dir", required=True, help="a model directory from stage 1 (runs/<name>/models/stage1)")
+    encode.add_argument("--output", required=True, help="memory-shard directory; rerun with the same one to resume")
+    encode.add_argument("--input", required=True, nargs="+", help="corpus files or directories (local or s3://, gs://)")
+    encode.add_argument("--format", choices=[f.value for f in CorpusFormat], help="corpus format (default: from the extension)")
+    encode.add_argument("--config", help="YAML config; encode.*, model.doc_max_len and data.on_bad_row apply")
+    encode.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    encode.add_argument("overrides", nargs="*", help="config overrides, dotted.key=value")
     return parser
+
+
+def run_encode(args: argparse.Namespace, config) -> int:
+    """The `encode` command (also what jobs/encode_corpus.py runs)."""
+    from clara_ray.encode import encode_corpus
+    from clara_ray.pipeline import encode_settings
+
+    model_manifest = json.loads((Path(args.model_dir) / "clara.json").read_text())
+    if model_manifest["num_memory_tokens"] != config.model.num_memory_tokens:
+        print(
+            f"clara-ray: the model has {model_manifest['num_memory_tokens']} memory tokens but the config gives "
+            f"{config.model.num_memory_tokens} (model.doc_max_len / model.compression_rate); use the config it was trained with",
+            file=sys.stderr,
+        )
+        return 2
+    corpus_format = CorpusFormat(args.format) if args.format else None
+    summary = encode_corpus(args.input, args.model_dir, args.output, encode_settings(config), corpus_format)
+    print(json.dumps(summary.as_dict()))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = list(args.overrides)
-    for flag, key in ((args.corpus, "data.corpus"), (args.train_qa, "data.train_qa"), (args.test_qa, "data.test_qa")):
-        if flag:
-            overrides.append(f"{key}={json.dumps(flag)}")
+    if args.command == "demo":
+        for flag, key in ((args.corpus, "data.corpus"), (args.train_qa, "data.train_qa"), (args.test_qa, "data.test_qa")):
+            if flag:
+                overrides.append(f"{key}={json.dumps(flag)}")
     try:
         config = load_config(args.config, overrides)
     except ConfigError as error:
         print(f"clara-ray: {error}", file=sys.stderr)
         return 2
+
+    if args.command == "encode":
+        start_ray(args.address)
+        return run_encode(args, config)
 
     from clara_ray.pipeline import run_pipeline
 

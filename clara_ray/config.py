@@ -181,7 +181,7 @@ class ModelConfig(_Section):
     doc_max_len: int = Field(32, gt=0)
     compression_rate: int = Field(8, gt=0)
     question_max_len: int = Field(32, gt=0)
-    answer_max_len: int = Field(8, gt=0)
+    answer_max_len: int = Field(12, gt=0)
     reconstruction_max_len: int = Field(40, gt=0)
     lora: LoraConfig = LoraConfig()
     # Full-parameter stage-1 training: a from-scratch tiny model has no language
@@ -222,8 +222,25 @@ class Stage1Config(_Section):
     # answers keep a small model from memorising facts instead of reading memory.
     reconstruction_order: ReconstructionOrder = ReconstructionOrder.REVERSED
     counterfactual_rate: float = Field(1.0, ge=0, le=1)
+    # Share of a QA example's other documents taken from the question's BM25
+    # neighbours (the rest are random), out of its `hard_distractor_pool` nearest.
+    hard_distractor_fraction: float = Field(0.75, ge=0, le=1)
+    hard_distractor_pool: int = Field(8, ge=1)
+    # A QA example reads between min_ and max_context_docs documents (drawn per
+    # example): single-document examples teach reading memory early on, several
+    # teach finding the one that answers.
+    min_context_docs: int = Field(1, ge=1)
+    max_context_docs: int = Field(5, ge=1)
     report_every: int = Field(25, gt=0)
 
+    @model_validator(mode="after")
+    def _context_range(self) -> Stage1Config:
+        if self.min_context_docs > self.max_context_docs:
+            raise _FieldError(
+                "min_context_docs",
+                f"must be at most max_context_docs (got {self.min_context_docs} > {self.max_context_docs})",
+            )
+        return self
 
 class Stage3Config(_Section):
     """Joint training of query reasoner and generator through the differentiable top-k."""
@@ -231,7 +248,7 @@ class Stage3Config(_Section):
     steps: int = Field(600, gt=0)
     learning_rate: float = Field(5.0e-4, gt=0)
     micro_batch_size_per_worker: int = Field(8, gt=0)
-    top_k: int = Field(5, ge=1)
+    top_k: int = Field(1, ge=1)
     temperature: float = Field(0.02, gt=0)
     num_candidates: int = Field(128, gt=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
@@ -263,6 +280,8 @@ class EncodeConfig(_Section):
     # Ray accepts fractions: 0.5 GPUs per actor packs two encoders on one GPU.
     num_cpus_per_actor: float = Field(1, gt=0)
     num_gpus_per_actor: float = Field(0, ge=0)
+    # Parquet files gather at least this many documents (the last may hold fewer).
+    rows_per_shard: int = Field(8192, gt=0)
 
     @model_validator(mode="after")
     def _actor_range(self) -> EncodeConfig:
@@ -341,7 +360,7 @@ _YamlLoader.add_implicit_resolver(
 
 def _parse_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+        return yaml.load(text, Loader=_YamlLoader)
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: not valid YAML:\n{error}") from None
 
@@ -508,6 +527,5 @@ def _describe(item: Mapping[str, Any]) -> str:
     if kind == "missing":
         return f"{_dotted(location)}: required key is missing"
     message = item["msg"]
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
+    message = message.removeprefix("Value error, ")
     return f"{_dotted(location)}: {message[:1].lower()}{message[1:]}{got}"

@@ -1,27 +1,65 @@
-"""Encode a corpus into memory shards with Ray Data and a compressor actor pool.
+"""Encode a corpus into memory shards with Ray Data and an autoscaling compressor actor pool.
 
-read (validated documents) -> map_batches(CompressorActor, actor pool) -> write_parquet
-then manifest.json with the model fingerprint and counts (see memory_shards.py).
+    summary = encode_corpus(["psgs_w100.tsv"], model_dir, "memory/", EncodeSettings(...))
+
+Each step is a streaming Ray Data job over the input files (see
+``clara_ray/data/corpus_reader.py`` for formats and bad rows):
+
+1. duplicate ids: a groupby over the ids; only duplicated ids reach the driver.
+2. counts: input rows, good rows, bad rows by kind (a Ray aggregation).
+3. quarantine: every bad row, with its reason, to ``<output>/quarantine/*.json``.
+4. encode: good rows -> ``map_batches(CompressorActor)`` on an actor pool that
+   grows from ``min_actors`` to ``max_actors`` -> Parquet shards in ``<output>``.
+   The write is checkpointed by ``row_key`` (Ray Data checkpointing) under
+   ``<output>.checkpoint``: a rerun after a killed driver, actor or node skips
+   the rows already written, and a file whose write was not committed is removed
+   first. The checkpoint is deleted when the write finishes.
+5. manifest: every shard file with its rows; checks input = encoded +
+   quarantined and that every id was encoded exactly once, then writes
+   ``manifest.json`` last: its presence marks a complete output.
+
+Steps 1-3 only parse (cheap next to the compressor) and write nothing that a
+rerun must skip, so they simply run again. Layout of the output: see
+``clara_ray/memory_shards.py``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import torch
+from ray.data.aggregate import Count
+from ray.data.checkpoint import CheckpointConfig
+from ray.data.expressions import col
 
-from clara_ray.data.formats import Document, QuarantinedRow, write_quarantine
-from clara_ray.memory_shards import KEY_KIND_FLAT_MEMORY, memory_table, write_manifest
+from clara_ray.data.corpus_reader import (
+    count_corpus_rows,
+    find_duplicate_ids,
+    good_rows,
+    mark_duplicate_ids,
+    quarantined_rows,
+    read_corpus_rows,
+)
+from clara_ray.data.corpus_rows import CorpusFormat
+from clara_ray.data.formats import BadRowPolicy
+from clara_ray.memory_shards import KEY_KIND_FLAT_MEMORY, MANIFEST, memory_table, write_manifest
+
+QUARANTINE_DIR = "quarantine"
+SUMMARY = "summary.json"
 
 
 class CompressorActor:
-    """Ray Data callable class: a batch of documents -> rows of the shard schema."""
+    """Ray Data callable class: a batch of good corpus rows -> rows of the shard schema."""
 
     def __init__(self, model_dir: str, doc_max_len: int, dtype: str = "float32", num_threads: int = 1):
         from clara_ray.modeling.checkpoint import load_model
@@ -29,15 +67,17 @@ class CompressorActor:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(num_threads)
+            dtype = "float32"  # CPUs run bf16 matmuls slowly; memory is stored as fp16 anyway
         model, self.tokenizer, _ = load_model(model_dir, dtype=getattr(torch, dtype))
         self.model = model.to(self.device).eval()
         self.doc_max_len = doc_max_len
 
-    def __call__(self, batch: dict) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         from clara_ray.modeling.clara import Role
         from clara_ray.modeling.text import tokenize_texts
 
-        texts = [str(t) for t in batch["text"]]
+        titles = batch.column("title").to_pylist()
+        texts = [text if not title else f"{title}\n{text}" for title, text in zip(titles, batch.column("text").to_pylist())]
         tokens = tokenize_texts(self.tokenizer, texts, self.doc_max_len)
         with torch.inference_mode():
             memory, _ = self.model.encode(
@@ -45,68 +85,119 @@ class CompressorActor:
             )  # (B, n_mem, d)
         lengths = np.asarray(tokens.lengths)
         return memory_table(
-            batch["doc_id"],
+            batch.column("doc_id").to_pylist(),
             memory.float().cpu().numpy(),
             num_tokens=np.minimum(lengths, self.doc_max_len),
             truncated=lengths > self.doc_max_len,
+            row_keys=batch.column("row_key").to_pylist(),
         )
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    doc_max_len: int
+    batch_size: int = 128
+    min_actors: int = 1
+    max_actors: int = 1
+    num_cpus_per_actor: float = 1
+    num_gpus_per_actor: float = 0
+    dtype: str = "bfloat16"  # on GPU; CPU actors always compute in float32
+    on_bad_row: BadRowPolicy = BadRowPolicy.QUARANTINE
+    rows_per_shard: int = 8192
 
 
 @dataclass(frozen=True)
 class EncodeSummary:
     output_dir: str
-    num_input_documents: int
+    num_input_rows: int
     num_encoded: int
     num_quarantined: int
+    quarantined_by_kind: dict[str, int]
     num_truncated: int
-    seconds: float
+    num_tokens: int
+    num_shards: int
+    num_encoded_this_run: int  # the rest were written by an interrupted earlier run
+    seconds: float  # of the encode step
+    total_seconds: float
+    steps_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def documents_per_second(self) -> float:
-        return self.num_encoded / max(self.seconds, 1e-9)
+        return self.num_encoded_this_run / max(self.seconds, 1e-9)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "documents_per_second": self.documents_per_second}
+
+    def describe(self) -> str:
+        kinds = ", ".join(f"{kind}: {count}" for kind, count in sorted(self.quarantined_by_kind.items())) or "none"
+        tokens_per_second = self.num_tokens * self.num_encoded_this_run / max(self.num_encoded, 1) / max(self.seconds, 1e-9)
+        return (
+            f"{self.num_input_rows} rows in = {self.num_encoded} encoded + {self.num_quarantined} quarantined "
+            f"({kinds}); {self.num_truncated} truncated at the length limit; {self.num_shards} shards in "
+            f"{self.output_dir}; this run encoded {self.num_encoded_this_run} documents in {self.seconds:.1f}s "
+            f"({self.documents_per_second:.1f} docs/s, {tokens_per_second:.0f} tokens/s)"
+        )
 
 
-def encode_documents(
-    documents: list[Document],
-    quarantined: list[QuarantinedRow],
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    """Where an unfinished encode keeps its resume state (beside the output, not in it)."""
+    output_dir = Path(output_dir)
+    return output_dir.parent / f"{output_dir.name}.checkpoint"
+
+
+def encode_corpus(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
     model_dir: str | Path,
     output_dir: str | Path,
-    doc_max_len: int,
-    batch_size: int,
-    min_actors: int,
-    max_actors: int,
-    num_cpus_per_actor: float,
-    num_gpus_per_actor: float,
-    dtype: str = "float32",
+    settings: EncodeSettings,
+    corpus_format: CorpusFormat | None = None,
+    log=print,
 ) -> EncodeSummary:
-    """Encode validated documents into memory shards under `output_dir`.
+    """Encode every good row of the corpus files exactly once into ``output_dir``.
 
-    `quarantined` are the corpus rows rejected on reading; they are written to
-    quarantine.jsonl and counted so that input = encoded + quarantined.
+    Resumes an interrupted run into the same ``output_dir`` (same inputs and
+    model); refuses a directory that is complete already or holds something else.
     """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise FileExistsError(f"{output_dir} is not empty; choose a new output directory")
+    output_dir = Path(output_dir).resolve()
     model_manifest = json.loads((Path(model_dir) / "clara.json").read_text())
+    _check_output_dir(output_dir, model_manifest["compressor_fingerprint"])
     started = time.perf_counter()
-    rows = [{"doc_id": d.id, "text": d.text if d.title is None else f"{d.title}\n{d.text}"} for d in documents]
-    dataset = ray.data.from_items(rows).map_batches(
-        CompressorActor,
-        fn_constructor_kwargs={
-            "model_dir": str(model_dir),
-            "doc_max_len": doc_max_len,
-            "dtype": dtype,
-            "num_threads": max(1, int(num_cpus_per_actor)),
-        },
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-        num_cpus=num_cpus_per_actor,
-        num_gpus=num_gpus_per_actor,
+    steps: dict[str, float] = {}
+
+    def step(name: str, since: float) -> float:
+        steps[name] = round(time.perf_counter() - since, 2)
+        log(f"[encode] {name} done in {steps[name]:.1f}s")
+        return time.perf_counter()
+
+    mark = time.perf_counter()
+    duplicates = find_duplicate_ids(
+        read_corpus_rows(paths, corpus_format, settings.on_bad_row), num_partitions=_shuffle_partitions(paths)
     )
-    dataset.write_parquet(str(output_dir))
-    seconds = time.perf_counter() - started
-    write_quarantine(output_dir / "quarantine.jsonl", quarantined)
+
+    def corpus_rows():
+        # A dataset keeps the DataContext of its creation: the checkpointed
+        # encode step needs one created after its checkpoint config is set.
+        rows = read_corpus_rows(paths, corpus_format, settings.on_bad_row)
+        return mark_duplicate_ids(rows, duplicates, settings.on_bad_row)
+
+    rows = corpus_rows()
+    mark = step(f"duplicate ids ({len(duplicates)} ids occur more than once)", mark)
+    counts = count_corpus_rows(rows)
+    mark = step(f"count ({counts.num_input_rows} rows, {counts.num_good_rows} good)", mark)
+    quarantine_dir = output_dir / QUARANTINE_DIR
+    shutil.rmtree(quarantine_dir, ignore_errors=True)
+    if counts.num_input_rows > counts.num_good_rows:
+        quarantined_rows(rows).drop_columns(["doc_id", "text", "title"]).write_json(str(quarantine_dir))
+    mark = step("quarantine", mark)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_fingerprint(output_dir, model_manifest["compressor_fingerprint"])
+    rows_before = _shard_rows(output_dir)
+    encode_started = time.perf_counter()
+    _encode_good_rows(lambda: good_rows(corpus_rows()), model_dir, output_dir, settings)
+    encode_seconds = time.perf_counter() - encode_started
+    mark = step("encode", encode_started)
+
     manifest = write_manifest(
         output_dir,
         model_fingerprint=model_manifest["compressor_fingerprint"],
@@ -115,13 +206,111 @@ def encode_documents(
         memory_dtype="float16",
         key_kind=KEY_KIND_FLAT_MEMORY,
         key_dim=model_manifest["num_memory_tokens"] * model_manifest["hidden_size"],
-        num_input_documents=len(documents) + len(quarantined),
-        num_quarantined=len(quarantined),
-        quarantine_file="quarantine.jsonl",
+        num_input_documents=counts.num_input_rows,
+        num_quarantined=counts.num_input_rows - counts.num_good_rows,
+        quarantined_by_kind=counts.quarantined_by_kind,
+        quarantine_dir=QUARANTINE_DIR,
+        inputs=[os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)],
+        check=lambda manifest: _check_exactly_once(output_dir, manifest, counts.num_good_rows, _shuffle_partitions(paths)),
     )
-    if manifest["num_encoded"] != len(documents):
-        raise RuntimeError(
-            f"encoded {manifest['num_encoded']} documents but {len(documents)} went in: shards are incomplete"
+    step("manifest", mark)
+    summary = EncodeSummary(
+        output_dir=str(output_dir),
+        num_input_rows=manifest["num_input_documents"],
+        num_encoded=manifest["num_encoded"],
+        num_quarantined=manifest["num_quarantined"],
+        quarantined_by_kind=manifest["quarantined_by_kind"],
+        num_truncated=manifest["num_truncated"],
+        num_tokens=manifest["num_tokens"],
+        num_shards=len(manifest["shards"]),
+        num_encoded_this_run=manifest["num_encoded"] - rows_before,
+        seconds=round(encode_seconds, 2),
+        total_seconds=round(time.perf_counter() - started, 2),
+        steps_seconds=steps,
+    )
+    (output_dir / SUMMARY).write_text(json.dumps(summary.as_dict(), indent=2))
+    log(f"[encode] {summary.describe()}")
+    return summary
+
+
+def _encode_good_rows(documents, model_dir, output_dir: Path, settings: EncodeSettings) -> None:
+    """documents() -> the good rows, created here under the checkpoint config."""
+    context = ray.data.DataContext.get_current()
+    previous = context.checkpoint_config
+    context.checkpoint_config = CheckpointConfig(id_column="row_key", checkpoint_path=str(checkpoint_dir(output_dir)))
+    try:
+        documents().map_batches(
+            CompressorActor,
+            fn_constructor_kwargs={
+                "model_dir": str(model_dir),
+                "doc_max_len": settings.doc_max_len,
+                "dtype": settings.dtype,
+                "num_threads": max(1, int(settings.num_cpus_per_actor)),
+            },
+            batch_size=settings.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=settings.min_actors, max_size=settings.max_actors),
+            num_cpus=settings.num_cpus_per_actor,
+            num_gpus=settings.num_gpus_per_actor,
+        ).write_parquet(str(output_dir), min_rows_per_file=settings.rows_per_shard)
+    finally:
+        context.checkpoint_config = previous
+
+
+FINGERPRINT = "compressor_fingerprint.txt"
+
+
+def _write_fingerprint(output_dir: Path, fingerprint: str) -> None:
+    (output_dir / FINGERPRINT).write_text(fingerprint)
+
+
+def _check_output_dir(output_dir: Path, fingerprint: str) -> None:
+    """A fresh directory, or the unfinished output of the same compressor."""
+    if (output_dir / MANIFEST).exists():
+        raise FileExistsError(f"{output_dir} holds a finished encoding ({MANIFEST}); choose a new output directory")
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        shutil.rmtree(checkpoint_dir(output_dir), ignore_errors=True)  # stale state of a deleted output
+        return
+    marker = output_dir / FINGERPRINT
+    if not marker.exists():
+        raise FileExistsError(f"{output_dir} is not empty and is not an unfinished encoding; choose a new output directory")
+    if marker.read_text() != fingerprint:
+        raise FileExistsError(
+            f"{output_dir} is an unfinished encoding by another compressor ({marker.read_text()}); "
+            f"delete it or choose a new output directory"
         )
-    return EncodeSummary(str(output_dir), manifest["num_input_documents"], manifest["num_encoded"],
-                         len(quarantined), manifest["num_truncated"], seconds)
+
+
+def _shard_rows(output_dir: Path) -> int:
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in output_dir.glob("*.parquet"))
+
+
+def _shuffle_partitions(paths, bytes_per_partition: int = 256 * 2**20) -> int | None:
+    """Partitions for a groupby over the corpus ids: about one per 256 MiB of local
+    input (Ray's default of 200 costs seconds of set-up on a small corpus); Ray's
+    default for remote paths, whose size is not looked up here."""
+    path_list = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    total = 0
+    for path in map(Path, path_list):
+        if "://" in os.fspath(path) or not path.exists():
+            return None
+        files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+        total += sum(f.stat().st_size for f in files)
+    return max(1, min(200, total // bytes_per_partition + 1))
+
+
+def _check_exactly_once(output_dir: Path, manifest: dict, num_good_rows: int, num_partitions: int | None) -> None:
+    if manifest["num_encoded"] != num_good_rows:
+        raise RuntimeError(
+            f"{output_dir}: {manifest['num_encoded']} documents encoded but {num_good_rows} good rows went in"
+        )
+    repeated = (
+        ray.data.read_parquet(str(output_dir), file_extensions=["parquet"])
+        .select_columns(["doc_id"])
+        .groupby("doc_id", num_partitions=num_partitions)
+        .aggregate(Count(alias_name="copies"))
+        .filter(expr=col("copies") > 1)
+        .take(5)
+    )
+    if repeated:
+        raise RuntimeError(f"{output_dir}: documents encoded more than once, e.g. {repeated}")

@@ -1,17 +1,25 @@
 """Memory shards: the on-disk contract between corpus encoding and the index.
 
-A memory-shard directory holds
+A memory-shard directory (written by ``clara_ray.encode.encode_corpus``) holds
     *.parquet      one row per encoded document:
                      doc_id      string
                      memory      fixed_size_list<halffloat>[n_mem * hidden]  (row-major n_mem x hidden)
                      key         fixed_size_list<float>[key_dim]   retrieval key (see key_kind)
                      num_tokens  int32  document tokens fed to the compressor
                      truncated   bool   the document was cut at doc_max_len
-    manifest.json  {format_version, model_fingerprint, num_memory_tokens, hidden_size,
-                    memory_dtype, key_kind, key_dim, shards: [{file, rows}],
-                    num_input_documents, num_encoded, num_quarantined, quarantine_file,
-                    num_truncated}
-    quarantine.jsonl  rows rejected before encoding, each with its reason
+                     row_key     string "source:row_number.j": where the document came from
+    manifest.json  written last, so its presence marks a complete directory:
+                   {format_version, model_fingerprint, num_memory_tokens, hidden_size,
+                    memory_dtype, key_kind, key_dim, shards: [{file, rows}], inputs,
+                    num_input_documents, num_encoded, num_quarantined, quarantined_by_kind,
+                    quarantine_dir, num_truncated, num_tokens}
+                   with num_input_documents = num_encoded + num_quarantined.
+    quarantine/*.json  JSON Lines of the rows set aside: row_key, source, row_number,
+                   reason_kind, reason, raw (absent when nothing was set aside)
+    summary.json   the run's counts and timings (``EncodeSummary``)
+    compressor_fingerprint.txt  written first: which compressor an unfinished run used
+Beside it, ``<dir>.checkpoint/`` holds Ray Data's resume state while a run is
+unfinished (deleted when the write completes).
 
 key_kind "flat_memory": the L2-normalised flattened memory, so inner product on
 keys equals CLaRa's cosine score exactly.
@@ -34,12 +42,14 @@ MANIFEST = "manifest.json"
 KEY_KIND_FLAT_MEMORY = "flat_memory"
 
 
-def memory_table(doc_ids, memory: np.ndarray, num_tokens, truncated) -> pa.Table:
-    """Rows of the shard schema from (N, n_mem, d) memory vectors."""
+def memory_table(doc_ids, memory: np.ndarray, num_tokens, truncated, row_keys=None) -> pa.Table:
+    """Rows of the shard schema from (N, n_mem, d) memory vectors (``row_key``
+    column only when ``row_keys`` is given)."""
     count, num_memory_tokens, hidden = memory.shape
     flat = memory.reshape(count, num_memory_tokens * hidden)
     keys = flat.astype(np.float32)
     keys /= np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
+    provenance = {} if row_keys is None else {"row_key": pa.array(list(row_keys), pa.string())}
     return pa.table(
         {
             "doc_id": pa.array(list(doc_ids), pa.string()),
@@ -49,6 +59,7 @@ def memory_table(doc_ids, memory: np.ndarray, num_tokens, truncated) -> pa.Table
             "key": pa.FixedSizeListArray.from_arrays(pa.array(keys.ravel(), pa.float32()), keys.shape[1]),
             "num_tokens": pa.array(np.asarray(num_tokens, dtype=np.int32)),
             "truncated": pa.array(np.asarray(truncated, dtype=bool)),
+            **provenance,
         }
     )
 
@@ -67,18 +78,26 @@ def _fixed_size_to_numpy(column: pa.ChunkedArray, width: int, dtype) -> np.ndarr
     return flat.astype(dtype, copy=False).reshape(-1, width)
 
 
-def write_manifest(directory: str | Path, **fields) -> dict:
-    """Write manifest.json listing every parquet file in `directory` with its row and truncation counts."""
+def write_manifest(directory: str | Path, check=None, **fields) -> dict:
+    """Write manifest.json listing every parquet file in `directory` with its row,
+    token and truncation counts. `check(manifest)` may raise to refuse writing it;
+    the file is renamed into place, so a reader never sees half a manifest."""
     directory = Path(directory)
-    shards, num_truncated = [], 0
+    shards, num_truncated, num_tokens = [], 0, 0
     for path in sorted(directory.glob("*.parquet")):
-        truncated = pq.read_table(path, columns=["truncated"]).column(0)
-        shards.append({"file": path.name, "rows": len(truncated)})
-        num_truncated += int(pc.sum(truncated).as_py() or 0)
+        table = pq.read_table(path, columns=["truncated", "num_tokens"])
+        shards.append({"file": path.name, "rows": table.num_rows})
+        num_truncated += int(pc.sum(table.column("truncated")).as_py() or 0)
+        num_tokens += int(pc.sum(table.column("num_tokens")).as_py() or 0)
     manifest = {"format_version": FORMAT_VERSION, **fields, "shards": shards}
     manifest["num_encoded"] = sum(s["rows"] for s in shards)
     manifest["num_truncated"] = num_truncated
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    manifest["num_tokens"] = num_tokens
+    if check is not None:
+        check(manifest)
+    partial = directory / f"{MANIFEST}.partial"
+    partial.write_text(json.dumps(manifest, indent=2))
+    partial.replace(directory / MANIFEST)
     return manifest
 
 

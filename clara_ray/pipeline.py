@@ -24,10 +24,18 @@ import numpy as np
 import ray
 import torch
 
-from clara_ray.config import Baseline, Config
-from clara_ray.data.formats import Document, LoadResult, QAExample, read_corpus, read_qa, write_quarantine
+from clara_ray.config import Baseline, Config, ConfigError
+from clara_ray.data.corpus_rows import CorpusFormat
+from clara_ray.data.formats import (
+    Document,
+    LoadResult,
+    QAExample,
+    read_corpus,
+    read_qa,
+    write_quarantine,
+)
 from clara_ray.data.trap import generate_trap_corpus, write_trap_corpus
-from clara_ray.encode import encode_documents
+from clara_ray.encode import EncodeSettings, encode_corpus
 from clara_ray.eval import baselines
 from clara_ray.eval.evaluate import Scores, generate_answers, query_reasoner_rankings, score
 from clara_ray.index.actor import INDEX_ACTOR_NAME, start_index_actor
@@ -35,7 +43,7 @@ from clara_ray.memory_shards import read_memory_shards
 from clara_ray.modeling.backbone import build_tiny, load_pretrained, train_tokenizer
 from clara_ray.modeling.checkpoint import load_model, save_model
 from clara_ray.modeling.clara import ClaraModel, LoraSettings
-from clara_ray.modeling.text import RECONSTRUCTION_PROMPT, question_prompt
+from clara_ray.modeling.text import RECONSTRUCTION_PROMPT, answer_target, question_prompt
 from clara_ray.report import write_report
 from clara_ray.training.stages import run_stage1, run_stage3
 
@@ -46,6 +54,22 @@ class Inputs:
     train_qa: LoadResult[QAExample]
     test_qa: LoadResult[QAExample]
     source: str
+    corpus_path: Path
+
+
+def encode_settings(config: Config) -> EncodeSettings:
+    encode = config.encode
+    return EncodeSettings(
+        doc_max_len=config.model.doc_max_len,
+        batch_size=encode.batch_size,
+        min_actors=encode.min_actors,
+        max_actors=encode.max_actors,
+        num_cpus_per_actor=encode.num_cpus_per_actor,
+        num_gpus_per_actor=encode.num_gpus_per_actor,
+        dtype=config.model.dtype.value,
+        on_bad_row=config.data.on_bad_row,
+        rows_per_shard=encode.rows_per_shard,
+    )
 
 
 def load_inputs(config: Config, run_dir: Path) -> Inputs:
@@ -64,6 +88,7 @@ def load_inputs(config: Config, run_dir: Path) -> Inputs:
         read_qa(paths["train_qa"], data.on_bad_row),
         read_qa(paths["test_qa"], data.on_bad_row),
         source,
+        Path(paths["corpus"]),
     )
     for name in ("corpus", "train_qa", "test_qa"):
         result = getattr(inputs, name)
@@ -74,9 +99,29 @@ def load_inputs(config: Config, run_dir: Path) -> Inputs:
     return inputs
 
 
-def build_initial_model(config: Config, documents: list[Document], train_qa: list[QAExample], directory: Path) -> Path:
+def check_answer_lengths(tokenizer, train_qa: list[QAExample], test_qa: list[QAExample], answer_max_len: int) -> None:
+    """Answers (+ EOS) must fit `model.answer_max_len` tokens: a longer training
+    answer would be cut, and a longer test answer could never be generated whole."""
+    def tokens(answer: str) -> int:
+        return len(tokenizer(answer_target(answer), add_special_tokens=False)["input_ids"]) + 1
+
+    needed = [tokens(qa.answers[0]) for qa in train_qa] + [min(tokens(a) for a in qa.answers) for qa in test_qa]
+    too_long = [n for n in needed if n > answer_max_len]
+    if too_long:
+        raise ConfigError(
+            f"model.answer_max_len: {len(too_long)} of {len(needed)} answers need more than "
+            f"{answer_max_len} tokens with this tokenizer (longest {max(too_long)}, end-of-answer "
+            f"token included); raise model.answer_max_len to at least {max(too_long)}"
+        )
+
+
+def build_initial_model(
+    config: Config, documents: list[Document], train_qa: list[QAExample], directory: Path,
+    test_qa: list[QAExample] = (),
+) -> Path:
     """models/init: the tiny model (tokenizer trained on the corpus and training
-    questions) or a pretrained base loaded with from_pretrained, with fresh adapters."""
+    questions) or a pretrained base loaded with from_pretrained, with fresh adapters.
+    Fails before any training when an answer does not fit `model.answer_max_len`."""
     model_config = config.model
     lora = LoraSettings(
         model_config.lora.r, model_config.lora.alpha, model_config.lora.dropout, tuple(model_config.lora.target_modules)
@@ -84,17 +129,19 @@ def build_initial_model(config: Config, documents: list[Document], train_qa: lis
     if model_config.is_tiny:
         texts = [d.text for d in documents] + [question_prompt(q.question) for q in train_qa] + [RECONSTRUCTION_PROMPT]
         tokenizer = train_tokenizer(texts, model_config.tiny.vocab_size)
+        check_answer_lengths(tokenizer, train_qa, test_qa, model_config.answer_max_len)
         tiny = model_config.tiny
         backbone = build_tiny(
             tokenizer, tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.intermediate_size,
             max_positions=4 * (model_config.doc_max_len + model_config.question_max_len + model_config.reconstruction_max_len)
-            + config.stage3.top_k * model_config.num_memory_tokens,
+            + max(config.stage3.top_k, config.stage1.max_context_docs) * model_config.num_memory_tokens,
             seed=config.run.seed,
         )
         torch.manual_seed(config.run.seed)
         model = ClaraModel(backbone, model_config.num_memory_tokens, lora)
         return save_model(model, tokenizer, directory, backbone_ref="tiny", save_backbone=True)
     backbone, tokenizer = load_pretrained(model_config.backbone, getattr(torch, model_config.dtype.value))
+    check_answer_lengths(tokenizer, train_qa, test_qa, model_config.answer_max_len)
     model = ClaraModel(backbone, model_config.num_memory_tokens, lora)
     return save_model(model, tokenizer, directory, backbone_ref=model_config.backbone, save_backbone=False)
 
@@ -152,18 +199,20 @@ def run_pipeline(config: Config, log=print) -> dict:
         f"[pipeline] data: {len(documents)} documents, {len(train_qa)} training and {len(test_qa)} test "
         f"questions ({sum(len(r.quarantined) for r in (inputs.corpus, inputs.train_qa, inputs.test_qa))} rows quarantined)"
     )
-    init_dir = build_initial_model(config, documents, train_qa, run_dir / "models" / "init")
+    init_dir = build_initial_model(config, documents, train_qa, run_dir / "models" / "init", test_qa)
     phase("data and initial model")
 
     stage1 = run_stage1(config, {d.id: d.text for d in documents}, train_qa, init_dir, run_dir)
     phase("stage 1 (compressor pretraining)")
 
-    encoded = encode_documents(
-        documents, inputs.corpus.quarantined, stage1.model_dir, run_dir / "memory",
-        config.model.doc_max_len, config.encode.batch_size, config.encode.min_actors, config.encode.max_actors,
-        config.encode.num_cpus_per_actor, config.encode.num_gpus_per_actor, config.model.dtype.value,
+    # The encoder reads the corpus file itself, as a corpus-encoding job would, and
+    # sets aside the same bad rows the reader above did.
+    encoded = encode_corpus(
+        inputs.corpus_path, stage1.model_dir, run_dir / "memory", encode_settings(config), CorpusFormat.JSONL,
+        log=log,
     )
-    log(f"[pipeline] encoded {encoded.num_encoded} documents at {encoded.documents_per_second:.0f} docs/s")
+    if encoded.num_encoded != len(documents):
+        raise RuntimeError(f"encoded {encoded.num_encoded} documents, but {len(documents)} were read as valid")
     phase("encode corpus (Ray Data)")
 
     index = start_index_actor(str(run_dir / "memory"), config.index.factory, num_cpus=0)

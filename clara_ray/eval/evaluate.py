@@ -8,8 +8,8 @@ Gold document ids are read here only, to score.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -7,8 +7,8 @@ BPE tokenizer trained locally on the given texts — no hub access at all.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from transformers import (

@@ -9,7 +9,12 @@ Stage 1 (compressor pretraining) mixes two kinds of example:
 - QA: memory of the gold document placed at a random slot among
   `num_context_docs - 1` random other documents -> the answer. Training the
   generator to find the answer among several memories is what it must do in
-  stage 3, where it reads the top-k. With `counterfactual_rate` > 0, that share
+  stage 3, where it reads the top-k. A `hard_fraction` share of the other
+  documents are the question's lexical neighbours (BM25, computed by the
+  driver): the documents a retriever will put beside the gold one — the same
+  entity's other facts, texts that echo the question — so the generator learns
+  to pick the document that answers, not the one that looks like the question.
+  With `counterfactual_rate` > 0, that share
   of QA examples whose gold document contains the answer verbatim gets another
   training answer swapped in, in document and target alike: the question alone
   no longer determines the answer, so the generator learns to read it from
@@ -56,6 +61,7 @@ class Stage1Example:
     document: str
     question: str | None = None
     answer: str | None = None
+    neighbours: tuple[str, ...] = ()  # texts of lexically similar non-gold documents (QA only)
 
 
 @dataclass(frozen=True)
@@ -66,17 +72,24 @@ class Lengths:
     reconstruction: int
 
 
-def stage1_examples(documents: dict[str, str], qa_pairs) -> list[Stage1Example]:
+def stage1_examples(
+    documents: dict[str, str], qa_pairs, neighbours: list[list[str]] | None = None
+) -> list[Stage1Example]:
     """Reconstruction of every document + QA of every training pair with a gold document.
 
     qa_pairs: QAExample-like objects; pairs without a gold document in `documents`
     are skipped (they cannot teach the compressor anything about a document).
+    neighbours: per pair, ids of its lexically nearest documents, best first;
+    its gold documents are dropped from them.
     """
     examples = [Stage1Example(text) for text in documents.values()]
-    for qa in qa_pairs:
+    for j, qa in enumerate(qa_pairs):
         gold = [documents[i] for i in qa.gold_doc_ids if i in documents]
         if gold:
-            examples.append(Stage1Example(gold[0], qa.question, qa.answers[0]))
+            near = () if neighbours is None else tuple(
+                documents[i] for i in neighbours[j] if i in documents and i not in qa.gold_doc_ids
+            )
+            examples.append(Stage1Example(gold[0], qa.question, qa.answers[0], near))
     return examples
 
 
@@ -91,8 +104,17 @@ def stage1_batch(
     reconstruction_order: ReconstructionOrder = ReconstructionOrder.FORWARD,
     counterfactual_rate: float = 0.0,
     answer_pool: list[str] = (),
+    hard_fraction: float = 0.0,
+    min_context_docs: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Model inputs for `ClaraModel(Objective.COMPRESSOR_PRETRAINING, ...)`."""
+    """Model inputs for `ClaraModel(Objective.COMPRESSOR_PRETRAINING, ...)`.
+
+    A QA example reads between `min_context_docs` (default: all) and
+    `num_context_docs` documents, the count drawn uniformly per example.
+    """
+    min_context_docs = num_context_docs if min_context_docs is None else min_context_docs
+    if not 1 <= min_context_docs <= num_context_docs:
+        raise ValueError(f"min_context_docs must be in [1, {num_context_docs}], got {min_context_docs}")
     doc_texts, doc_slots, prompts, targets = [], [], [], []
     for example in examples:
         if example.question is None:
@@ -103,8 +125,9 @@ def stage1_batch(
             document, answer = example.document, example.answer
             if answer_pool and rng.random() < counterfactual_rate:
                 document, answer = counterfactual(document, answer, answer_pool, rng)
-            context = rng.sample(all_documents, num_context_docs - 1)
-            context.insert(rng.randrange(num_context_docs), document)
+            size = rng.randint(min_context_docs, num_context_docs)
+            context = _distractors(example, all_documents, size - 1, hard_fraction, rng)
+            context.insert(rng.randrange(size), document)
             prompts.append(question_prompt(example.question))
             targets.append(answer_target(answer))
         doc_slots.append(len(context))
@@ -131,6 +154,22 @@ def stage1_batch(
         "target_ids": target.ids,
         "target_mask": target.mask,
     }
+
+
+def _distractors(
+    example: Stage1Example, all_documents: list[str], count: int, hard_fraction: float, rng: random.Random
+) -> list[str]:
+    """`count` documents other than the example's: about `hard_fraction` of them
+    drawn from its neighbours, the rest at random."""
+    if len(all_documents) <= count:
+        raise ValueError(f"need more than {count} documents to draw {count} distractors, got {len(all_documents)}")
+    num_hard = min(len(example.neighbours), round(hard_fraction * count))
+    chosen = rng.sample(example.neighbours, num_hard)
+    while len(chosen) < count:
+        candidate = rng.choice(all_documents)
+        if candidate != example.document and candidate not in chosen:
+            chosen.append(candidate)
+    return chosen
 
 
 def stage3_batch(questions: list[str], answers: list[str], tokenizer, lengths: Lengths) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ Rank 0 prints progress lines and returns the metric history.
 
 from __future__ import annotations
 
+import logging
 import random
 import tempfile
 import time
@@ -22,7 +23,13 @@ import torch.distributed as dist
 from clara_ray.modeling.checkpoint import load_model, save_model
 from clara_ray.modeling.clara import Objective, Role
 from clara_ray.training import engine as ds
-from clara_ray.training.batches import Lengths, ReconstructionOrder, Stage1Example, stage1_batch, stage3_batch
+from clara_ray.training.batches import (
+    Lengths,
+    ReconstructionOrder,
+    Stage1Example,
+    stage1_batch,
+    stage3_batch,
+)
 
 
 class _Reporter:
@@ -81,7 +88,18 @@ def _epoch_slices(num_items: int, batch_size: int, rank: int, world: int, seed: 
         epoch += 1
 
 
+def _quiet_report_logging() -> None:
+    """Ray Train logs every `ray.train.report` of every worker at INFO, metrics
+    dict included; `_Reporter` already prints one progress line per window."""
+    try:  # an internal module (Ray 2.60): if it moves, the lines just come back
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def _setup(config: dict, trainable: list[Role], train_backbone: bool):
+    _quiet_report_logging()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     use_gpu = config["use_gpu"]
@@ -124,7 +142,7 @@ def stage1_loop(config: dict):
     rank, world, engine, tokenizer, manifest, lengths = _setup(
         config, [Role.COMPRESSOR, Role.GENERATOR], config["train_backbone"]
     )
-    examples = [Stage1Example(*e) for e in config["examples"]]
+    examples = [Stage1Example(d, q, a, tuple(n)) for d, q, a, n in config["examples"]]
     documents = config["documents"]
     answer_pool = sorted({e.answer for e in examples if e.answer is not None})
     rng = random.Random(config["seed"] * 7919 + rank)
@@ -136,6 +154,7 @@ def stage1_loop(config: dict):
             [examples[i] for i in next(batches)], documents, config["num_context_docs"],
             engine.module.num_memory_tokens, tokenizer, lengths, rng,
             ReconstructionOrder(config["reconstruction_order"]), config["counterfactual_rate"], answer_pool,
+            config["hard_fraction"], config["min_context_docs"],
         )
         out = engine(
             Objective.COMPRESSOR_PRETRAINING,

@@ -18,6 +18,8 @@ from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from clara_ray.config import Config
+from clara_ray.data.formats import Document
+from clara_ray.eval.baselines import bm25_rankings
 from clara_ray.training.batches import stage1_examples
 from clara_ray.training.loops import stage1_loop, stage3_loop
 
@@ -75,7 +77,12 @@ def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str) -> 
 def run_stage1(config: Config, documents: dict[str, str], train_qa, init_model_dir: Path, run_dir: Path) -> StageResult:
     """Compressor pretraining on every document (reconstruction) and the training
     QA pairs with their gold documents."""
-    examples = stage1_examples(documents, train_qa)
+    neighbours = None
+    if config.stage1.hard_distractor_fraction > 0 and len(documents) > 1:
+        corpus = [Document(doc_id, text) for doc_id, text in documents.items()]
+        depth = min(len(corpus), config.stage1.hard_distractor_pool + 1)  # +1: the gold one drops out
+        neighbours = bm25_rankings(corpus, [qa.question for qa in train_qa], depth)
+    examples = stage1_examples(documents, train_qa, neighbours)
     loop_config = {
         **_common(config, init_model_dir),
         "steps": config.stage1.steps,
@@ -85,10 +92,12 @@ def run_stage1(config: Config, documents: dict[str, str], train_qa, init_model_d
         "mse_weight": config.stage1.mse_weight,
         "reconstruction_order": config.stage1.reconstruction_order.value,
         "counterfactual_rate": config.stage1.counterfactual_rate,
+        "hard_fraction": config.stage1.hard_distractor_fraction,
+        "min_context_docs": config.stage1.min_context_docs,
         "report_every": config.stage1.report_every,
         "train_backbone": config.model.train_backbone_in_stage1,
-        "num_context_docs": config.stage3.top_k,
-        "examples": [(e.document, e.question, e.answer) for e in examples],
+        "num_context_docs": config.stage1.max_context_docs,
+        "examples": [(e.document, e.question, e.answer, e.neighbours) for e in examples],
         "documents": list(documents.values()),
     }
     return _fit(stage1_loop, loop_config, config, run_dir, "stage1")

@@ -3,10 +3,10 @@ import random
 import numpy as np
 import pytest
 
+from clara_ray.data.formats import QAExample
 from clara_ray.index.shard import IndexShard
 from clara_ray.memory_shards import memory_table, read_memory_shards, write_manifest
 from clara_ray.training.batches import Lengths, Stage1Example, stage1_batch, stage1_examples
-from clara_ray.data.formats import QAExample
 from tests.tiny_model import TEXTS, make_model
 
 
@@ -81,3 +81,49 @@ def test_reversed_reconstruction_and_counterfactual_answers():
     assert (document, answer) == ("Ann grew up in Tessin.", "Tessin")
     # An answer the document does not contain verbatim leaves the example as it is.
     assert counterfactual("Ann is a baker.", "Marlow", ["Tessin"], random.Random(0)) == ("Ann is a baker.", "Marlow")
+
+
+def test_hard_distractors_come_from_neighbours_without_gold():
+    from clara_ray.training.batches import _distractors
+
+    documents = {f"d{i}": f"doc {i}" for i in range(20)}
+    qa = [QAExample("q1", "about d3?", ["x"], ["d3"])]
+    # The gold document is among the lexical neighbours; it must not become a distractor.
+    examples = stage1_examples(documents, qa, neighbours=[["d3", "d7", "d8", "d9"]])
+    assert examples[-1].neighbours == ("doc 7", "doc 8", "doc 9")
+    rng = random.Random(0)
+    for _ in range(50):
+        chosen = _distractors(examples[-1], list(documents.values()), 4, 0.75, rng)
+        assert len(chosen) == len(set(chosen)) == 4
+        assert "doc 3" not in chosen
+        assert sum(c in examples[-1].neighbours for c in chosen) >= 3
+    # hard_fraction 0: random distractors only, still never the gold document.
+    for _ in range(50):
+        assert "doc 3" not in _distractors(examples[-1], list(documents.values()), 4, 0.0, rng)
+    with pytest.raises(ValueError, match="more than 4 documents"):
+        _distractors(examples[-1], ["doc 3", "doc 1"], 4, 0.0, rng)
+
+
+def test_qa_context_size_varies_between_min_and_top_k():
+    _, tokenizer = make_model()
+    examples = [Stage1Example(TEXTS[3], "Which job?", "baker")] * 40
+    batch = stage1_batch(examples, TEXTS, num_context_docs=3, num_memory_tokens=2, tokenizer=tokenizer,
+                         lengths=Lengths(doc=64, question=16, answer=6, reconstruction=30), rng=random.Random(0),
+                         min_context_docs=1)
+    sizes = batch["memory_mask"].sum(1) // 2
+    assert set(sizes.tolist()) == {1, 2, 3}
+    assert batch["doc_ids"].shape[0] == int(sizes.sum())
+    with pytest.raises(ValueError, match="min_context_docs"):
+        stage1_batch(examples, TEXTS, 3, 2, tokenizer, Lengths(64, 16, 6, 30), random.Random(0), min_context_docs=4)
+
+
+def test_answers_longer_than_answer_max_len_are_refused():
+    from clara_ray.config import ConfigError
+    from clara_ray.pipeline import check_answer_lengths
+
+    _, tokenizer = make_model()
+    qa = [QAExample("q1", "Which job?", ["baker"], ["a"])]
+    needed = len(tokenizer(" baker", add_special_tokens=False)["input_ids"]) + 1
+    check_answer_lengths(tokenizer, qa, qa, needed)
+    with pytest.raises(ConfigError, match=f"raise model.answer_max_len to at least {needed}"):
+        check_answer_lengths(tokenizer, qa, [], needed - 1)

@@ -130,7 +130,7 @@ def test_unknown_key_in_override():
     [
         (["stage3.temperature=-1"], "stage3.temperature: must be > 0 (got -1)"),
         (["model.doc_max_len=30"], "model.doc_max_len: must be divisible by compression_rate"),
-        (["stage3.num_candidates=5"], "stage3.num_candidates: must be greater than top_k"),
+        (["stage3.num_candidates=1"], "stage3.num_candidates: must be greater than top_k"),
         (["stage3.top_k=0"], "stage3.top_k: must be >= 1"),
         (["train.zero_stage=4"], "train.zero_stage: must be <= 3 (got 4)"),
         (["model.dtype=fp8"], "model.dtype: must be one of"),
@@ -143,6 +143,8 @@ def test_unknown_key_in_override():
         (["eval.baselines=[bm25, colbert]"], "eval.baselines[1]: must be one of"),
         (["stage1.steps=many"], "stage1.steps:"),
         (["model.lora.target_modules=[]"], "model.lora.target_modules:"),
+        (["stage1.min_context_docs=6"], "stage1.min_context_docs: must be at most max_context_docs (got 6 > 5)"),
+        (["stage1.hard_distractor_fraction=1.5"], "stage1.hard_distractor_fraction: must be <= 1"),
     ],
 )
 def test_invalid_values(overrides, expected):
