@@ -74,10 +74,10 @@ class CompressorActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from clara_ray.modeling.clara import Role
-        from clara_ray.modeling.text import tokenize_texts
+        from clara_ray.modeling.text import document_input, tokenize_texts
 
         titles = batch.column("title").to_pylist()
-        texts = [text if not title else f"{title}\n{text}" for title, text in zip(titles, batch.column("text").to_pylist())]
+        texts = [document_input(text, title) for text, title in zip(batch.column("text").to_pylist(), titles)]
         tokens = tokenize_texts(self.tokenizer, texts, self.doc_max_len)
         with torch.inference_mode():
             memory, _ = self.model.encode(
@@ -159,6 +159,9 @@ def encode_corpus(
     model); refuses a directory that is complete already or holds something else.
     """
     output_dir = Path(output_dir).resolve()
+    # Absolute local paths: row keys name their source file, and must not change
+    # when a rerun starts from another working directory.
+    paths = [_absolute(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     model_manifest = json.loads((Path(model_dir) / "clara.json").read_text())
     _check_output_dir(output_dir, model_manifest["compressor_fingerprint"])
     started = time.perf_counter()
@@ -210,7 +213,7 @@ def encode_corpus(
         num_quarantined=counts.num_input_rows - counts.num_good_rows,
         quarantined_by_kind=counts.quarantined_by_kind,
         quarantine_dir=QUARANTINE_DIR,
-        inputs=[os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)],
+        inputs=paths,
         check=lambda manifest: _check_exactly_once(output_dir, manifest, counts.num_good_rows, _shuffle_partitions(paths)),
     )
     step("manifest", mark)
@@ -285,14 +288,19 @@ def _shard_rows(output_dir: Path) -> int:
     return sum(pq.ParquetFile(path).metadata.num_rows for path in output_dir.glob("*.parquet"))
 
 
+def _absolute(path: str | os.PathLike) -> str:
+    text = os.fspath(path)
+    return text if "://" in text else str(Path(text).resolve())
+
+
 def _shuffle_partitions(paths, bytes_per_partition: int = 256 * 2**20) -> int | None:
     """Partitions for a groupby over the corpus ids: about one per 256 MiB of local
     input (Ray's default of 200 costs seconds of set-up on a small corpus); Ray's
     default for remote paths, whose size is not looked up here."""
-    path_list = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     total = 0
-    for path in map(Path, path_list):
-        if "://" in os.fspath(path) or not path.exists():
+    for text in paths:
+        path = Path(text)
+        if "://" in text or not path.exists():
             return None
         files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
         total += sum(f.stat().st_size for f in files)

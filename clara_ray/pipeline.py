@@ -43,7 +43,12 @@ from clara_ray.memory_shards import read_memory_shards
 from clara_ray.modeling.backbone import build_tiny, load_pretrained, train_tokenizer
 from clara_ray.modeling.checkpoint import load_model, save_model
 from clara_ray.modeling.clara import ClaraModel, LoraSettings
-from clara_ray.modeling.text import RECONSTRUCTION_PROMPT, answer_target, question_prompt
+from clara_ray.modeling.text import (
+    RECONSTRUCTION_PROMPT,
+    answer_target,
+    document_input,
+    question_prompt,
+)
 from clara_ray.report import write_report
 from clara_ray.training.stages import run_stage1, run_stage3
 
@@ -127,7 +132,8 @@ def build_initial_model(
         model_config.lora.r, model_config.lora.alpha, model_config.lora.dropout, tuple(model_config.lora.target_modules)
     )
     if model_config.is_tiny:
-        texts = [d.text for d in documents] + [question_prompt(q.question) for q in train_qa] + [RECONSTRUCTION_PROMPT]
+        texts = [document_input(d.text, d.title) for d in documents] + [question_prompt(q.question) for q in train_qa]
+        texts.append(RECONSTRUCTION_PROMPT)
         tokenizer = train_tokenizer(texts, model_config.tiny.vocab_size)
         check_answer_lengths(tokenizer, train_qa, test_qa, model_config.answer_max_len)
         tiny = model_config.tiny
@@ -202,13 +208,13 @@ def run_pipeline(config: Config, log=print) -> dict:
     init_dir = build_initial_model(config, documents, train_qa, run_dir / "models" / "init", test_qa)
     phase("data and initial model")
 
-    stage1 = run_stage1(config, {d.id: d.text for d in documents}, train_qa, init_dir, run_dir)
+    stage1 = run_stage1(config, {d.id: document_input(d.text, d.title) for d in documents}, train_qa, init_dir, run_dir)
     phase("stage 1 (compressor pretraining)")
 
     # The encoder reads the corpus file itself, as a corpus-encoding job would, and
     # sets aside the same bad rows the reader above did.
     encoded = encode_corpus(
-        inputs.corpus_path, stage1.model_dir, run_dir / "memory", encode_settings(config), CorpusFormat.JSONL,
+        inputs.corpus_path.resolve(), stage1.model_dir, run_dir / "memory", encode_settings(config), CorpusFormat.JSONL,
         log=log,
     )
     if encoded.num_encoded != len(documents):

@@ -15,6 +15,12 @@ import torch
 RECONSTRUCTION_PROMPT = "Repeat the document:"
 
 
+def document_input(text: str, title: str | None) -> str:
+    """What the compressor reads for a document: "title\ntext", or the text alone.
+    Training and corpus encoding must agree on it."""
+    return f"{title}\n{text}" if title else text
+
+
 def question_prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
