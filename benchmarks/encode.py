@@ -244,7 +244,7 @@ def write_section(path: Path, section: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny-docs", type=int, default=10000, help="documents for the tiny-preset comparison")
-    parser.add_argument("--big-docs", type=int, default=1000, help="documents for the ~100M comparison")
+    parser.add_argument("--big-docs", type=int, default=300, help="documents for the ~100M comparison")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()

@@ -250,7 +250,7 @@ class Stage3Config(_Section):
     micro_batch_size_per_worker: int = Field(8, gt=0)
     top_k: int = Field(1, ge=1)
     temperature: float = Field(0.02, gt=0)
-    num_candidates: int = Field(128, gt=0)
+    num_candidates: int = Field(512, gt=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     # The generator's adapter trains alongside the query reasoner (CLaRa); off
     # leaves the stage-1 generator as it is, so only retrieval can lower the loss.
