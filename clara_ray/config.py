@@ -245,7 +245,7 @@ class Stage1Config(_Section):
 class Stage3Config(_Section):
     """Joint training of query reasoner and generator through the differentiable top-k."""
 
-    steps: int = Field(1000, gt=0)
+    steps: int = Field(600, gt=0)
     learning_rate: float = Field(5.0e-4, gt=0)
     micro_batch_size_per_worker: int = Field(8, gt=0)
     top_k: int = Field(1, ge=1)
