@@ -173,8 +173,9 @@ def encode_corpus(
         return time.perf_counter()
 
     mark = time.perf_counter()
+    num_partitions = _shuffle_partitions(paths)
     duplicates = find_duplicate_ids(
-        read_corpus_rows(paths, corpus_format, settings.on_bad_row), num_partitions=_shuffle_partitions(paths)
+        read_corpus_rows(paths, corpus_format, settings.on_bad_row), num_partitions=num_partitions
     )
 
     def corpus_rows():
@@ -214,7 +215,7 @@ def encode_corpus(
         quarantined_by_kind=counts.quarantined_by_kind,
         quarantine_dir=QUARANTINE_DIR,
         inputs=paths,
-        check=lambda manifest: _check_exactly_once(output_dir, manifest, counts.num_good_rows, _shuffle_partitions(paths)),
+        check=lambda manifest: _check_exactly_once(output_dir, manifest, counts.num_good_rows, num_partitions),
     )
     step("manifest", mark)
     summary = EncodeSummary(
