@@ -1,20 +1,22 @@
 """Corpus-encoding benchmark: Ray Data pipeline vs a plain loop, FLOP/s vs GEMM peak, scaling.
 
     python benchmarks/encode.py                      # the full run behind BENCHMARKS.md
-    python benchmarks/encode.py --sizes 1000 --big-docs 200 --no-write   # a quick look
+    python benchmarks/encode.py --tiny-docs 10000 --sizes 1000 10000 --big-docs 200 --no-write   # a quick look
 
 All figures come from one run on one machine, measured side by side:
 1. GEMM peak: the best of several large fp32 `torch.matmul`s on the same threads.
 2. For the tiny preset and a ~100M-parameter config (random weights; speed does
    not depend on them): documents/s of
-   (a) a plain single-process loop: tokenize -> compressor -> fp16 rows -> Parquet,
-       same model, batch size and threads;
+   (a) a plain single-process loop: read the JSONL -> tokenize -> compressor
+       (LoRA merged, as in the actor) -> fp16 rows -> Parquet, same model, batch
+       size and threads;
    (b) `encode_corpus` with one actor owning the same cores: its encode step
        (read -> actor -> Parquet, checkpointed) and the whole job (plus the
        duplicate-id, count and quarantine passes).
    Achieved FLOP/s = model FLOPs per document (counted by torch's FlopCounterMode)
    x documents/s, against the GEMM peak.
-3. Tiny preset over corpus sizes: wall time and the driver's peak RSS.
+3. Tiny preset over corpus sizes: wall time and the driver's peak RSS (the
+   comparison's own run fills its size's row).
 Results are printed and written into BENCHMARKS.md between this benchmark's markers.
 """
 
@@ -110,6 +112,7 @@ def flops_per_document(model_dir: Path, spec: ModelSpec, texts: list[str]) -> fl
 
     model, tokenizer, _ = load_model(model_dir)
     model.eval()
+    model.merge_for_inference(Role.COMPRESSOR)  # count the model's FLOPs, not the unmerged LoRA's extra ones
     tokens = tokenize_texts(tokenizer, texts[: spec.batch_size], spec.doc_max_len)
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
@@ -117,13 +120,16 @@ def flops_per_document(model_dir: Path, spec: ModelSpec, texts: list[str]) -> fl
     return counter.get_total_flops() / len(tokens.ids)
 
 
-def plain_loop(model_dir: Path, spec: ModelSpec, texts: list[str], output: Path, threads: int) -> float:
-    """Documents/s of the same work without Ray: tokenize, encode, fp16 rows, Parquet."""
+def plain_loop(model_dir: Path, spec: ModelSpec, corpus: Path, output: Path, threads: int) -> float:
+    """Documents/s of the same work without Ray: read the JSONL, tokenize, encode, fp16 rows, Parquet."""
     torch.set_num_threads(threads)
     model, tokenizer, _ = load_model(model_dir)
     model.eval()
+    model.merge_for_inference(Role.COMPRESSOR)  # as the encoder actor does
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    with corpus.open() as lines:
+        texts = [json.loads(line)["text"] for line in lines]
     for part, start in enumerate(range(0, len(texts), spec.batch_size)):
         batch = texts[start : start + spec.batch_size]
         tokens = tokenize_texts(tokenizer, batch, spec.doc_max_len)
@@ -163,31 +169,41 @@ def ray_pipeline(model_dir: Path, spec: ModelSpec, corpus: Path, output: Path, t
     return summary, rss.peak
 
 
-def compare(spec: ModelSpec, num_docs: int, peak: float, work: Path, threads: int) -> dict:
+def compare(spec: ModelSpec, num_docs: int, peak: float, work: Path, threads: int) -> tuple[dict, dict]:
+    """The side-by-side comparison; also returns the Ray run as a scaling row."""
     model_dir, parameters = build_model(spec, work / f"model-{spec.num_layers}-{spec.hidden_size}")
     texts = synthetic_documents(num_docs, spec.words_per_doc)
     corpus = write_corpus(work / f"corpus-{spec.hidden_size}-{num_docs}.jsonl", texts)
     flops = flops_per_document(model_dir, spec, texts)
-    loop_rate = plain_loop(model_dir, spec, texts, work / f"loop-{spec.hidden_size}", threads)
-    summary, _ = ray_pipeline(model_dir, spec, corpus, work / f"ray-{spec.hidden_size}", threads)
+    loop_rate = plain_loop(model_dir, spec, corpus, work / f"loop-{spec.hidden_size}", threads)
+    summary, peak_rss = ray_pipeline(model_dir, spec, corpus, work / f"ray-{spec.hidden_size}", threads)
     ray_rate = summary.documents_per_second
-    return {
+    comparison = {
         "model": spec.name, "parameters": parameters, "documents": num_docs, "doc_tokens": spec.doc_max_len,
         "batch_size": spec.batch_size, "loop_docs_per_s": loop_rate, "ray_encode_docs_per_s": ray_rate,
         "ray_job_docs_per_s": num_docs / summary.total_seconds, "ratio": ray_rate / loop_rate,
         "gflop_per_doc": flops / 1e9, "loop_fraction_of_peak": flops * loop_rate / peak,
         "ray_fraction_of_peak": flops * ray_rate / peak,
     }
+    return comparison, _scaling_row(num_docs, summary, peak_rss)
 
 
-def scaling(sizes: list[int], work: Path, threads: int) -> list[dict]:
+def _scaling_row(size: int, summary, peak_rss: int) -> dict:
+    return {"documents": size, "job_seconds": summary.total_seconds, "encode_seconds": summary.seconds,
+            "driver_peak_rss_mb": peak_rss / 2**20}
+
+
+def scaling(sizes: list[int], work: Path, threads: int, done: dict[int, dict]) -> list[dict]:
+    """Tiny preset over corpus sizes; sizes already run by the comparison are reused."""
     model_dir, _ = build_model(TINY, work / "model-scaling")
     rows = []
     for size in sizes:
+        if size in done:
+            rows.append(done[size])
+            continue
         corpus = write_corpus(work / f"scaling-{size}.jsonl", synthetic_documents(size, TINY.words_per_doc, seed=size))
         summary, peak_rss = ray_pipeline(model_dir, TINY, corpus, work / f"scaling-out-{size}", threads)
-        rows.append({"documents": size, "job_seconds": summary.total_seconds, "encode_seconds": summary.seconds,
-                     "driver_peak_rss_mb": peak_rss / 2**20})
+        rows.append(_scaling_row(size, summary, peak_rss))
     return rows
 
 
@@ -243,8 +259,9 @@ def write_section(path: Path, section: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny-docs", type=int, default=10000, help="documents for the tiny-preset comparison")
-    parser.add_argument("--big-docs", type=int, default=300, help="documents for the ~100M comparison")
+    # Long enough that actor start-up and model loading (a few seconds) weigh little.
+    parser.add_argument("--tiny-docs", type=int, default=100000, help="documents for the tiny-preset comparison")
+    parser.add_argument("--big-docs", type=int, default=1500, help="documents for the ~100M comparison")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
@@ -260,11 +277,14 @@ def main() -> int:
     start_ray(address=None)
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        comparisons = []
+        comparisons, tiny_row = [], {}
         for spec, count in ((TINY, args.tiny_docs), (BASE_100M, args.big_docs)):
-            comparisons.append(compare(spec, count, peak, work, threads))
-            print(json.dumps(comparisons[-1]), flush=True)
-        scale = scaling(args.sizes, work, threads)
+            comparison, row = compare(spec, count, peak, work, threads)
+            comparisons.append(comparison)
+            if spec is TINY:
+                tiny_row[count] = row
+            print(json.dumps(comparison), flush=True)
+        scale = scaling(args.sizes, work, threads, done=tiny_row)
         for row in scale:
             print(json.dumps(row), flush=True)
     ray.shutdown()

@@ -63,6 +63,7 @@ class CompressorActor:
 
     def __init__(self, model_dir: str, doc_max_len: int, dtype: str = "float32", num_threads: int = 1):
         from clara_ray.modeling.checkpoint import load_model
+        from clara_ray.modeling.clara import Role
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
@@ -70,6 +71,7 @@ class CompressorActor:
             dtype = "float32"  # CPUs run bf16 matmuls slowly; memory is stored as fp16 anyway
         model, self.tokenizer, _ = load_model(model_dir, dtype=getattr(torch, dtype))
         self.model = model.to(self.device).eval()
+        self.model.merge_for_inference(Role.COMPRESSOR)
         self.doc_max_len = doc_max_len
 
     def __call__(self, batch: pa.Table) -> pa.Table:

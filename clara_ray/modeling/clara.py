@@ -119,9 +119,18 @@ class ClaraModel(nn.Module):
 
     def use(self, role: Role) -> None:
         """Route the LoRA layers through `role`'s adapter."""
+        if self.lm.base_model.active_adapters == [role.value]:
+            return  # peft's set_adapter would unmerge a merged adapter (see `merge_for_inference`)
         # peft's set_adapter also flips requires_grad; restore ours right after.
         self.lm.base_model.set_adapter(role.value)
         self._apply_trainable()
+
+    def merge_for_inference(self, role: Role) -> None:
+        """Fold `role`'s LoRA update into the base weights for inference-only use
+        (corpus encoding): each layer then runs one matmul instead of three. Using
+        another role afterwards unmerges first (peft), so results stay correct."""
+        self.use(role)
+        self.lm.base_model.merge_adapter([role.value])
 
     def copy_adapter(self, source: Role, target: Role) -> None:
         """Initialise `target`'s adapter (and memory tokens) from `source`'s."""

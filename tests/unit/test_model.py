@@ -31,6 +31,22 @@ def test_roles_differ_and_copy_adapter_makes_them_equal():
     assert torch.allclose(compressor, _encode(model, tokenizer, Role.QUERY_REASONER, TEXTS[:2]), atol=1e-6)
 
 
+def test_merged_compressor_encodes_the_same_and_other_roles_still_work():
+    model, tokenizer = make_model()
+    model.eval()
+    with torch.no_grad():
+        compressor = _encode(model, tokenizer, Role.COMPRESSOR, TEXTS[:3])
+        query = _encode(model, tokenizer, Role.QUERY_REASONER, TEXTS[:3])
+        model.merge_for_inference(Role.COMPRESSOR)
+        lora_layers = [m for m in model.modules() if hasattr(m, "merged_adapters")]
+        assert lora_layers and all(layer.merged_adapters == ["compressor"] for layer in lora_layers)
+        assert torch.allclose(compressor, _encode(model, tokenizer, Role.COMPRESSOR, TEXTS[:3]), atol=1e-5)
+        assert all(layer.merged for layer in lora_layers)  # encoding did not unmerge it
+        # Switching role unmerges first, so the query reasoner is unaffected by the merge.
+        assert torch.allclose(query, _encode(model, tokenizer, Role.QUERY_REASONER, TEXTS[:3]), atol=1e-5)
+        assert torch.allclose(compressor, _encode(model, tokenizer, Role.COMPRESSOR, TEXTS[:3]), atol=1e-5)
+
+
 def test_generator_reads_spliced_memory_and_ignores_padding():
     model, tokenizer = make_model()
     model.eval()
