@@ -53,6 +53,8 @@ from pydantic import (
 )
 
 from clara_ray.data.formats import BadRowPolicy
+from clara_ray.index.device import IndexDevice
+from clara_ray.index.keys import KeyKind
 
 TINY_BACKBONE = "tiny"
 
@@ -295,8 +297,35 @@ class EncodeConfig(_Section):
 
 
 class IndexConfig(_Section):
+    """The sharded FAISS index (``clara_ray.index``): what it holds, how it searches, where it runs."""
+
     factory: NonEmptyStr = "Flat"  # a FAISS index_factory string, e.g. "IVF4096,PQ64"
-    num_shards: int = Field(1, ge=1)
+    key_kind: KeyKind = KeyKind.FLAT_MEMORY  # what the index searches on (clara_ray/index/keys.py)
+    num_shards: int = Field(1, ge=1)  # shard actors; documents split into contiguous ranges
+    device: IndexDevice = IndexDevice.AUTO  # auto: GPU FAISS when the wheel and a GPU are there
+    num_cpus_per_shard: float = Field(1, ge=0)  # Ray resources of each shard actor (also its FAISS threads)
+    num_gpus_per_shard: float = Field(0, ge=0)
+    nprobe: int = Field(32, ge=1)  # IVF lists visited per query
+    ef_search: int = Field(128, ge=1)  # HNSW search breadth
+    refine_k_factor: float = Field(4.0, ge=1)  # RFlat: k_factor * L candidates re-ranked exactly
+    max_training_keys: int = Field(65536, ge=1)  # keys sampled per shard to train IVF / PQ
+    keep_versions: int = Field(2, ge=1)  # finished index versions kept on disk (the live one always)
+    max_restarts: int = Field(3, ge=0)  # per shard actor, by Ray
+    search_attempts: int = Field(3, ge=1)  # a search that loses a shard is retried, then raises
+
+    @model_validator(mode="after")
+    def _device_resources(self) -> IndexConfig:
+        if self.device is IndexDevice.CPU and self.num_gpus_per_shard > 0:
+            raise _FieldError(
+                "num_gpus_per_shard",
+                f"must be 0 when device is cpu (got {self.num_gpus_per_shard}): set device=auto or gpu to use GPUs",
+            )
+        if self.device is IndexDevice.GPU and self.num_gpus_per_shard == 0:
+            raise _FieldError(
+                "num_gpus_per_shard",
+                "must be > 0 when device is gpu: Ray shows a GPU only to actors that reserve one",
+            )
+        return self
 
 
 class TrainConfig(_Section):
@@ -334,6 +363,21 @@ class Config(_Section):
     index: IndexConfig = IndexConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _index_factory_fits_tiny_keys(self) -> Config:
+        # Only the tiny model's key width is known before a model loads; others are checked
+        # when the index is built, before any work.
+        if self.model.is_tiny:
+            from clara_ray.index.keys import key_dim
+            from clara_ray.index.shard import check_factory
+
+            dim = key_dim(self.index.key_kind, self.model.num_memory_tokens, self.model.tiny.hidden_size)
+            try:
+                check_factory(self.index.factory, dim)
+            except ValueError as error:
+                raise _FieldError("index.factory", str(error)) from None
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict (enums as their values, paths as strings)."""

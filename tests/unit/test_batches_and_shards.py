@@ -61,7 +61,7 @@ def test_memory_shards_round_trip(tmp_path):
 def test_index_shard_own_key_ranks_first_and_returns_memory(tmp_path):
     ids, _ = _shards(tmp_path)
     shards = read_memory_shards(tmp_path)
-    index = IndexShard(shards.doc_ids, shards.keys, shards.memory, factory="Flat")
+    index = IndexShard.build(shards.doc_ids, shards.memory, "Flat", keys=shards.keys)
     found = index.search(shards.keys * 3.0, num_candidates=4)  # scale must not matter
     assert list(found.doc_ids[:, 0]) == ids
     assert np.allclose(found.scores[:, 0], 1.0, atol=1e-4)

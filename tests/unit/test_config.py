@@ -59,6 +59,19 @@ def test_mistral_preset():
     assert (config.index.factory, config.index.num_shards) == ("IVF4096,PQ64", 4)
 
 
+def test_index_settings():
+    from clara_ray.index.device import IndexDevice
+    from clara_ray.index.keys import KeyKind
+    from clara_ray.index.versions import IndexSettings
+
+    config = load_config(None, ["index.key_kind=mean_pooled", "index.factory=HNSW32", "index.device=gpu",
+                                "index.num_gpus_per_shard=0.5", "index.ef_search=64"])
+    assert config.index.key_kind is KeyKind.MEAN_POOLED and config.index.device is IndexDevice.GPU
+    settings = IndexSettings.from_config(config.index)
+    assert (settings.factory, settings.key_kind, settings.num_gpus_per_shard) == ("HNSW32", KeyKind.MEAN_POOLED, 0.5)
+    assert settings.search.ef_search == 64 and settings.keep_versions == 2
+
+
 def test_overrides():
     config = load_config(
         None,
@@ -145,6 +158,15 @@ def test_unknown_key_in_override():
         (["model.lora.target_modules=[]"], "model.lora.target_modules:"),
         (["stage1.min_context_docs=6"], "stage1.min_context_docs: must be at most max_context_docs (got 6 > 5)"),
         (["stage1.hard_distractor_fraction=1.5"], "stage1.hard_distractor_fraction: must be <= 1"),
+        (["index.key_kind=max_pooled"], "index.key_kind: must be one of"),
+        (["index.device=tpu"], "index.device: must be one of"),
+        (["index.device=cpu", "index.num_gpus_per_shard=1"], "index.num_gpus_per_shard: must be 0 when device is cpu"),
+        (["index.device=gpu"], "index.num_gpus_per_shard: must be > 0 when device is gpu"),
+        (["index.num_shards=0"], "index.num_shards: must be >= 1"),
+        (["index.refine_k_factor=0.5"], "index.refine_k_factor: must be >= 1"),
+        # the tiny model's key is 4 memory tokens x 256 = 1024 dims: PQ96 does not divide it
+        (["index.factory=IVF64,PQ96"], "index.factory: index.factory='IVF64,PQ96' is not a FAISS index over 1024-dim"),
+        (["index.factory=Bogus"], "index.factory:"),
     ],
 )
 def test_invalid_values(overrides, expected):
