@@ -76,6 +76,15 @@ def apply_search_params(index: faiss.Index, params: SearchParams) -> None:
             ivf.nprobe = int(params.nprobe)
 
 
+def search_index(index: faiss.Index, keys: np.ndarray, k: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+    """index.search with HNSW's efSearch raised to k for this call: a graph search
+    keeps only efSearch candidates, so a smaller one returns fewer than k (-1 rows)."""
+    hnsw = [layer.hnsw for layer in _layers(index) if isinstance(layer, faiss.IndexHNSW)]
+    for graph in hnsw:
+        graph.efSearch = max(int(params.ef_search), k)
+    return index.search(keys, k)
+
+
 def check_factory(factory: str, dim: int) -> None:
     """Fail before any work if FAISS cannot build `factory` over `dim`-dim keys."""
     try:
@@ -128,6 +137,7 @@ class IndexShard:
         self.num_memory_tokens, self.hidden_size = memory.shape[1], memory.shape[2]
         self.key_dim = index.d
         apply_search_params(index, params)
+        self.params = params
         self.cpu_index = index
         self.device = resolve_device(device, faiss)
         self.index = index
@@ -205,7 +215,7 @@ class IndexShard:
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
         keys = query_keys(queries, self.key_kind, self.num_memory_tokens, self.hidden_size)  # (B, key_dim)
-        scores, rows = self.index.search(keys, min(num_candidates, len(self)))  # (B, L) each
+        scores, rows = search_index(self.index, keys, min(num_candidates, len(self)), self.params)  # (B, L) each
         if (rows < 0).any():
             # IVF with too small an nprobe, or HNSW with too small an efSearch, can find fewer than L.
             raise RuntimeError(

@@ -91,6 +91,21 @@ def test_factories_find_the_exact_top10(factory, params, min_recall):
     assert shard.factory == factory
 
 
+def test_hnsw_returns_l_candidates_even_when_ef_search_is_smaller():
+    ids, memory, queries = _corpus_and_queries()
+    shard = IndexShard.build(ids, memory, "HNSW16", params=SearchParams(ef_search=16))
+    scores, rows = shard.search_rows(queries, 200)  # a graph search keeping 16 would return -1 rows
+    assert rows.shape == (40, 200) and (rows >= 0).all()
+    assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_ivf_with_too_few_lists_visited_refuses_to_return_short_lists():
+    ids, memory, queries = _corpus_and_queries()
+    shard = IndexShard.build(ids, memory, "IVF64,Flat", params=SearchParams(nprobe=1))
+    with pytest.raises(RuntimeError, match="raise index.nprobe"):
+        shard.search_rows(queries, 300)  # one list of ~10 documents cannot hold 300
+
+
 def test_bad_factory_fails_before_building_with_the_dimension():
     with pytest.raises(ValueError, match=r"index.factory='PQ5' is not a FAISS index over 32-dim keys"):
         check_factory("PQ5", 32)
