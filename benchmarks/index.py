@@ -259,19 +259,26 @@ def key_choices(data: Dataset, args, exact: np.ndarray) -> list[dict]:
         _, candidates = search_index(index, memory_keys(query_memory, kind), args.candidates, SearchParams(nprobe=32))
         qps = len(candidates) / (time.perf_counter() - started)
         # The trainer's exact re-score of the L candidates on their full memory vectors.
-        best = np.empty((len(candidates), 10), dtype=np.int64)
+        rescored = np.empty(candidates.shape, dtype=np.float32)  # (Q, L) CLaRa's exact score of each candidate
         for start in range(0, len(candidates), 32):  # chunks: (32, L, 4096) float32 is 256 MB
             chunk = candidates[start : start + 32]
-            rescored = np.einsum("qd,qld->ql", exact_queries[start : start + 32], data.keys[chunk])  # (q, L)
-            best[start : start + 32] = np.take_along_axis(chunk, np.argsort(-rescored, axis=1)[:, :10], axis=1)
+            rescored[start : start + 32] = np.einsum("qd,qld->ql", exact_queries[start : start + 32], data.keys[chunk])
+        recall_rescored = {}
+        for num in rescore_sizes(args):  # the index's top-`num` (a prefix of its top-L), re-scored exactly
+            best = np.take_along_axis(candidates[:, :num], np.argsort(-rescored[:, :num], axis=1)[:, :10], axis=1)
+            recall_rescored[num] = recall_at(best, exact)
         out.append({
             "key": kind.value, "factory": factory, "key_dim": keys.shape[1],
             "bytes_per_doc": index_bytes(index) / len(keys), "qps_at_L": qps,
-            "recall_own": recall_at(candidates[:, :10], exact), "recall_rescored": recall_at(best, exact),
+            "recall_own": recall_at(candidates[:, :10], exact), "recall_rescored": recall_rescored,
         })
         log(f"  {out[-1]}")
         del index
     return out
+
+
+def rescore_sizes(args) -> list[int]:
+    return sorted({n for n in (16, 64, args.candidates) if 10 <= n <= args.candidates})
 
 
 def render(args, rows: list[Row], equal: dict, keys: list[dict], wall_s: float, command: str) -> str:
@@ -294,7 +301,7 @@ def render(args, rows: list[Row], equal: dict, keys: list[dict], wall_s: float, 
         flat = next(r for r in rows if r.dataset == row.dataset and r.factory == "Flat" and r.where == row.where)
         lines.append(
             f"| {row.dataset} | {row.factory} | {row.where} | {row.params} | {row.build_s:.1f} | {row.index_mb:.0f} | "
-            f"{row.recall:.3f} | {row.qps:.1f} | {row.qps / flat.qps:.1f} | {row.batch_ms:.1f} |"
+            f"{row.recall:.4f} | {row.qps:.1f} | {row.qps / flat.qps:.1f} | {row.batch_ms:.1f} |"
         )
     lines.append("")
     for dataset, same in equal.items():
@@ -306,7 +313,7 @@ def render(args, rows: list[Row], equal: dict, keys: list[dict], wall_s: float, 
         if good:
             best = max(good, key=lambda r: r.qps)
             lines.append(f"- {dataset}: fastest ANN with recall@10 >= 0.95: {best.factory} ({best.params}), recall "
-                         f"{best.recall:.3f} at {best.qps:.0f} q/s = **{best.qps / flat.qps:.1f}x** Flat ({flat.qps:.1f} q/s)")
+                         f"{best.recall:.4f} at {best.qps:.0f} q/s = **{best.qps / flat.qps:.1f}x** Flat ({flat.qps:.1f} q/s)")
     if keys:
         lines += [
             "",
@@ -314,12 +321,14 @@ def render(args, rows: list[Row], equal: dict, keys: list[dict], wall_s: float, 
              f"L={args.candidates}): recall@10 of CLaRa's exact top-10 in the index's own top-10, and after the "
              "trainer's exact re-score of the L candidates on their full memory vectors."),
             "",
-            "| key | factory | key dims | index bytes/doc | queries/s (k=L) | recall@10 own ranking | recall@10 after re-score |",
-            "|---|---|---|---|---|---|---|",
+            "| key | factory | key dims | index bytes/doc | queries/s (k=L) | recall@10 own ranking | "
+            + " | ".join(f"after re-scoring L={n}" for n in rescore_sizes(args)) + " |",
+            "|---|---|---|---|---|---|" + "---|" * len(rescore_sizes(args)),
         ]
         for k in keys:
+            rescored = " | ".join(f"{k['recall_rescored'][n]:.4f}" for n in rescore_sizes(args))
             lines.append(f"| {k['key']} | {k['factory']} | {k['key_dim']} | {k['bytes_per_doc']:.0f} | {k['qps_at_L']:.1f} | "
-                         f"{k['recall_own']:.3f} | {k['recall_rescored']:.3f} |")
+                         f"{k['recall_own']:.4f} | {rescored} |")
     lines.append(MARK_END)
     return "\n".join(lines) + "\n"
 

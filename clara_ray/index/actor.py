@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -89,7 +89,6 @@ class _Serving:
     actors: list
     first_rows: np.ndarray  # (num_shards,) global row of each shard's row 0
     in_flight: int = 0
-    retired: bool = field(default=False)
 
 
 def merge_shard_results(scores: list[np.ndarray], rows: list[np.ndarray], first_rows, num_candidates: int):
@@ -220,7 +219,6 @@ class IndexServer:
                 old, self._serving = self._serving, fresh
                 # Searches already running on the old actors finish there; new ones go to the fresh actors.
                 self._lock.wait_for(lambda: old.in_flight == 0, timeout=SHARD_START_TIMEOUT_S)
-                old.retired = True
             for actor in old.actors:
                 ray.kill(actor, no_restart=True)
             prune_versions(self.index_root, self.settings.keep_versions)
