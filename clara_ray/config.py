@@ -252,6 +252,9 @@ class Stage3Config(_Section):
     micro_batch_size_per_worker: int = Field(8, gt=0)
     top_k: int = Field(1, ge=1)
     temperature: float = Field(0.02, gt=0)
+    # Anneal the top-k temperature geometrically from this value down to
+    # `temperature` over the run; null keeps it constant (CLaRa).
+    initial_temperature: float | None = Field(0.1, gt=0)
     num_candidates: int = Field(512, gt=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     # The generator's adapter trains alongside the query reasoner (CLaRa); off

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from clara_ray.modeling.checkpoint import load_model, save_model
 from clara_ray.modeling.clara import Objective, Role
+from clara_ray.modeling.topk import annealed_temperature
 from clara_ray.training import engine as ds
 from clara_ray.training.batches import (
     Lengths,
@@ -190,9 +191,9 @@ def stage3_loop(config: dict):
             query_memory, _ = engine.module.encode(Role.QUERY_REASONER, batch["question_ids"], batch["question_mask"])
         found = ray.get(index.search.remote(query_memory.flatten(1).float().cpu().numpy(), config["num_candidates"]))
         candidate_memory = torch.from_numpy(found.memory.astype(np.float32)).to(device)  # (B, L, n, d)
+        temperature = annealed_temperature(step, config["steps"], config["initial_temperature"], config["temperature"])
         out = engine(
-            Objective.JOINT, **batch, candidate_memory=candidate_memory,
-            k=config["top_k"], temperature=config["temperature"],
+            Objective.JOINT, **batch, candidate_memory=candidate_memory, k=config["top_k"], temperature=temperature,
         )
         engine.backward(out["loss"])
         engine.step()
@@ -201,7 +202,7 @@ def stage3_loop(config: dict):
         hits = [found.doc_ids[j, top1[j]] in gold[i] for j, i in enumerate(rows)]
         in_candidates = [any(d in gold[i] for d in found.doc_ids[j]) for j, i in enumerate(rows)]
         values = {"loss": out["loss"].item(), "train_recall_at_1": np.mean(hits),
-                  "gold_in_candidates": np.mean(in_candidates)}
+                  "gold_in_candidates": np.mean(in_candidates), "temperature": temperature}
         reporter.add(step, values, engine.get_lr()[0])
     _finish(engine, tokenizer, manifest, config, rank, reporter.history[-1], trained_backbone=False)
     return reporter.history

@@ -116,6 +116,7 @@ def run_stage3(config: Config, train_qa, stage1_model_dir: Path, index_actor: st
         "train_generator": config.stage3.train_generator,
         "top_k": config.stage3.top_k,
         "temperature": config.stage3.temperature,
+        "initial_temperature": config.stage3.initial_temperature or config.stage3.temperature,
         "num_candidates": config.stage3.num_candidates,
         "index_actor": index_actor,
         "index_namespace": ray.get_runtime_context().namespace,

@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from clara_ray.modeling.topk import retrieval_scores, select_memory, straight_through_topk
+from clara_ray.modeling.topk import (
+    annealed_temperature,
+    retrieval_scores,
+    select_memory,
+    straight_through_topk,
+)
 
 
 def test_forward_is_hard_topk_in_order():
@@ -47,3 +52,14 @@ def test_retrieval_scores_are_cosine_of_flattened_memory():
 def test_rejects_bad_arguments(k, tau):
     with pytest.raises(ValueError):
         straight_through_topk(torch.randn(1, 4), k=k, temperature=tau)
+
+
+def test_annealed_temperature_goes_geometrically_from_initial_to_final():
+    assert annealed_temperature(1, 5, 0.1, 0.02) == pytest.approx(0.1)
+    assert annealed_temperature(5, 5, 0.1, 0.02) == pytest.approx(0.02)
+    assert annealed_temperature(3, 5, 0.1, 0.02) == pytest.approx((0.1 * 0.02) ** 0.5)  # geometric midpoint
+    assert annealed_temperature(2, 3, 0.05, 0.05) == pytest.approx(0.05)  # constant when equal
+    with pytest.raises(ValueError, match="step"):
+        annealed_temperature(0, 5, 0.1, 0.02)
+    with pytest.raises(ValueError, match="temperatures"):
+        annealed_temperature(1, 5, 0.0, 0.02)
