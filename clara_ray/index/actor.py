@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,8 +120,11 @@ class IndexServer:
 
     def _initial_version(self, memory_dir: str | None, step: int) -> Path:
         live = current_version(self.index_root)
+        with warnings.catch_warnings():  # Ray 2.60 warns about its own use of a deprecated property here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
         # After a restart by Ray, serve what was live (a refresh may have replaced the first version).
-        if ray.get_runtime_context().was_current_actor_reconstructed and live is not None:
+        if restarted and live is not None:
             return live
         if memory_dir is None:
             if live is None:

@@ -16,7 +16,11 @@ Compression is the index's business, not the key's: a factory with PQ
 dozen bytes. Whichever key and factory, the index only *proposes* L candidates;
 the trainer re-scores those L exactly on their full memory vectors, so an
 approximate key costs recall of the candidate list, never a wrong score.
-benchmarks/index.py measures the trade-off (BENCHMARKS.md, "Key choices").
+benchmarks/index.py measures the trade-off (BENCHMARKS.md, "Key choices"). On
+100k clustered documents of 8 x 512 memory, re-scoring L=512 candidates found
+the exact top-10 with every key; with L=64 it found 0.47 of it from 186-byte PQ
+keys and 0.53 from the 512-dim pooled key, against 16 KiB per flattened key:
+a cheaper key needs a larger L.
 
 Queries arrive as the query reasoner's flattened memory (B, n_mem * d), the same
 for every key kind; ``query_keys`` turns them into the key the index holds.
