@@ -39,6 +39,7 @@ from clara_ray.encode import EncodeSettings, encode_corpus
 from clara_ray.eval import baselines
 from clara_ray.eval.evaluate import Scores, generate_answers, query_reasoner_rankings, score
 from clara_ray.index.actor import INDEX_ACTOR_NAME, start_index_actor
+from clara_ray.index.versions import IndexSettings
 from clara_ray.memory_shards import read_memory_shards
 from clara_ray.modeling.backbone import build_tiny, load_pretrained, train_tokenizer
 from clara_ray.modeling.checkpoint import load_model, save_model
@@ -221,7 +222,7 @@ def run_pipeline(config: Config, log=print) -> dict:
         raise RuntimeError(f"encoded {encoded.num_encoded} documents, but {len(documents)} were read as valid")
     phase("encode corpus (Ray Data)")
 
-    index = start_index_actor(str(run_dir / "memory"), config.index.factory, num_cpus=0)
+    index = start_index_actor(str(run_dir / "memory"), settings=IndexSettings.from_config(config.index))
     shards = read_memory_shards(run_dir / "memory")
     memory_of = dict(zip(shards.doc_ids, shards.memory))
 
