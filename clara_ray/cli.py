@@ -41,7 +41,9 @@ def start_ray(address: str | None):
         return ray.init(address=address, runtime_env=runtime_env)
     # Logical CPUs above the core count leave room for Ray Data's small tasks and
     # the index actor beside the training workers; the work itself is light.
-    return ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=runtime_env)
+    # The dashboard also serves the State API, which Ray Train's placement-group
+    # cleaner polls about once a second: without it every poll logs a warning.
+    return ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, runtime_env=runtime_env)
 
 
 def _parser() -> argparse.ArgumentParser:
