@@ -181,7 +181,7 @@ class ModelConfig(_Section):
     dtype: DType = DType.FLOAT32
     tiny: TinyModelConfig = TinyModelConfig()
     doc_max_len: int = Field(32, gt=0)
-    compression_rate: int = Field(8, gt=0)
+    compression_rate: int = Field(16, gt=0)
     question_max_len: int = Field(32, gt=0)
     answer_max_len: int = Field(12, gt=0)
     reconstruction_max_len: int = Field(40, gt=0)

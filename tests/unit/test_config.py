@@ -41,7 +41,7 @@ def test_defaults():
     config = load_config(None)
     assert config.model.backbone == "tiny" and config.model.is_tiny
     assert config.model.dtype is DType.FLOAT32
-    assert config.model.num_memory_tokens == 4
+    assert config.model.num_memory_tokens == 2
     assert config.data.on_bad_row is BadRowPolicy.QUARANTINE
     assert config.data.uses_trap_corpus
     assert config.eval.baselines == (Baseline.BM25, Baseline.MINILM)
@@ -165,7 +165,7 @@ def test_unknown_key_in_override():
         (["index.num_shards=0"], "index.num_shards: must be >= 1"),
         (["index.refine_k_factor=0.5"], "index.refine_k_factor: must be >= 1"),
         # the tiny model's key is 4 memory tokens x 256 = 1024 dims: PQ96 does not divide it
-        (["index.factory=IVF64,PQ96"], "index.factory: index.factory='IVF64,PQ96' is not a FAISS index over 1024-dim"),
+        (["index.factory=IVF64,PQ96"], "index.factory: index.factory='IVF64,PQ96' is not a FAISS index over 512-dim"),
         (["index.factory=Bogus"], "index.factory:"),
     ],
 )
