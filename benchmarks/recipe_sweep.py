@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clara_ray.config import ReconstructionOrder  # noqa: E402
+from clara_ray.data.formats import Document  # noqa: E402
 from clara_ray.data.trap import generate_trap_corpus  # noqa: E402
 from clara_ray.eval.baselines import bm25_rankings  # noqa: E402
 from clara_ray.eval.metrics import mean_exact_match  # noqa: E402
@@ -119,8 +120,6 @@ def train_stage1(args, docs: dict[str, str], train, device):
     tokenizer = train_tokenizer(texts, 600)
     backbone = build_tiny(tokenizer, 256, 4, 4, 512, 512, args.seed)
     model = ClaraModel(backbone, args.n_mem, LoraSettings(32, 64, 0.0, LORA_MODULES)).to(device)
-    from clara_ray.data.formats import Document
-
     corpus = [Document(i, t) for i, t in docs.items()]
     examples = stage1_examples(docs, train, bm25_rankings(corpus, [q.question for q in train], 9))
     model.set_trainable([Role.COMPRESSOR, Role.GENERATOR], backbone=True)
