@@ -46,7 +46,7 @@ from clara_ray.config import ReconstructionOrder  # noqa: E402
 from clara_ray.data.formats import Document  # noqa: E402
 from clara_ray.data.trap import generate_trap_corpus  # noqa: E402
 from clara_ray.eval.baselines import bm25_rankings  # noqa: E402
-from clara_ray.eval.metrics import mean_exact_match  # noqa: E402
+from clara_ray.eval.metrics import mean_exact_match, recall_at_k  # noqa: E402
 from clara_ray.modeling.backbone import build_tiny, train_tokenizer  # noqa: E402
 from clara_ray.modeling.checkpoint import load_model  # noqa: E402
 from clara_ray.modeling.clara import ClaraModel, LoraSettings, Objective, Role  # noqa: E402
@@ -188,17 +188,16 @@ class Probe:
     def evaluate(self, qa, with_answers: bool = False) -> dict:
         was_training = self.model.training
         self.model.eval()
-        hits1 = hits5 = 0
-        predictions = []
+        rankings, predictions = [], []
         for start in range(0, len(qa), 128):
             chunk = qa[start : start + 128]
             top = self.search([x.question for x in chunk], 5).tolist()
-            hits1 += sum(self.ids[row[0]] in x.gold_doc_ids for row, x in zip(top, chunk))
-            hits5 += sum(any(self.ids[j] in x.gold_doc_ids for j in row) for row, x in zip(top, chunk))
+            rankings += [[self.ids[j] for j in row] for row in top]
             if with_answers:
                 predictions += self.answers([x.question for x in chunk], self.memory[[row[0] for row in top]])
         self.model.train(was_training)
-        result = {"recall@1": hits1 / len(qa), "recall@5": hits5 / len(qa)}
+        gold = [list(x.gold_doc_ids) for x in qa]
+        result = {"recall@1": recall_at_k(rankings, gold, 1), "recall@5": recall_at_k(rankings, gold, 5)}
         if with_answers:
             result["em"] = mean_exact_match(predictions, [list(x.answers) for x in qa])
         return result
