@@ -164,7 +164,7 @@ def test_unknown_key_in_override():
         (["index.device=gpu"], "index.num_gpus_per_shard: must be > 0 when device is gpu"),
         (["index.num_shards=0"], "index.num_shards: must be >= 1"),
         (["index.refine_k_factor=0.5"], "index.refine_k_factor: must be >= 1"),
-        # the tiny model's key is 4 memory tokens x 256 = 1024 dims: PQ96 does not divide it
+        # the tiny model's key is 2 memory tokens x 256 = 512 dims: PQ96 does not divide it
         (["index.factory=IVF64,PQ96"], "index.factory: index.factory='IVF64,PQ96' is not a FAISS index over 512-dim"),
         (["index.factory=Bogus"], "index.factory:"),
     ],
