@@ -26,6 +26,7 @@ process instead of two ZeRO workers) but follow the same recipe.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -48,7 +49,7 @@ from clara_ray.data.trap import generate_trap_corpus  # noqa: E402
 from clara_ray.eval.baselines import bm25_rankings  # noqa: E402
 from clara_ray.eval.metrics import mean_exact_match, recall_at_k  # noqa: E402
 from clara_ray.modeling.backbone import build_tiny, train_tokenizer  # noqa: E402
-from clara_ray.modeling.checkpoint import load_model  # noqa: E402
+from clara_ray.modeling.checkpoint import load_model, save_model  # noqa: E402
 from clara_ray.modeling.clara import ClaraModel, LoraSettings, Objective, Role  # noqa: E402
 from clara_ray.modeling.text import (  # noqa: E402
     RECONSTRUCTION_PROMPT,
@@ -65,6 +66,7 @@ from clara_ray.training.batches import (  # noqa: E402
     stage1_examples,
     stage3_batch,
 )
+from clara_ray.training.rivals import rival_documents  # noqa: E402
 
 LENGTHS = Lengths(doc=32, question=32, answer=12, reconstruction=40)
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -82,11 +84,20 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s1-batch", type=int, default=32, help="2 workers x 16 in the demo")
     parser.add_argument("--s1-lr", type=float, default=1e-3)
     parser.add_argument("--hard-fraction", type=float, default=0.75)
+    parser.add_argument("--rival-pool", type=int, default=8, help="rivals per training question (0 = none)")
+    parser.add_argument("--rival-until", type=float, default=0.25,
+                        help="rivals join the distractors for this fraction of stage-1 steps only")
+    parser.add_argument("--save-stage1", help="write the stage-1 model directory here")
     parser.add_argument("--s3-seed", type=int, default=0)
     parser.add_argument("--s3-steps", type=int, default=600)
     parser.add_argument("--s3-batch", type=int, default=16, help="2 workers x 8 in the demo")
     parser.add_argument("--s3-lr", type=float, default=5e-4)
     parser.add_argument("--candidates", type=int, default=512, help="L")
+    parser.add_argument("--s3-params", default="all",
+                        help="query-reasoner parameters stage 3 trains: all, memory (memory tokens only), "
+                             "or top:N (memory tokens + LoRA of the last N layers)")
+    parser.add_argument("--s3-anchor", type=float, default=0.0,
+                        help="weight of an L2 pull of the query reasoner's parameters towards their start")
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--t0", type=float, default=0.1, help="initial top-k temperature")
     parser.add_argument("--t1", type=float, default=0.02, help="final top-k temperature")
@@ -121,11 +132,13 @@ def train_stage1(args, docs: dict[str, str], train, device):
     backbone = build_tiny(tokenizer, 256, 4, 4, 512, 512, args.seed)
     model = ClaraModel(backbone, args.n_mem, LoraSettings(32, 64, 0.0, LORA_MODULES)).to(device)
     corpus = [Document(i, t) for i, t in docs.items()]
-    examples = stage1_examples(docs, train, bm25_rankings(corpus, [q.question for q in train], 9))
+    rivals = rival_documents(docs, train, args.rival_pool, args.seed) if args.rival_pool else None
+    examples = stage1_examples(docs, train, bm25_rankings(corpus, [q.question for q in train], 9), rivals)
     model.set_trainable([Role.COMPRESSOR, Role.GENERATOR], backbone=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = make_optimizer(params, args.s1_lr, args.s1_steps)
     answer_pool = sorted({e.answer for e in examples if e.answer is not None})
+    without_rivals = [dataclasses.replace(e, rivals=()) for e in examples]
     rng = random.Random(args.seed * 7919)
     order: list[int] = []
     for step in range(1, args.s1_steps + 1):
@@ -134,8 +147,9 @@ def train_stage1(args, docs: dict[str, str], train, device):
             random.Random(args.seed + step).shuffle(epoch)
             order += epoch
         rows, order = order[: args.s1_batch], order[args.s1_batch :]
+        pool = examples if step <= args.rival_until * args.s1_steps else without_rivals
         batch = stage1_batch(
-            [examples[i] for i in rows], list(docs.values()), 5, args.n_mem, tokenizer, LENGTHS, rng,
+            [pool[i] for i in rows], list(docs.values()), 5, args.n_mem, tokenizer, LENGTHS, rng,
             ReconstructionOrder.REVERSED, 1.0, answer_pool, args.hard_fraction, 1,
         )
         out = model(Objective.COMPRESSOR_PRETRAINING, **{k: v.to(device) for k, v in batch.items()}, mse_weight=0.1)
@@ -147,6 +161,8 @@ def train_stage1(args, docs: dict[str, str], train, device):
         if step % 200 == 0:
             print(f"stage1 step {step} loss {out['loss'].item():.3f}", flush=True)
     model.copy_adapter(Role.COMPRESSOR, Role.QUERY_REASONER)
+    if args.save_stage1:
+        save_model(model, tokenizer, args.save_stage1, "backbone", save_backbone=True)
     return model, tokenizer, out["loss"].item()
 
 
@@ -250,7 +266,17 @@ def train_stage3(args, probe: Probe, train, test, log: dict, device) -> None:
     model = probe.model
     torch.manual_seed(args.s3_seed)
     model.set_trainable([Role.QUERY_REASONER], backbone=False)
+    num_layers = model.lm.get_base_model().config.num_hidden_layers
+    for name, param in model.named_parameters():
+        if not param.requires_grad or name.startswith("memory_tokens.") or args.s3_params == "all":
+            continue
+        top = int(args.s3_params.split(":")[1]) if args.s3_params.startswith("top:") else 0
+        layer = int(re.search(r"layers\.(\d+)\.", name).group(1))
+        param.requires_grad_(layer >= num_layers - top)
+    model._trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    print(f"stage3 trains {sum(p.numel() for p in params)} parameters", flush=True)
     optimizer, schedule = make_optimizer(params, args.s3_lr, args.s3_steps)
     rng = random.Random(args.s3_seed)
     order: list[int] = []
@@ -266,6 +292,8 @@ def train_stage3(args, probe: Probe, train, test, log: dict, device) -> None:
         out = model(Objective.JOINT, **{k: v.to(device) for k, v in batch.items()},
                     candidate_memory=probe.memory[candidates], k=args.top_k, temperature=temperature)
         loss = out["loss"]
+        if args.s3_anchor:
+            loss = loss + args.s3_anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start))
         if args.cloze_batch:
             queries, cloze = cloze_batch(probe, args.cloze_batch, rng)
             found = probe.search(queries, args.candidates)

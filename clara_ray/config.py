@@ -228,6 +228,12 @@ class Stage1Config(_Section):
     # neighbours (the rest are random), out of its `hard_distractor_pool` nearest.
     hard_distractor_fraction: float = Field(0.75, ge=0, le=1)
     hard_distractor_pool: int = Field(8, ge=1)
+    # Rivals (clara_ray/training/rivals.py): gold documents of training questions
+    # that ask the same thing about another subject. Up to `rival_pool` per
+    # question join its hard distractors for the first `rival_steps_fraction` of
+    # the steps (rival_pool 0 = never).
+    rival_pool: int = Field(8, ge=0)
+    rival_steps_fraction: float = Field(0.25, gt=0, le=1)
     # A QA example reads between min_ and max_context_docs documents (drawn per
     # example): single-document examples teach reading memory early on, several
     # teach finding the one that answers.

@@ -17,6 +17,7 @@ import functools
 from collections.abc import Sequence
 
 import bm25s
+import numpy as np
 import torch
 import torch.nn.functional as F
 from bm25s.tokenization import Tokenizer
@@ -42,20 +43,23 @@ def bm25_rankings(
     documents: Sequence[Document], questions: Sequence[str], k: int
 ) -> list[list[str]]:
     _check_k(k, len(documents))
-    if not questions:
-        return []
+    positions, _ = bm25_search([_document_text(d) for d in documents], questions, k)
+    return [[documents[position].id for position in row] for row in positions.tolist()]
+
+
+def bm25_search(texts: Sequence[str], queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions into `texts` of each query's top `k` by BM25, and their scores: (Q, k) each."""
+    _check_k(k, len(texts))
+    if not queries:
+        return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
     tokenizer = Tokenizer(stopwords="en")
-    corpus_ids = tokenizer.tokenize(
-        [_document_text(document) for document in documents], return_as="ids", show_progress=False
-    )
+    corpus_ids = tokenizer.tokenize(list(texts), return_as="ids", show_progress=False)
     retriever = bm25s.BM25()
     retriever.index(corpus_ids, show_progress=False)
     # Words never seen in the corpus map to the empty token, which scores nothing.
-    question_ids = tokenizer.tokenize(
-        list(questions), update_vocab=False, return_as="ids", show_progress=False
-    )
-    positions, _ = retriever.retrieve(question_ids, k=k, show_progress=False)
-    return [[documents[position].id for position in row] for row in positions.tolist()]
+    query_ids = tokenizer.tokenize(list(queries), update_vocab=False, return_as="ids", show_progress=False)
+    positions, scores = retriever.retrieve(query_ids, k=k, show_progress=False)
+    return np.asarray(positions), np.asarray(scores)
 
 
 @functools.lru_cache(maxsize=2)

@@ -19,6 +19,9 @@ Stage 1 (compressor pretraining) mixes two kinds of example:
   training answer swapped in, in document and target alike: the question alone
   no longer determines the answer, so the generator learns to read it from
   memory instead of memorising question -> answer.
+  Rivals (see `clara_ray.training.rivals`: documents stating the asked kind of
+  fact about another subject) can join the hard distractors, so that the
+  generator must tell the subjects apart to find the answering memory.
 Stage 3 batches carry only questions and answers; candidates come from the index.
 """
 
@@ -62,6 +65,7 @@ class Stage1Example:
     question: str | None = None
     answer: str | None = None
     neighbours: tuple[str, ...] = ()  # texts of lexically similar non-gold documents (QA only)
+    rivals: tuple[str, ...] = ()  # texts of documents answering the same ask about other subjects (QA only)
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,10 @@ class Lengths:
 
 
 def stage1_examples(
-    documents: dict[str, str], qa_pairs, neighbours: list[list[str]] | None = None
+    documents: dict[str, str],
+    qa_pairs,
+    neighbours: list[list[str]] | None = None,
+    rivals: list[list[str]] | None = None,
 ) -> list[Stage1Example]:
     """Reconstruction of every document + QA of every training pair with a gold document.
 
@@ -81,6 +88,7 @@ def stage1_examples(
     are skipped (they cannot teach the compressor anything about a document).
     neighbours: per pair, ids of its lexically nearest documents, best first;
     its gold documents are dropped from them.
+    rivals: per pair, ids of its rival documents (`clara_ray.training.rivals`).
     """
     examples = [Stage1Example(text) for text in documents.values()]
     for j, qa in enumerate(qa_pairs):
@@ -89,7 +97,10 @@ def stage1_examples(
             near = () if neighbours is None else tuple(
                 documents[i] for i in neighbours[j] if i in documents and i not in qa.gold_doc_ids
             )
-            examples.append(Stage1Example(gold[0], qa.question, qa.answers[0], near))
+            rival = () if rivals is None else tuple(
+                documents[i] for i in rivals[j] if i in documents and i not in qa.gold_doc_ids
+            )
+            examples.append(Stage1Example(gold[0], qa.question, qa.answers[0], near, rival))
     return examples
 
 
@@ -160,11 +171,11 @@ def _distractors(
     example: Stage1Example, all_documents: list[str], count: int, hard_fraction: float, rng: random.Random
 ) -> list[str]:
     """`count` documents other than the example's: about `hard_fraction` of them
-    drawn from its neighbours, the rest at random."""
+    drawn from its neighbours and rivals, the rest at random."""
     if len(all_documents) <= count:
         raise ValueError(f"need more than {count} documents to draw {count} distractors, got {len(all_documents)}")
-    num_hard = min(len(example.neighbours), round(hard_fraction * count))
-    chosen = rng.sample(example.neighbours, num_hard)
+    hard = list(example.neighbours + example.rivals)
+    chosen = rng.sample(hard, min(len(hard), round(hard_fraction * count)))
     while len(chosen) < count:
         candidate = rng.choice(all_documents)
         if candidate != example.document and candidate not in chosen:

@@ -9,6 +9,7 @@ Rank 0 prints progress lines and returns the metric history.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import tempfile
@@ -143,7 +144,8 @@ def stage1_loop(config: dict):
     rank, world, engine, tokenizer, manifest, lengths = _setup(
         config, [Role.COMPRESSOR, Role.GENERATOR], config["train_backbone"]
     )
-    examples = [Stage1Example(d, q, a, tuple(n)) for d, q, a, n in config["examples"]]
+    examples = [Stage1Example(d, q, a, tuple(n), tuple(r)) for d, q, a, n, r in config["examples"]]
+    without_rivals = [dataclasses.replace(e, rivals=()) for e in examples]
     documents = config["documents"]
     answer_pool = sorted({e.answer for e in examples if e.answer is not None})
     rng = random.Random(config["seed"] * 7919 + rank)
@@ -151,8 +153,9 @@ def stage1_loop(config: dict):
     reporter = _Reporter("stage1", config["steps"], config["report_every"], rank)
     device = engine.device
     for step in range(1, config["steps"] + 1):
+        pool = examples if step <= config["rival_steps"] else without_rivals
         batch = stage1_batch(
-            [examples[i] for i in next(batches)], documents, config["num_context_docs"],
+            [pool[i] for i in next(batches)], documents, config["num_context_docs"],
             engine.module.num_memory_tokens, tokenizer, lengths, rng,
             ReconstructionOrder(config["reconstruction_order"]), config["counterfactual_rate"], answer_pool,
             config["hard_fraction"], config["min_context_docs"],

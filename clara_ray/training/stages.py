@@ -22,6 +22,7 @@ from clara_ray.data.formats import Document
 from clara_ray.eval.baselines import bm25_rankings
 from clara_ray.training.batches import stage1_examples
 from clara_ray.training.loops import stage1_loop, stage3_loop
+from clara_ray.training.rivals import rival_documents
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,10 @@ def run_stage1(config: Config, documents: dict[str, str], train_qa, init_model_d
         corpus = [Document(doc_id, text) for doc_id, text in documents.items()]
         depth = min(len(corpus), config.stage1.hard_distractor_pool + 1)  # +1: the gold one drops out
         neighbours = bm25_rankings(corpus, [qa.question for qa in train_qa], depth)
-    examples = stage1_examples(documents, train_qa, neighbours)
+    rivals = None
+    if config.stage1.rival_pool > 0:
+        rivals = rival_documents(documents, train_qa, config.stage1.rival_pool, config.run.seed)
+    examples = stage1_examples(documents, train_qa, neighbours, rivals)
     loop_config = {
         **_common(config, init_model_dir),
         "steps": config.stage1.steps,
@@ -93,11 +97,12 @@ def run_stage1(config: Config, documents: dict[str, str], train_qa, init_model_d
         "reconstruction_order": config.stage1.reconstruction_order.value,
         "counterfactual_rate": config.stage1.counterfactual_rate,
         "hard_fraction": config.stage1.hard_distractor_fraction,
+        "rival_steps": round(config.stage1.rival_steps_fraction * config.stage1.steps),
         "min_context_docs": config.stage1.min_context_docs,
         "report_every": config.stage1.report_every,
         "train_backbone": config.model.train_backbone_in_stage1,
         "num_context_docs": config.stage1.max_context_docs,
-        "examples": [(e.document, e.question, e.answer, e.neighbours) for e in examples],
+        "examples": [(e.document, e.question, e.answer, e.neighbours, e.rivals) for e in examples],
         "documents": list(documents.values()),
     }
     return _fit(stage1_loop, loop_config, config, run_dir, "stage1")
