@@ -3,6 +3,7 @@
     python benchmarks/recipe_sweep.py one --out r.json --n-mem 2 --seed 1        # one run
     python benchmarks/recipe_sweep.py sweep JOBS --parallel 16 --results DIR      # many runs
     python benchmarks/recipe_sweep.py summary DIR
+    python benchmarks/recipe_sweep.py probe runs/demo/models/stage1              # diagnostics of a demo's model
 
 A run is stage 1 -> encode -> stage 3 -> evaluate with the library's own model,
 batches, objectives and metrics (clara_ray), but without Ray, DeepSpeed or FAISS:
@@ -341,6 +342,18 @@ def run_one(args) -> None:
     Path(args.out).write_text(json.dumps(log))
 
 
+def probe(model_dir: Path) -> None:
+    """Person match and oracle EM of a saved model (e.g. runs/<run>/models/stage1 of
+    a `clara-ray demo`), on the bundled trap corpus with its default settings."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    corpus = generate_trap_corpus(160, 0.5, 0)
+    model, tokenizer, _ = load_model(model_dir)
+    probe = Probe(model.to(device), tokenizer, {d.id: d.text for d in corpus.documents}, device)
+    gold_ids = sorted({x.gold_doc_ids[0] for x in corpus.train_qa + corpus.test_qa})
+    result = {"person_match": probe.person_match(corpus.test_qa, gold_ids), "oracle_em": probe.oracle_em(corpus.test_qa)}
+    print(json.dumps(result))
+
+
 def sweep(jobs_file: Path, parallel: int, results: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
     lines = [line.split() for line in jobs_file.read_text().splitlines() if line.strip() and not line.startswith("#")]
@@ -384,11 +397,15 @@ def main() -> None:
     many.add_argument("--parallel", type=int, default=2)
     many.add_argument("--results", type=Path, required=True)
     commands.add_parser("summary", help="group a results folder").add_argument("results", type=Path)
+    commands.add_parser("probe", help="diagnostics of a model directory trained on the default trap corpus").add_argument(
+        "model_dir", type=Path)
     args = parser.parse_args()
     if args.command == "one":
         run_one(args)
     elif args.command == "sweep":
         sweep(args.jobs, args.parallel, args.results)
+    elif args.command == "probe":
+        probe(args.model_dir)
     else:
         summary(args.results)
 
