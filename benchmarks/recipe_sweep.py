@@ -267,16 +267,17 @@ def train_stage3(args, probe: Probe, train, test, log: dict, device) -> None:
     model = probe.model
     torch.manual_seed(args.s3_seed)
     model.set_trainable([Role.QUERY_REASONER], backbone=False)
-    num_layers = model.lm.get_base_model().config.num_hidden_layers
-    for name, param in model.named_parameters():
-        if not param.requires_grad or name.startswith("memory_tokens.") or args.s3_params == "all":
-            continue
+    if args.s3_params != "all":
+        num_layers = model.lm.get_base_model().config.num_hidden_layers
         top = int(args.s3_params.split(":")[1]) if args.s3_params.startswith("top:") else 0
-        layer = int(re.search(r"layers\.(\d+)\.", name).group(1))
-        param.requires_grad_(layer >= num_layers - top)
-    model._trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+        for name, param in model.named_parameters():
+            if param.requires_grad and not name.startswith("memory_tokens."):
+                layer = int(re.search(r"layers\.(\d+)\.", name).group(1))
+                param.requires_grad_(layer >= num_layers - top)
+        # ClaraModel.use() re-applies its trainable map on every role switch: keep it in step.
+        model._trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
-    start = [p.detach().clone() for p in params]
+    start = [p.detach().clone() for p in params] if args.s3_anchor else []
     print(f"stage3 trains {sum(p.numel() for p in params)} parameters", flush=True)
     optimizer, schedule = make_optimizer(params, args.s3_lr, args.s3_steps)
     rng = random.Random(args.s3_seed)
@@ -348,9 +349,10 @@ def probe(model_dir: Path) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     corpus = generate_trap_corpus(160, 0.5, 0)
     model, tokenizer, _ = load_model(model_dir)
-    probe = Probe(model.to(device), tokenizer, {d.id: d.text for d in corpus.documents}, device)
+    diagnostics = Probe(model.to(device), tokenizer, {d.id: d.text for d in corpus.documents}, device)
     gold_ids = sorted({x.gold_doc_ids[0] for x in corpus.train_qa + corpus.test_qa})
-    result = {"person_match": probe.person_match(corpus.test_qa, gold_ids), "oracle_em": probe.oracle_em(corpus.test_qa)}
+    result = {"person_match": diagnostics.person_match(corpus.test_qa, gold_ids),
+              "oracle_em": diagnostics.oracle_em(corpus.test_qa)}
     print(json.dumps(result))
 
 
