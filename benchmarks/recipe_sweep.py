@@ -67,6 +67,7 @@ from clara_ray.training.batches import (  # noqa: E402
     stage1_examples,
     stage3_batch,
 )
+from clara_ray.training.engine import parameter_groups  # noqa: E402
 from clara_ray.training.rivals import rival_documents  # noqa: E402
 
 LENGTHS = Lengths(doc=32, question=32, answer=12, reconstruction=40)
@@ -99,6 +100,8 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
                              "or top:N (memory tokens + LoRA of the last N layers)")
     parser.add_argument("--s3-anchor", type=float, default=0.0,
                         help="weight of an L2 pull of the query reasoner's parameters towards their start")
+    parser.add_argument("--s3-gain-lr", type=float, default=0.0,
+                        help="learning rate of the query reasoner's retrieval gains (0: they stay at 1)")
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--t0", type=float, default=0.1, help="initial top-k temperature")
     parser.add_argument("--t1", type=float, default=0.02, help="final top-k temperature")
@@ -118,6 +121,7 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 
 def make_optimizer(params, learning_rate: float, total_steps: int):
+    """`params`: parameters or optimizer groups (see clara_ray.training.engine.parameter_groups)."""
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, total_steps, int(0.05 * total_steps))
@@ -271,7 +275,7 @@ def train_stage3(args, probe: Probe, train, test, log: dict, device) -> None:
         num_layers = model.lm.get_base_model().config.num_hidden_layers
         top = int(args.s3_params.split(":")[1]) if args.s3_params.startswith("top:") else 0
         for name, param in model.named_parameters():
-            if param.requires_grad and not name.startswith("memory_tokens."):
+            if param.requires_grad and not name.startswith(("memory_tokens.", "retrieval_gain.")):
                 layer = int(re.search(r"layers\.(\d+)\.", name).group(1))
                 param.requires_grad_(layer >= num_layers - top)
         # ClaraModel.use() re-applies its trainable map on every role switch: keep it in step.
@@ -279,7 +283,8 @@ def train_stage3(args, probe: Probe, train, test, log: dict, device) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params] if args.s3_anchor else []
     print(f"stage3 trains {sum(p.numel() for p in params)} parameters", flush=True)
-    optimizer, schedule = make_optimizer(params, args.s3_lr, args.s3_steps)
+    groups = parameter_groups(model, args.s3_gain_lr) if args.s3_gain_lr else params
+    optimizer, schedule = make_optimizer(groups, args.s3_lr, args.s3_steps)
     rng = random.Random(args.s3_seed)
     order: list[int] = []
     model.train()
@@ -308,7 +313,8 @@ def train_stage3(args, probe: Probe, train, test, log: dict, device) -> None:
         schedule.step()
         if step % args.eval_every == 0 or step == args.s3_steps:
             point = {"step": step, "loss": out["loss"].item(), "test_recall@1": probe.evaluate(test)["recall@1"],
-                     "train_recall@1": probe.evaluate(train[::3])["recall@1"]}
+                     "train_recall@1": probe.evaluate(train[::3])["recall@1"],
+                     "gains": [round(g, 3) for g in model.retrieval_gain[Role.QUERY_REASONER.value].weight.exp().flatten().tolist()]}
             log["curve"].append(point)
             Path(args.out).write_text(json.dumps(log))  # a run cut short still leaves its curve
             print(f"stage3 {point}", flush=True)

@@ -215,7 +215,7 @@ class ModelConfig(_Section):
 class Stage1Config(_Section):
     """Compressor pretraining: QA + paraphrase from memory tokens, plus MSE alignment."""
 
-    steps: int = Field(800, gt=0)
+    steps: int = Field(1000, gt=0)
     learning_rate: float = Field(1.0e-3, gt=0)
     micro_batch_size_per_worker: int = Field(16, gt=0)
     mse_weight: float = Field(0.1, ge=0)
@@ -255,13 +255,16 @@ class Stage3Config(_Section):
 
     steps: int = Field(600, gt=0)
     learning_rate: float = Field(5.0e-4, gt=0)
-    micro_batch_size_per_worker: int = Field(8, gt=0)
+    micro_batch_size_per_worker: int = Field(16, gt=0)
     top_k: int = Field(1, ge=1)
     temperature: float = Field(0.02, gt=0)
     # Anneal the top-k temperature geometrically from this value down to
     # `temperature` over the run; null keeps it constant (CLaRa).
     initial_temperature: float | None = Field(0.1, gt=0)
-    num_candidates: int = Field(512, gt=0)
+    num_candidates: int = Field(64, gt=0)
+    # Learning rate of the query reasoner's per-memory-slot retrieval gains
+    # (ClaraModel.retrieval_gain, log scale, start 0 = gain 1); 0 keeps CLaRa's plain cosine.
+    retrieval_gain_learning_rate: float = Field(1.0e-2, ge=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     # The generator's adapter trains alongside the query reasoner (CLaRa); off
     # leaves the stage-1 generator as it is, so only retrieval can lower the loss.

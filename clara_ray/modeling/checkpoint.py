@@ -7,6 +7,7 @@ Layout of a model directory:
                             was built here or trained (tiny preset); a frozen
                             pretrained base is referenced by path / hub id instead
     adapters.safetensors    LoRA weights of the three roles + memory-token embeddings
+                            + the query reasoner's retrieval gains
 
 The fingerprint is a hash of the compressor's weights (base + compressor
 adapter + memory tokens): memory shards record it, so shards encoded by another
@@ -34,7 +35,7 @@ def _state(model: ClaraModel, names) -> dict[str, torch.Tensor]:
 
 
 def adapter_names(model: ClaraModel) -> set[str]:
-    return {n for n, _ in model.named_parameters() if "lora_" in n or n.startswith("memory_tokens.")}
+    return {n for n, _ in model.named_parameters() if "lora_" in n or n.startswith(("memory_tokens.", "retrieval_gain."))}
 
 
 def compressor_fingerprint(model: ClaraModel, backbone_ref: str | None = None) -> str:
@@ -104,7 +105,8 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32):
     )
     model = ClaraModel(backbone, manifest["num_memory_tokens"], lora)
     adapters = load_file(str(directory / ADAPTERS))
-    missing = adapter_names(model) - set(adapters)
+    # Retrieval gains came later: a model directory without them loads with gain 1.
+    missing = {n for n in adapter_names(model) - set(adapters) if not n.startswith("retrieval_gain.")}
     if missing:
         raise ValueError(f"{directory / ADAPTERS} lacks {len(missing)} adapter tensors, e.g. {sorted(missing)[:3]}")
     model.load_state_dict(adapters, strict=False)

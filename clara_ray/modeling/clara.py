@@ -75,6 +75,14 @@ class ClaraModel(nn.Module):
         std = backbone.get_input_embeddings().weight.detach().float().std().item()
         for embedding in self.memory_tokens.values():
             nn.init.normal_(embedding.weight, std=std)
+        # The query reasoner's per-slot retrieval gains, on a log scale (0 = gain 1 =
+        # CLaRa's plain cosine). The base model's final norm gives every memory vector
+        # about the same norm, so without them each slot weighs the same in the
+        # flattened cosine and the query reasoner cannot lean on the slot that holds
+        # the document's subject; see `encode`.
+        self.retrieval_gain = nn.ModuleDict({Role.QUERY_REASONER.value: nn.Embedding(num_memory_tokens, 1)})
+        for embedding in self.retrieval_gain.values():
+            nn.init.zeros_(embedding.weight)
         self._trainable: dict[str, bool] = {}
         self.set_trainable(roles=(), backbone=False)
 
@@ -92,15 +100,20 @@ class ClaraModel(nn.Module):
     def role_parameters(self, role: Role) -> dict[str, nn.Parameter]:
         tag = f".{role.value}."
         params = {n: p for n, p in self.named_parameters() if tag in n and "lora_" in n}
-        if role.value in self.memory_tokens:
-            params.update({f"memory_tokens.{role.value}.{n}": p for n, p in self.memory_tokens[role.value].named_parameters()})
+        for group in ("memory_tokens", "retrieval_gain"):
+            modules = getattr(self, group)
+            if role.value in modules:
+                params.update({f"{group}.{role.value}.{n}": p for n, p in modules[role.value].named_parameters()})
         return params
+
+    def retrieval_gain_parameters(self) -> dict[str, nn.Parameter]:
+        return {f"retrieval_gain.{n}": p for n, p in self.retrieval_gain.named_parameters()}
 
     def backbone_parameters(self) -> dict[str, nn.Parameter]:
         return {
             n: p
             for n, p in self.named_parameters()
-            if "lora_" not in n and not n.startswith("memory_tokens.")
+            if "lora_" not in n and not n.startswith(("memory_tokens.", "retrieval_gain."))
         }
 
     def set_trainable(self, roles, backbone: bool) -> None:
@@ -133,12 +146,14 @@ class ClaraModel(nn.Module):
         self.lm.base_model.merge_adapter([role.value])
 
     def copy_adapter(self, source: Role, target: Role) -> None:
-        """Initialise `target`'s adapter (and memory tokens) from `source`'s."""
+        """Initialise `target`'s adapter (and memory tokens) from `source`'s; parameters
+        `source` lacks (the query reasoner's retrieval gains) start afresh at 0."""
         source_params = self.role_parameters(source)
         target_params = self.role_parameters(target)
         with torch.no_grad():
             for name, param in target_params.items():
-                param.copy_(source_params[name.replace(target.value, source.value)])
+                counterpart = source_params.get(name.replace(target.value, source.value))
+                param.copy_(counterpart) if counterpart is not None else param.zero_()
 
     # --- the three computations ---------------------------------------------
 
@@ -160,7 +175,11 @@ class ClaraModel(nn.Module):
         hidden = self.decoder(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask)
         ).last_hidden_state  # (B, T + n_mem, d)
-        return hidden[:, -self.num_memory_tokens :], hidden[:, : -self.num_memory_tokens]
+        memory = hidden[:, -self.num_memory_tokens :]
+        if role.value in self.retrieval_gain:
+            gain = self.retrieval_gain[role.value](slots).exp()  # (n_mem, 1)
+            memory = memory * gain.unsqueeze(0).to(memory.dtype)
+        return memory, hidden[:, : -self.num_memory_tokens]
 
     def _generator_embeddings(self, memory, prompt_ids, prompt_mask, memory_mask=None):
         """[memory | prompt] embeddings and mask. memory: (B, M, d); memory_mask: (B, M) or None."""

@@ -27,15 +27,26 @@ def deepspeed_config(
     }
 
 
-def initialize(model, config: dict, use_gpu: bool):
+def parameter_groups(model, gain_learning_rate: float | None = None) -> list[dict]:
+    """Trainable parameters as optimizer groups: the query reasoner's retrieval gains
+    (one scalar per memory slot) get their own learning rate when one is given
+    (0 keeps them where they are); the scheduler scales every group's rate alike."""
+    gains = set() if gain_learning_rate is None else {id(p) for p in model.retrieval_gain_parameters().values()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in gains]}]
+    if any(id(p) in gains for p in trainable):
+        groups.append({"params": [p for p in trainable if id(p) in gains], "lr": gain_learning_rate})
+    return groups
+
+
+def initialize(model, config: dict, use_gpu: bool, gain_learning_rate: float | None = None):
     """Wrap `model` in a DeepSpeed engine on the process group Ray Train made."""
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameters, config=config)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, gain_learning_rate), config=config)
     return engine
 
 

@@ -100,7 +100,7 @@ def _quiet_report_logging() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def _setup(config: dict, trainable: list[Role], train_backbone: bool):
+def _setup(config: dict, trainable: list[Role], train_backbone: bool, gain_learning_rate: float | None = None):
     _quiet_report_logging()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -119,7 +119,7 @@ def _setup(config: dict, trainable: list[Role], train_backbone: bool):
         gradient_clipping=config["gradient_clipping"],
         bf16=config["dtype"] == "bfloat16",
     )
-    engine = ds.initialize(model, ds_config, use_gpu)
+    engine = ds.initialize(model, ds_config, use_gpu, gain_learning_rate)
     lengths = Lengths(**config["lengths"])
     return rank, world, engine, tokenizer, manifest, lengths
 
@@ -178,7 +178,9 @@ def stage3_loop(config: dict):
     """Joint training: query reasoner (+ generator) through the differentiable top-k,
     candidates drawn from the index actor; compressor and base frozen."""
     trainable = [Role.QUERY_REASONER] + ([Role.GENERATOR] if config["train_generator"] else [])
-    rank, world, engine, tokenizer, manifest, lengths = _setup(config, trainable, train_backbone=False)
+    rank, world, engine, tokenizer, manifest, lengths = _setup(
+        config, trainable, train_backbone=False, gain_learning_rate=config["retrieval_gain_learning_rate"]
+    )
     index = ray.get_actor(config["index_actor"], namespace=config["index_namespace"])
     questions, answers, gold = config["questions"], config["answers"], config["gold_doc_ids"]
     batches = _epoch_slices(len(questions), config["micro_batch_size"], rank, world, config["seed"])
@@ -206,6 +208,8 @@ def stage3_loop(config: dict):
         in_candidates = [any(d in gold[i] for d in found.doc_ids[j]) for j, i in enumerate(rows)]
         values = {"loss": out["loss"].item(), "train_recall_at_1": np.mean(hits),
                   "gold_in_candidates": np.mean(in_candidates), "temperature": temperature}
+        gains = engine.module.retrieval_gain[Role.QUERY_REASONER.value].weight.detach().exp().flatten().tolist()
+        values.update({f"retrieval_gain_{slot}": gain for slot, gain in enumerate(gains)})
         reporter.add(step, values, engine.get_lr()[0])
     _finish(engine, tokenizer, manifest, config, rank, reporter.history[-1], trained_backbone=False)
     return reporter.history

@@ -31,6 +31,22 @@ def test_roles_differ_and_copy_adapter_makes_them_equal():
     assert torch.allclose(compressor, _encode(model, tokenizer, Role.QUERY_REASONER, TEXTS[:2]), atol=1e-6)
 
 
+def test_retrieval_gains_scale_query_slots_only_and_restart_on_copy():
+    model, tokenizer = make_model(num_memory_tokens=2)
+    model.eval()
+    with torch.no_grad():
+        plain = _encode(model, tokenizer, Role.QUERY_REASONER, TEXTS[:2])
+        compressor = _encode(model, tokenizer, Role.COMPRESSOR, TEXTS[:2])
+        model.retrieval_gain["query_reasoner"].weight.copy_(torch.tensor([[0.0], [2.0]]).log())
+        scaled = _encode(model, tokenizer, Role.QUERY_REASONER, TEXTS[:2])
+        assert torch.allclose(scaled[:, 0], 0 * plain[:, 0]) and torch.allclose(scaled[:, 1], 2 * plain[:, 1])
+        assert torch.equal(compressor, _encode(model, tokenizer, Role.COMPRESSOR, TEXTS[:2]))
+        model.copy_adapter(Role.COMPRESSOR, Role.QUERY_REASONER)  # stage 3's start: plain cosine again
+        assert torch.equal(model.retrieval_gain["query_reasoner"].weight, torch.zeros(2, 1))
+    assert "retrieval_gain.query_reasoner.weight" in model.role_parameters(Role.QUERY_REASONER)
+    assert not any(n.startswith("retrieval_gain") for n in model.backbone_parameters())
+
+
 def test_merged_compressor_encodes_the_same_and_other_roles_still_work():
     model, tokenizer = make_model()
     model.eval()
@@ -114,9 +130,36 @@ def test_joint_gradient_reaches_query_reasoner_not_frozen_compressor():
 def test_save_load_round_trip(tmp_path):
     model, tokenizer = make_model()
     model.eval()
+    with torch.no_grad():
+        model.retrieval_gain["query_reasoner"].weight.normal_()
     save_model(model, tokenizer, tmp_path / "m", backbone_ref="tiny", save_backbone=True)
     loaded, loaded_tokenizer, manifest = load_model(tmp_path / "m")
     loaded.eval()
     assert manifest["compressor_fingerprint"] == compressor_fingerprint(model) == compressor_fingerprint(loaded)
     for role in (Role.COMPRESSOR, Role.QUERY_REASONER):
         assert torch.allclose(_encode(model, tokenizer, role, TEXTS), _encode(loaded, loaded_tokenizer, role, TEXTS))
+
+
+def test_model_saved_without_retrieval_gains_loads_with_gain_one(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, tokenizer = make_model()
+    directory = save_model(model, tokenizer, tmp_path / "m", backbone_ref="tiny", save_backbone=True)
+    adapters = load_file(str(directory / "adapters.safetensors"))
+    save_file({n: t for n, t in adapters.items() if not n.startswith("retrieval_gain.")}, str(directory / "adapters.safetensors"))
+    loaded, _, _ = load_model(directory)
+    assert torch.equal(loaded.retrieval_gain["query_reasoner"].weight, torch.zeros(2, 1))
+
+
+def test_parameter_groups_give_retrieval_gains_their_own_rate():
+    from clara_ray.training.engine import parameter_groups
+
+    model, _ = make_model()
+    model.set_trainable([Role.QUERY_REASONER], backbone=False)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    gain = model.retrieval_gain["query_reasoner"].weight
+    rest, gains = parameter_groups(model, 0.05)
+    assert gains == {"params": [gain], "lr": 0.05}
+    assert {id(p) for p in rest["params"]} == trainable - {id(gain)}
+    (single,) = parameter_groups(model, None)
+    assert {id(p) for p in single["params"]} == trainable
