@@ -264,7 +264,7 @@ class Stage3Config(_Section):
     num_candidates: int = Field(64, gt=0)
     # Learning rate of the query reasoner's per-memory-slot retrieval gains
     # (ClaraModel.retrieval_gain, log scale, start 0 = gain 1); 0 keeps CLaRa's plain cosine.
-    retrieval_gain_learning_rate: float = Field(1.0e-2, ge=0)
+    retrieval_gain_learning_rate: float = Field(0.0, ge=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     # The generator's adapter trains alongside the query reasoner (CLaRa); off
     # leaves the stage-1 generator as it is, so only retrieval can lower the loss.
