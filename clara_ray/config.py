@@ -265,6 +265,8 @@ class Stage3Config(_Section):
     # Learning rate of the query reasoner's per-memory-slot retrieval gains
     # (ClaraModel.retrieval_gain, log scale, start 0 = gain 1); 0 keeps CLaRa's plain cosine.
     retrieval_gain_learning_rate: float = Field(0.0, ge=0)
+    # The gains stay at 1 for this fraction of the steps (while retrieval takes off).
+    retrieval_gain_start_fraction: float = Field(0.5, ge=0, lt=1)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     # The generator's adapter trains alongside the query reasoner (CLaRa); off
     # leaves the stage-1 generator as it is, so only retrieval can lower the loss.

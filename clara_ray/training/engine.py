@@ -39,6 +39,13 @@ def parameter_groups(model, gain_learning_rate: float | None = None) -> list[dic
     return groups
 
 
+def hold_last_group(engine) -> None:
+    """Learning rate 0 for the last optimizer group (the retrieval gains, see
+    `parameter_groups`) in the coming step; DeepSpeed's scheduler sets every group's
+    rate again after each step, so call it before each step to hold."""
+    engine.optimizer.param_groups[-1]["lr"] = 0.0
+
+
 def initialize(model, config: dict, use_gpu: bool, gain_learning_rate: float | None = None):
     """Wrap `model` in a DeepSpeed engine on the process group Ray Train made."""
     if not use_gpu:

@@ -185,6 +185,8 @@ def stage3_loop(config: dict):
     questions, answers, gold = config["questions"], config["answers"], config["gold_doc_ids"]
     batches = _epoch_slices(len(questions), config["micro_batch_size"], rank, world, config["seed"])
     reporter = _Reporter("stage3", config["steps"], config["report_every"], rank)
+    gains_trained = config["retrieval_gain_learning_rate"] > 0
+    hold_gains_until = round(config["retrieval_gain_start_fraction"] * config["steps"])
     device = engine.device
     for step in range(1, config["steps"] + 1):
         rows = next(batches)
@@ -201,6 +203,8 @@ def stage3_loop(config: dict):
             Objective.JOINT, **batch, candidate_memory=candidate_memory, k=config["top_k"], temperature=temperature,
         )
         engine.backward(out["loss"])
+        if gains_trained and step <= hold_gains_until:
+            ds.hold_last_group(engine)
         engine.step()
         # Logged only (gold labels never reach the loss): is the exact top-1 a gold document?
         top1 = out["scores"].argmax(-1).cpu().numpy()
