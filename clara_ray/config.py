@@ -264,7 +264,7 @@ class Stage3Config(_Section):
     num_candidates: int = Field(64, gt=0)
     # Learning rate of the query reasoner's per-memory-slot retrieval gains
     # (ClaraModel.retrieval_gain, log scale, start 0 = gain 1); 0 keeps CLaRa's plain cosine.
-    retrieval_gain_learning_rate: float = Field(0.0, ge=0)
+    retrieval_gain_learning_rate: float = Field(1.0e-2, ge=0)
     # The gains stay at 1 for this fraction of the steps (while retrieval takes off).
     retrieval_gain_start_fraction: float = Field(0.5, ge=0, lt=1)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
