@@ -101,7 +101,8 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s3-anchor", type=float, default=0.0,
                         help="weight of an L2 pull of the query reasoner's parameters towards their start")
     parser.add_argument("--s3-gain-lr", type=float, default=0.0,
-                        help="learning rate of the query reasoner's retrieval gains (0: they stay at 1)")
+                        help="learning rate of the query reasoner's retrieval gains, from the first step "
+                             "(0: they stay at 1; the demo holds them for stage3.retrieval_gain_start_fraction)")
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--t0", type=float, default=0.1, help="initial top-k temperature")
     parser.add_argument("--t1", type=float, default=0.02, help="final top-k temperature")
@@ -283,8 +284,7 @@ def train_stage3(args, probe: Probe, train, test, log: dict, device) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params] if args.s3_anchor else []
     print(f"stage3 trains {sum(p.numel() for p in params)} parameters", flush=True)
-    groups = parameter_groups(model, args.s3_gain_lr) if args.s3_gain_lr else params
-    optimizer, schedule = make_optimizer(groups, args.s3_lr, args.s3_steps)
+    optimizer, schedule = make_optimizer(parameter_groups(model, args.s3_gain_lr), args.s3_lr, args.s3_steps)
     rng = random.Random(args.s3_seed)
     order: list[int] = []
     model.train()
