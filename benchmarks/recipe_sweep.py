@@ -100,9 +100,13 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
                              "or top:N (memory tokens + LoRA of the last N layers)")
     parser.add_argument("--s3-anchor", type=float, default=0.0,
                         help="weight of an L2 pull of the query reasoner's parameters towards their start")
+    parser.add_argument("--s3-anchor-start", type=float, default=0.0,
+                        help="the L2 pull starts after this fraction of the stage-3 steps")
     parser.add_argument("--s3-gain-lr", type=float, default=0.0,
-                        help="learning rate of the query reasoner's retrieval gains, from the first step "
-                             "(0: they stay at 1; the demo holds them for stage3.retrieval_gain_start_fraction)")
+                        help="learning rate of the query reasoner's retrieval gains (0: they stay at 1)")
+    parser.add_argument("--s3-gain-start", type=float, default=0.0,
+                        help="gains held at 1 for this fraction of the stage-3 steps "
+                             "(the demo's stage3.retrieval_gain_start_fraction)")
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--t0", type=float, default=0.1, help="initial top-k temperature")
     parser.add_argument("--t1", type=float, default=0.02, help="final top-k temperature")
@@ -299,7 +303,7 @@ def train_stage3(args, probe: Probe, train, test, log: dict, device) -> None:
         out = model(Objective.JOINT, **{k: v.to(device) for k, v in batch.items()},
                     candidate_memory=probe.memory[candidates], k=args.top_k, temperature=temperature)
         loss = out["loss"]
-        if args.s3_anchor:
+        if args.s3_anchor and step > round(args.s3_anchor_start * args.s3_steps):
             loss = loss + args.s3_anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start))
         if args.cloze_batch:
             queries, cloze = cloze_batch(probe, args.cloze_batch, rng)
@@ -309,6 +313,8 @@ def train_stage3(args, probe: Probe, train, test, log: dict, device) -> None:
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if args.s3_gain_lr > 0 and step <= round(args.s3_gain_start * args.s3_steps):
+            optimizer.param_groups[-1]["lr"] = 0.0  # the schedule sets it again after the step
         optimizer.step()
         schedule.step()
         if step % args.eval_every == 0 or step == args.s3_steps:

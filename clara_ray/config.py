@@ -264,9 +264,18 @@ class Stage3Config(_Section):
     num_candidates: int = Field(64, gt=0)
     # Learning rate of the query reasoner's per-memory-slot retrieval gains
     # (ClaraModel.retrieval_gain, log scale, start 0 = gain 1); 0 keeps CLaRa's plain cosine.
-    retrieval_gain_learning_rate: float = Field(1.0e-2, ge=0)
+    retrieval_gain_learning_rate: float = Field(0.1, ge=0)
     # The gains stay at 1 for this fraction of the steps (while retrieval takes off).
     retrieval_gain_start_fraction: float = Field(0.5, ge=0, lt=1)
+    # Weight of an L2 pull of the query reasoner's trainable parameters back to where
+    # stage 3 started them (the stage-1 compressor, which encodes every name in the
+    # corpus), so what training questions teach it does not overwrite how it encodes
+    # names it never saw in a question. 0 = off (CLaRa). Needs whole parameters on
+    # every worker: train.zero_stage 0-2.
+    anchor_weight: float = Field(3.0e-3, ge=0)
+    # The pull starts after this fraction of the steps: from the first step it slows
+    # the take-off of retrieval.
+    anchor_start_fraction: float = Field(0.5, ge=0, lt=1)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     # The generator's adapter trains alongside the query reasoner (CLaRa); off
     # leaves the stage-1 generator as it is, so only retrieval can lower the loss.
@@ -377,6 +386,16 @@ class Config(_Section):
     index: IndexConfig = IndexConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _anchor_needs_whole_parameters(self) -> Config:
+        if self.stage3.anchor_weight > 0 and self.train.zero_stage == 3:
+            raise _FieldError(
+                "stage3.anchor_weight",
+                "needs train.zero_stage 0, 1 or 2 (ZeRO-3 shards the parameters it pulls); "
+                "set it to 0 or lower the ZeRO stage",
+            )
+        return self
 
     @model_validator(mode="after")
     def _index_factory_fits_tiny_keys(self) -> Config:

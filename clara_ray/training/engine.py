@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 
+import torch
+
 
 def deepspeed_config(
     micro_batch_size: int, learning_rate: float, total_steps: int, warmup_steps: int,
@@ -44,6 +46,25 @@ def hold_last_group(engine) -> None:
     `parameter_groups`) in the coming step; DeepSpeed's scheduler sets every group's
     rate again after each step, so call it before each step to hold."""
     engine.optimizer.param_groups[-1]["lr"] = 0.0
+
+
+class ParameterAnchor:
+    """Squared L2 distance of a ClaraModel's trainable parameters, the retrieval gains
+    excepted (they have their own rate and are meant to move), from their values when
+    this was made; stage 3's `anchor_weight` multiplies it into the loss. Always 0
+    for weight 0, with nothing copied. Needs whole parameters on this rank: ZeRO 0-2
+    (the config rejects ZeRO-3 with an anchor)."""
+
+    def __init__(self, model, weight: float):
+        gains = {id(p) for p in model.retrieval_gain_parameters().values()}
+        self.params = [p for p in model.parameters() if p.requires_grad and id(p) not in gains] if weight > 0 else []
+        self.start = [p.detach().clone() for p in self.params]
+
+    def penalty(self) -> torch.Tensor:
+        total = torch.zeros((), device=self.params[0].device if self.params else None)
+        for param, start in zip(self.params, self.start):
+            total = total + (param.float() - start.float()).pow(2).sum()
+        return total
 
 
 def initialize(model, config: dict, use_gpu: bool, gain_learning_rate: float | None = None):

@@ -187,6 +187,8 @@ def stage3_loop(config: dict):
     reporter = _Reporter("stage3", config["steps"], config["report_every"], rank)
     gains_trained = config["retrieval_gain_learning_rate"] > 0
     hold_gains_until = round(config["retrieval_gain_start_fraction"] * config["steps"])
+    anchor = ds.ParameterAnchor(engine.module, config["anchor_weight"])
+    anchor_from = round(config["anchor_start_fraction"] * config["steps"])
     device = engine.device
     for step in range(1, config["steps"] + 1):
         rows = next(batches)
@@ -202,7 +204,9 @@ def stage3_loop(config: dict):
         out = engine(
             Objective.JOINT, **batch, candidate_memory=candidate_memory, k=config["top_k"], temperature=temperature,
         )
-        engine.backward(out["loss"])
+        penalty = anchor.penalty()
+        anchored = step > anchor_from
+        engine.backward(out["loss"] + config["anchor_weight"] * penalty if anchored else out["loss"])
         if gains_trained and step <= hold_gains_until:
             ds.hold_last_group(engine)
         engine.step()
@@ -212,6 +216,8 @@ def stage3_loop(config: dict):
         in_candidates = [any(d in gold[i] for d in found.doc_ids[j]) for j, i in enumerate(rows)]
         values = {"loss": out["loss"].item(), "train_recall_at_1": np.mean(hits),
                   "gold_in_candidates": np.mean(in_candidates), "temperature": temperature}
+        if anchor.params:
+            values["anchor_distance"] = penalty.detach().sqrt().item()
         gains = engine.module.retrieval_gain[Role.QUERY_REASONER.value].weight.detach().exp().flatten().tolist()
         values.update({f"retrieval_gain_{slot}": gain for slot, gain in enumerate(gains)})
         reporter.add(step, values, engine.get_lr()[0])

@@ -125,6 +125,8 @@ def run_stage3(config: Config, train_qa, stage1_model_dir: Path, index_actor: st
         "num_candidates": config.stage3.num_candidates,
         "retrieval_gain_learning_rate": config.stage3.retrieval_gain_learning_rate,
         "retrieval_gain_start_fraction": config.stage3.retrieval_gain_start_fraction,
+        "anchor_weight": config.stage3.anchor_weight,
+        "anchor_start_fraction": config.stage3.anchor_start_fraction,
         "index_actor": index_actor,
         "index_namespace": ray.get_runtime_context().namespace,
         "questions": [qa.question for qa in train_qa],

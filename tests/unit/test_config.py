@@ -167,6 +167,7 @@ def test_unknown_key_in_override():
         # the tiny model's key is 2 memory tokens x 256 = 512 dims: PQ96 does not divide it
         (["index.factory=IVF64,PQ96"], "index.factory: index.factory='IVF64,PQ96' is not a FAISS index over 512-dim"),
         (["index.factory=Bogus"], "index.factory:"),
+        (["train.zero_stage=3"], "stage3.anchor_weight: needs train.zero_stage 0, 1 or 2"),
     ],
 )
 def test_invalid_values(overrides, expected):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from clara_ray.modeling.checkpoint import compressor_fingerprint, load_model, save_model
@@ -188,3 +189,27 @@ def test_held_gain_group_does_not_move_while_the_rest_trains():
         optimizer.step()
         assert not torch.equal(lora, lora_before)
         assert torch.equal(gain, before) == held
+
+
+def test_parameter_anchor_pulls_trainable_parameters_but_not_gains_back_to_their_start():
+    from clara_ray.training.engine import ParameterAnchor
+
+    model, _ = make_model()
+    model.set_trainable([Role.QUERY_REASONER], backbone=False)
+    assert ParameterAnchor(model, 0.0).params == []
+    assert ParameterAnchor(model, 0.0).penalty().item() == 0.0
+    anchor = ParameterAnchor(model, 1e-3)
+    gain = model.retrieval_gain["query_reasoner"].weight
+    trainable = [p for p in model.parameters() if p.requires_grad and p is not gain]
+    assert [id(p) for p in anchor.params] == [id(p) for p in trainable]
+    assert anchor.penalty().item() == 0.0
+    moved = model.memory_tokens["query_reasoner"].weight
+    frozen = next(p for n, p in model.role_parameters(Role.COMPRESSOR).items() if "lora_A" in n)
+    with torch.no_grad():
+        moved.add_(0.5)
+        gain.add_(1.0)
+    penalty = anchor.penalty()
+    assert penalty.item() == pytest.approx(0.25 * moved.numel())
+    penalty.backward()
+    assert torch.allclose(moved.grad, torch.full_like(moved, 1.0))  # d/dp (p - p0)^2 = 2 * 0.5
+    assert gain.grad is None and frozen.grad is None
