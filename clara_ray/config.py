@@ -272,7 +272,7 @@ class Stage3Config(_Section):
     # corpus), so what training questions teach it does not overwrite how it encodes
     # names it never saw in a question. 0 = off (CLaRa). Needs whole parameters on
     # every worker: train.zero_stage 0-2.
-    anchor_weight: float = Field(3.0e-3, ge=0)
+    anchor_weight: float = Field(1.0e-3, ge=0)
     # The pull starts after this fraction of the steps: from the first step it slows
     # the take-off of retrieval.
     anchor_start_fraction: float = Field(0.5, ge=0, lt=1)
