@@ -204,8 +204,9 @@ def stage3_loop(config: dict):
         out = engine(
             Objective.JOINT, **batch, candidate_memory=candidate_memory, k=config["top_k"], temperature=temperature,
         )
-        penalty = anchor.penalty()
         anchored = step > anchor_from
+        with torch.set_grad_enabled(anchored):  # before the pull starts it is only logged
+            penalty = anchor.penalty()
         engine.backward(out["loss"] + config["anchor_weight"] * penalty if anchored else out["loss"])
         if gains_trained and step <= hold_gains_until:
             ds.hold_last_group(engine)
