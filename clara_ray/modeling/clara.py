@@ -153,7 +153,10 @@ class ClaraModel(nn.Module):
         with torch.no_grad():
             for name, param in target_params.items():
                 counterpart = source_params.get(name.replace(target.value, source.value))
-                param.copy_(counterpart) if counterpart is not None else param.zero_()
+                if counterpart is None:
+                    param.zero_()
+                else:
+                    param.copy_(counterpart)
 
     # --- the three computations ---------------------------------------------
 
