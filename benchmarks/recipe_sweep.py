@@ -99,7 +99,8 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="query-reasoner parameters stage 3 trains: all, memory (memory tokens only), "
                              "or top:N (memory tokens + LoRA of the last N layers)")
     parser.add_argument("--s3-anchor", type=float, default=0.0,
-                        help="weight of an L2 pull of the query reasoner's parameters towards their start")
+                        help="weight of an L2 pull of the query reasoner's parameters towards their start "
+                             "(retrieval gains included, unlike the pipeline's stage3.anchor_weight)")
     parser.add_argument("--s3-anchor-start", type=float, default=0.0,
                         help="the L2 pull starts after this fraction of the stage-3 steps")
     parser.add_argument("--s3-gain-lr", type=float, default=0.0,
