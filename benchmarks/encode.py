@@ -1,7 +1,7 @@
 """Corpus-encoding benchmark: Ray Data pipeline vs a plain loop, FLOP/s vs GEMM peak, scaling.
 
     python benchmarks/encode.py                      # the full run behind BENCHMARKS.md
-    python benchmarks/encode.py --tiny-docs 10000 --sizes 1000 10000 --big-docs 200 --no-write   # a quick look
+    python benchmarks/encode.py --tiny-docs 5000 --big-docs 100 --rounds 2 --sizes 1000 10000 --no-write   # a quick look
 
 All figures come from one run on one machine, measured side by side:
 1. GEMM peak: the best of several large fp32 `torch.matmul`s on the same threads,
@@ -9,16 +9,18 @@ All figures come from one run on one machine, measured side by side:
    either end must not make the fractions look better).
 2. For the tiny preset and a ~100M-parameter config (random weights; speed does
    not depend on them): documents/s of
-   (a) a plain single-process loop: read the JSONL -> tokenize -> compressor
-       (LoRA merged, as in the actor) -> fp16 rows -> Parquet, same model, batch
-       size and threads;
+   (a) a plain single-process loop: load the model, read the JSONL -> tokenize ->
+       compressor (LoRA merged, as in the actor) -> fp16 rows -> Parquet, same
+       model, batch size and threads;
    (b) `encode_corpus` with one actor owning the same cores: its encode step
-       (read -> actor -> Parquet, checkpointed) and the whole job (plus the
-       duplicate-id, count and quarantine passes).
+       (read -> actor start and model load -> actor -> Parquet, checkpointed)
+       and the whole job (plus the duplicate-id, count and quarantine passes).
+   This machine's speed drifts by several percent from one minute to the next,
+   so (a) and (b) run in alternating rounds (loop first, then Ray first, ...)
+   and the ratio reported is the median of the rounds' ratios.
    Achieved FLOP/s = model FLOPs per document (counted by torch's FlopCounterMode)
    x documents/s, against the GEMM peak.
-3. Tiny preset over corpus sizes: wall time and the driver's peak RSS (the
-   comparison's own run fills its size's row).
+3. Tiny preset over corpus sizes: wall time and the driver's peak RSS.
 Results are printed and written into BENCHMARKS.md between this benchmark's markers.
 """
 
@@ -28,6 +30,8 @@ import argparse
 import json
 import os
 import random
+import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -123,13 +127,14 @@ def flops_per_document(model_dir: Path, spec: ModelSpec, texts: list[str]) -> fl
 
 
 def plain_loop(model_dir: Path, spec: ModelSpec, corpus: Path, output: Path, threads: int) -> float:
-    """Documents/s of the same work without Ray: read the JSONL, tokenize, encode, fp16 rows, Parquet."""
+    """Documents/s of the same work without Ray: load the model, read the JSONL, tokenize, encode, fp16 rows, Parquet."""
     torch.set_num_threads(threads)
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True)
+    started = time.perf_counter()  # the actor's model load counts on Ray's side too
     model, tokenizer, _ = load_model(model_dir)
     model.eval()
     model.merge_for_inference(Role.COMPRESSOR)  # as the encoder actor does
-    output.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     with corpus.open() as lines:
         texts = [json.loads(line)["text"] for line in lines]
     for part, start in enumerate(range(0, len(texts), spec.batch_size)):
@@ -171,22 +176,36 @@ def ray_pipeline(model_dir: Path, spec: ModelSpec, corpus: Path, output: Path, t
     return summary, rss.peak
 
 
-def compare(spec: ModelSpec, num_docs: int, work: Path, threads: int) -> tuple[dict, dict]:
-    """The side-by-side comparison; also returns the Ray run as a scaling row."""
+def compare(spec: ModelSpec, num_docs: int, rounds: int, work: Path, threads: int) -> dict:
+    """The side-by-side comparison: `rounds` alternating loop / Ray runs over the same corpus."""
     model_dir, parameters = build_model(spec, work / f"model-{spec.num_layers}-{spec.hidden_size}")
     texts = synthetic_documents(num_docs, spec.words_per_doc)
     corpus = write_corpus(work / f"corpus-{spec.hidden_size}-{num_docs}.jsonl", texts)
     flops = flops_per_document(model_dir, spec, texts)
-    loop_rate = plain_loop(model_dir, spec, corpus, work / f"loop-{spec.hidden_size}", threads)
-    summary, peak_rss = ray_pipeline(model_dir, spec, corpus, work / f"ray-{spec.hidden_size}", threads)
-    ray_rate = summary.documents_per_second
-    comparison = {
+    loop_rates, ray_rates, job_rates = [], [], []
+    for round_index in range(rounds):
+        def loop():
+            loop_rates.append(plain_loop(model_dir, spec, corpus, work / f"loop-{spec.hidden_size}", threads))
+
+        def pipeline():
+            output = work / f"ray-{spec.hidden_size}-{round_index}"
+            summary, _ = ray_pipeline(model_dir, spec, corpus, output, threads)
+            ray_rates.append(summary.documents_per_second)
+            job_rates.append(num_docs / summary.total_seconds)
+            shutil.rmtree(output)
+
+        for run in (loop, pipeline) if round_index % 2 == 0 else (pipeline, loop):
+            run()
+        print(f"{spec.name} round {round_index + 1}: loop {loop_rates[-1]:.1f} docs/s, Ray encode "
+              f"{ray_rates[-1]:.1f} docs/s, ratio {ray_rates[-1] / loop_rates[-1]:.3f}", flush=True)
+    ratios = [r / l for r, l in zip(ray_rates, loop_rates)]
+    return {
         "model": spec.name, "parameters": parameters, "documents": num_docs, "doc_tokens": spec.doc_max_len,
-        "batch_size": spec.batch_size, "loop_docs_per_s": loop_rate, "ray_encode_docs_per_s": ray_rate,
-        "ray_job_docs_per_s": num_docs / summary.total_seconds, "ratio": ray_rate / loop_rate,
-        "gflop_per_doc": flops / 1e9,
+        "batch_size": spec.batch_size, "rounds": rounds,
+        "loop_docs_per_s": statistics.median(loop_rates), "ray_encode_docs_per_s": statistics.median(ray_rates),
+        "ray_job_docs_per_s": statistics.median(job_rates), "round_ratios": ratios,
+        "ratio": statistics.median(ratios), "gflop_per_doc": flops / 1e9,
     }
-    return comparison, _scaling_row(num_docs, summary, peak_rss)
 
 
 def _scaling_row(size: int, summary, peak_rss: int) -> dict:
@@ -194,17 +213,15 @@ def _scaling_row(size: int, summary, peak_rss: int) -> dict:
             "driver_peak_rss_mb": peak_rss / 2**20}
 
 
-def scaling(sizes: list[int], work: Path, threads: int, done: dict[int, dict]) -> list[dict]:
-    """Tiny preset over corpus sizes; sizes already run by the comparison are reused."""
+def scaling(sizes: list[int], work: Path, threads: int) -> list[dict]:
+    """Tiny preset over corpus sizes."""
     model_dir, _ = build_model(TINY, work / "model-scaling")
     rows = []
     for size in sizes:
-        if size in done:
-            rows.append(done[size])
-            continue
         corpus = write_corpus(work / f"scaling-{size}.jsonl", synthetic_documents(size, TINY.words_per_doc, seed=size))
         summary, peak_rss = ray_pipeline(model_dir, TINY, corpus, work / f"scaling-out-{size}", threads)
         rows.append(_scaling_row(size, summary, peak_rss))
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -224,20 +241,24 @@ def markdown(peak: float, comparisons: list[dict], scale: list[dict], threads: i
             f"torch {torch.__version__}. GEMM peak (fp32 4096² matmul, best of 5, the higher of before and after the runs): **{peak / 1e9:.1f} GFLOP/s**."
         ),
         "",
-        "| model | params | docs | tokens/doc | batch | plain loop docs/s | Ray Data encode docs/s | ratio | whole job docs/s | GFLOP/doc | loop % of peak | Ray % of peak |",
+        "| model | params | docs | tokens/doc | batch | plain loop docs/s | Ray Data encode docs/s | ratio (rounds) | whole job docs/s | GFLOP/doc | loop % of peak | Ray % of peak |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:
+        rounds = " / ".join(f"{r:.2f}" for r in c["round_ratios"])
         lines.append(
             f"| {c['model']} | {c['parameters'] / 1e6:.1f}M | {c['documents']} | {c['doc_tokens']} | {c['batch_size']} | "
-            f"{c['loop_docs_per_s']:.1f} | {c['ray_encode_docs_per_s']:.1f} | **{c['ratio']:.2f}** | "
+            f"{c['loop_docs_per_s']:.1f} | {c['ray_encode_docs_per_s']:.1f} | **{c['ratio']:.2f}** ({rounds}) | "
             f"{c['ray_job_docs_per_s']:.1f} | {c['gflop_per_doc']:.3f} | {100 * c['loop_fraction_of_peak']:.0f}% | "
             f"**{100 * c['ray_fraction_of_peak']:.0f}%** |"
         )
     lines += [
         "",
-        "Ray Data encode = the checkpointed read -> compressor actor (one actor, all cores) -> Parquet step;",
-        "whole job adds the duplicate-id, count and quarantine passes over the input and the manifest check.",
+        "Plain loop = load the model, then read -> tokenize -> compressor -> Parquet in one process.",
+        "Ray Data encode = the checkpointed read -> compressor actor (one actor, all cores; its start and model",
+        "load included) -> Parquet step; whole job adds the duplicate-id, count and quarantine passes over the",
+        "input and the manifest check. Rounds alternate which of the two runs first; docs/s and the ratio are",
+        "medians over the rounds, each round's ratio in brackets.",
         "",
         "Tiny preset, time against corpus size (one actor, all cores):",
         "",
@@ -267,8 +288,9 @@ def write_section(path: Path, section: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Long enough that actor start-up and model loading (a few seconds) weigh little.
-    parser.add_argument("--tiny-docs", type=int, default=100000, help="documents for the tiny-preset comparison")
-    parser.add_argument("--big-docs", type=int, default=1500, help="documents for the ~100M comparison")
+    parser.add_argument("--tiny-docs", type=int, default=30000, help="documents per round, tiny-preset comparison (0: skip)")
+    parser.add_argument("--big-docs", type=int, default=800, help="documents per round, ~100M comparison (0: skip)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating loop / Ray rounds per comparison")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
@@ -284,16 +306,13 @@ def main() -> int:
     start_ray(address=None)
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        comparisons, tiny_row = [], {}
+        comparisons = []
         for spec, count in ((TINY, args.tiny_docs), (BASE_100M, args.big_docs)):
-            comparison, row = compare(spec, count, work, threads)
-            comparisons.append(comparison)
-            if spec is TINY:
-                tiny_row[count] = row
-            print(json.dumps(comparison), flush=True)
-        scale = scaling(args.sizes, work, threads, done=tiny_row)
-        for row in scale:
-            print(json.dumps(row), flush=True)
+            if count == 0:
+                continue
+            comparisons.append(compare(spec, count, args.rounds, work, threads))
+            print(json.dumps(comparisons[-1]), flush=True)
+        scale = scaling(args.sizes, work, threads)
     ray.shutdown()
     peak_after = gemm_peak(threads)
     print(f"GEMM peak after the runs {peak_after / 1e9:.1f} GFLOP/s", flush=True)

@@ -176,7 +176,7 @@ class ClaraModel(nn.Module):
         embeds = torch.cat([token_embeds, memory_embeds.to(token_embeds.dtype)], dim=1)
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, self.num_memory_tokens)], dim=1)
         hidden = self.decoder(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask)
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False
         ).last_hidden_state  # (B, T + n_mem, d)
         memory = hidden[:, -self.num_memory_tokens :]
         if role.value in self.retrieval_gain:
@@ -203,7 +203,7 @@ class ClaraModel(nn.Module):
         embeds = torch.cat([context_embeds, target_embeds], dim=1)
         mask = torch.cat([context_mask, target_mask], dim=1)
         hidden = self.decoder(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask)
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False
         ).last_hidden_state
         # The state at the last context position predicts target token 0, and so on.
         context_length = context_embeds.shape[1]
