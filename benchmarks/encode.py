@@ -9,10 +9,11 @@ All figures come from one run on one machine, measured side by side:
    either end must not make the fractions look better).
 2. For the tiny preset and a ~100M-parameter config (random weights; speed does
    not depend on them): documents/s of
-   (a) a plain single-process loop: load the model, read the JSONL -> tokenize ->
-       compressor (LoRA merged, as in the actor) -> fp16 rows -> Parquet, same
-       model, batch size and threads;
-   (b) `encode_corpus` with one actor owning the same cores: its encode step
+   (a) a plain single-process loop with no Ray running: load the model, read the
+       JSONL -> tokenize -> compressor (LoRA merged, as in the actor) -> fp16
+       rows -> Parquet, same model, batch size and threads;
+   (b) `encode_corpus` with one actor owning the same cores, on a local Ray
+       started for the run as `clara-ray encode` starts it: its encode step
        (read -> actor start and model load -> actor -> Parquet, checkpointed)
        and the whole job (plus the duplicate-id, count and quarantine passes).
    This machine's speed drifts by several percent from one minute to the next,
@@ -47,6 +48,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from clara_ray.cli import start_ray
 from clara_ray.encode import EncodeSettings, encode_corpus
 from clara_ray.memory_shards import memory_table
 from clara_ray.modeling.backbone import build_tiny, train_tokenizer
@@ -169,10 +171,17 @@ class PeakRss:
 
 
 def ray_pipeline(model_dir: Path, spec: ModelSpec, corpus: Path, output: Path, threads: int):
+    """`clara-ray encode` on a local Ray started as that command starts it, shut down after."""
+    import ray
+
     settings = EncodeSettings(doc_max_len=spec.doc_max_len, batch_size=spec.batch_size, min_actors=1, max_actors=1,
                               num_cpus_per_actor=threads, rows_per_shard=8192)
-    with PeakRss() as rss:
-        summary = encode_corpus(corpus, model_dir, output, settings, log=lambda *_: None)
+    start_ray(address=None, dashboard=False)
+    try:
+        with PeakRss() as rss:
+            summary = encode_corpus(corpus, model_dir, output, settings, log=lambda *_: None)
+    finally:
+        ray.shutdown()
     return summary, rss.peak
 
 
@@ -254,9 +263,10 @@ def markdown(peak: float, comparisons: list[dict], scale: list[dict], threads: i
         )
     lines += [
         "",
-        "Plain loop = load the model, then read -> tokenize -> compressor -> Parquet in one process.",
+        "Plain loop = load the model, then read -> tokenize -> compressor -> Parquet in one process, no Ray running.",
         "Ray Data encode = the checkpointed read -> compressor actor (one actor, all cores; its start and model",
-        "load included) -> Parquet step; whole job adds the duplicate-id, count and quarantine passes over the",
+        "load included) -> Parquet step, on a local Ray started as `clara-ray encode` starts it (no dashboard);",
+        "whole job adds the duplicate-id, count and quarantine passes over the",
         "input and the manifest check. Rounds alternate which of the two runs first; docs/s and the ratio are",
         "medians over the rounds, each round's ratio in brackets.",
         "",
@@ -288,7 +298,7 @@ def write_section(path: Path, section: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Long enough that actor start-up and model loading (a few seconds) weigh little.
-    parser.add_argument("--tiny-docs", type=int, default=30000, help="documents per round, tiny-preset comparison (0: skip)")
+    parser.add_argument("--tiny-docs", type=int, default=60000, help="documents per round, tiny-preset comparison (0: skip)")
     parser.add_argument("--big-docs", type=int, default=800, help="documents per round, ~100M comparison (0: skip)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating loop / Ray rounds per comparison")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
@@ -296,14 +306,9 @@ def main() -> int:
     args = parser.parse_args()
     command = "python benchmarks/encode.py " + " ".join(sys.argv[1:])
 
-    import ray
-
-    from clara_ray.cli import start_ray
-
     threads = THREADS
     peak_before = gemm_peak(threads)
     print(f"GEMM peak before the runs {peak_before / 1e9:.1f} GFLOP/s on {threads} threads", flush=True)
-    start_ray(address=None)
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         comparisons = []
@@ -313,7 +318,6 @@ def main() -> int:
             comparisons.append(compare(spec, count, args.rounds, work, threads))
             print(json.dumps(comparisons[-1]), flush=True)
         scale = scaling(args.sizes, work, threads)
-    ray.shutdown()
     peak_after = gemm_peak(threads)
     print(f"GEMM peak after the runs {peak_after / 1e9:.1f} GFLOP/s", flush=True)
     peak = max(peak_before, peak_after)

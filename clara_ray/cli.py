@@ -31,8 +31,15 @@ WORKER_ENV = {
 }
 
 
-def start_ray(address: str | None):
-    """Connect to `address`, or start a local Ray instance owned by this process."""
+def start_ray(address: str | None, dashboard: bool = True):
+    """Connect to `address`, or start a local Ray instance owned by this process.
+
+    dashboard: whether a local instance runs the dashboard. Ray Train needs it:
+    it also serves the State API, which Train's placement-group cleaner polls
+    about once a second (without it every poll logs a warning). The encoder does
+    not, and on a small machine the dashboard's processes slow it down: with it,
+    a 2-core encode loop ran ~7% slower (BENCHMARKS.md).
+    """
     import ray
 
     os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
@@ -41,9 +48,7 @@ def start_ray(address: str | None):
         return ray.init(address=address, runtime_env=runtime_env)
     # Logical CPUs above the core count leave room for Ray Data's small tasks and
     # the index actor beside the training workers; the work itself is light.
-    # The dashboard also serves the State API, which Ray Train's placement-group
-    # cleaner polls about once a second: without it every poll logs a warning.
-    return ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, runtime_env=runtime_env)
+    return ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=dashboard, runtime_env=runtime_env)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.command == "encode":
-        start_ray(args.address)
+        start_ray(args.address, dashboard=False)
         return run_encode(args, config)
 
     from clara_ray.pipeline import run_pipeline
