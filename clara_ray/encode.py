@@ -12,11 +12,13 @@ Each step is a streaming Ray Data job over the input files (see
    grows from ``min_actors`` to ``max_actors`` -> Parquet shards in ``<output>``.
    The write is checkpointed by ``row_key`` (Ray Data checkpointing) under
    ``<output>.checkpoint``: a rerun after a killed driver, actor or node skips
-   the rows already written, and a file whose write was not committed is removed
-   first. The checkpoint is deleted when the write finishes.
-5. manifest: every shard file with its rows; checks input = encoded +
+   the rows already written. Before anything reads the output, every file whose
+   write was not committed is removed (``clara_ray/write_commits.py``), so
+   counts and the manifest only ever see whole shards.
+5. manifest: every committed shard file with its rows; checks input = encoded +
    quarantined and that every id was encoded exactly once, then writes
-   ``manifest.json`` last: its presence marks a complete output.
+   ``manifest.json`` last: its presence marks a complete output. The checkpoint
+   is deleted only after that, so an output without a manifest always has one.
 
 Steps 1-3 only parse (cheap next to the compressor) and write nothing that a
 rerun must skip, so they simply run again. Layout of the output: see
@@ -35,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 from ray.data.aggregate import Count
@@ -53,6 +54,7 @@ from clara_ray.data.corpus_reader import (
 from clara_ray.data.corpus_rows import CorpusFormat
 from clara_ray.data.formats import BadRowPolicy
 from clara_ray.memory_shards import KEY_KIND_FLAT_MEMORY, MANIFEST, memory_table, write_manifest
+from clara_ray.write_commits import committed_rows, inspect_write, settle_interrupted_write
 
 QUARANTINE_DIR = "quarantine"
 SUMMARY = "summary.json"
@@ -174,6 +176,9 @@ def encode_corpus(
     paths = [_absolute(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     model_manifest = json.loads((Path(model_dir) / "clara.json").read_text())
     _check_output_dir(output_dir, model_manifest["compressor_fingerprint"])
+    # First, so that whatever a killed run leaves is recognised as its own.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_fingerprint(output_dir, model_manifest["compressor_fingerprint"])
     started = time.perf_counter()
     steps: dict[str, float] = {}
 
@@ -204,16 +209,16 @@ def encode_corpus(
         quarantined_rows(rows).drop_columns(["doc_id", "text", "title"]).write_json(str(quarantine_dir))
     mark = step("quarantine", mark)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _write_fingerprint(output_dir, model_manifest["compressor_fingerprint"])
-    rows_before = _shard_rows(output_dir)
+    rows_before = committed_rows(settle_interrupted_write(output_dir, checkpoint_dir(output_dir), log))
     encode_started = time.perf_counter()
     _encode_good_rows(lambda: good_rows(corpus_rows()), model_dir, output_dir, settings)
     encode_seconds = time.perf_counter() - encode_started
+    shards = _finished_shards(output_dir, log)
     mark = step("encode", encode_started)
 
     manifest = write_manifest(
         output_dir,
+        shards,
         model_fingerprint=model_manifest["compressor_fingerprint"],
         num_memory_tokens=model_manifest["num_memory_tokens"],
         hidden_size=model_manifest["hidden_size"],
@@ -225,8 +230,9 @@ def encode_corpus(
         quarantined_by_kind=counts.quarantined_by_kind,
         quarantine_dir=QUARANTINE_DIR,
         inputs=paths,
-        check=lambda manifest: _check_exactly_once(output_dir, manifest, counts.num_good_rows, num_partitions),
+        check=lambda manifest: _check_exactly_once(output_dir, shards, manifest, counts.num_good_rows, num_partitions),
     )
+    shutil.rmtree(checkpoint_dir(output_dir))
     step("manifest", mark)
     summary = EncodeSummary(
         output_dir=str(output_dir),
@@ -251,7 +257,11 @@ def _encode_good_rows(documents, model_dir, output_dir: Path, settings: EncodeSe
     """documents() -> the good rows, created here under the checkpoint config."""
     context = ray.data.DataContext.get_current()
     previous = context.checkpoint_config
-    context.checkpoint_config = CheckpointConfig(id_column="row_key", checkpoint_path=str(checkpoint_dir(output_dir)))
+    # Kept after success: it is what tells whole shards from half-written ones
+    # until the manifest exists (encode_corpus deletes it after writing that).
+    context.checkpoint_config = CheckpointConfig(
+        id_column="row_key", checkpoint_path=str(checkpoint_dir(output_dir)), delete_checkpoint_on_success=False
+    )
     try:
         documents().map_batches(
             CompressorActor,
@@ -275,7 +285,9 @@ FINGERPRINT = "compressor_fingerprint.txt"
 
 
 def _write_fingerprint(output_dir: Path, fingerprint: str) -> None:
-    (output_dir / FINGERPRINT).write_text(fingerprint)
+    partial = output_dir / f"{FINGERPRINT}.partial"
+    partial.write_text(fingerprint)
+    partial.replace(output_dir / FINGERPRINT)
 
 
 def _check_output_dir(output_dir: Path, fingerprint: str) -> None:
@@ -295,8 +307,18 @@ def _check_output_dir(output_dir: Path, fingerprint: str) -> None:
         )
 
 
-def _shard_rows(output_dir: Path) -> int:
-    return sum(pq.ParquetFile(path).metadata.num_rows for path in output_dir.glob("*.parquet"))
+def _finished_shards(output_dir: Path, log) -> list[Path]:
+    """The committed shards after a successful write. A file under no commit
+    record can still appear when a task of a killed earlier driver outlived it
+    and finished its write after this run's recovery; its rows were encoded
+    again by this run, so it is removed, not counted."""
+    state = inspect_write(output_dir, checkpoint_dir(output_dir))
+    if state.unreadable:
+        raise RuntimeError(f"{output_dir}: committed shards cannot be read: {[p.name for p in state.unreadable]}")
+    for path in state.uncommitted:
+        log(f"[encode] removing {path.name}: written outside this run's commits")
+        path.unlink()
+    return state.committed
 
 
 def _absolute(path: str | os.PathLike) -> str:
@@ -318,13 +340,15 @@ def _shuffle_partitions(paths, bytes_per_partition: int = 256 * 2**20) -> int | 
     return max(1, min(200, total // bytes_per_partition + 1))
 
 
-def _check_exactly_once(output_dir: Path, manifest: dict, num_good_rows: int, num_partitions: int | None) -> None:
+def _check_exactly_once(
+    output_dir: Path, shards: list[Path], manifest: dict, num_good_rows: int, num_partitions: int | None
+) -> None:
     if manifest["num_encoded"] != num_good_rows:
         raise RuntimeError(
             f"{output_dir}: {manifest['num_encoded']} documents encoded but {num_good_rows} good rows went in"
         )
     repeated = (
-        ray.data.read_parquet(str(output_dir), file_extensions=["parquet"])
+        ray.data.read_parquet([str(path) for path in shards])
         .select_columns(["doc_id"])
         .groupby("doc_id", num_partitions=num_partitions)
         .aggregate(Count(alias_name="copies"))

@@ -29,6 +29,7 @@ Plain pyarrow/numpy; Ray is not needed to read or write the format.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,13 +79,14 @@ def _fixed_size_to_numpy(column: pa.ChunkedArray, width: int, dtype) -> np.ndarr
     return flat.astype(dtype, copy=False).reshape(-1, width)
 
 
-def write_manifest(directory: str | Path, check=None, **fields) -> dict:
-    """Write manifest.json listing every parquet file in `directory` with its row,
-    token and truncation counts. `check(manifest)` may raise to refuse writing it;
-    the file is renamed into place, so a reader never sees half a manifest."""
+def write_manifest(directory: str | Path, files: Sequence[Path] | None = None, check=None, **fields) -> dict:
+    """Write manifest.json listing `files` (default: every parquet file in
+    `directory`, for a directory written in one go) with their row, token and
+    truncation counts. `check(manifest)` may raise to refuse writing it; the
+    file is renamed into place, so a reader never sees half a manifest."""
     directory = Path(directory)
     shards, num_truncated, num_tokens = [], 0, 0
-    for path in sorted(directory.glob("*.parquet")):
+    for path in sorted(directory.glob("*.parquet") if files is None else files):
         table = pq.read_table(path, columns=["truncated", "num_tokens"])
         shards.append({"file": path.name, "rows": table.num_rows})
         num_truncated += int(pc.sum(table.column("truncated")).as_py() or 0)

@@ -241,11 +241,14 @@ def read_qa(
 
 
 def _write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Written beside `path` and renamed into place: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
+    partial = path.with_name(f"{path.name}.partial")
+    with partial.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    partial.replace(path)
     return path
 
 

@@ -55,8 +55,11 @@ def compressor_fingerprint(model: ClaraModel, backbone_ref: str | None = None) -
 
 
 def save_model(model: ClaraModel, tokenizer, directory: str | Path, backbone_ref: str, save_backbone: bool) -> Path:
+    """Write the model; clara.json comes last (and goes first when overwriting),
+    so a directory with it is always a whole model."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST).unlink(missing_ok=True)
     tokenizer.save_pretrained(directory / "tokenizer")
     if save_backbone:
         base = model.lm.get_base_model()
@@ -82,7 +85,9 @@ def save_model(model: ClaraModel, tokenizer, directory: str | Path, backbone_ref
         },
         "compressor_fingerprint": compressor_fingerprint(model, None if save_backbone else backbone_ref),
     }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    partial = directory / f"{MANIFEST}.partial"
+    partial.write_text(json.dumps(manifest, indent=2))
+    partial.replace(directory / MANIFEST)
     return directory
 
 
@@ -91,7 +96,9 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32):
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.exists():
-        raise FileNotFoundError(f"{directory} is not a clara_ray model directory (no {MANIFEST})")
+        raise FileNotFoundError(
+            f"{directory} is not a clara_ray model directory (no {MANIFEST}; a save that was interrupted leaves none)"
+        )
     manifest = json.loads(manifest_path.read_text())
     backbone_ref = manifest["backbone"]
     backbone_path = directory / backbone_ref if backbone_ref == "backbone" else backbone_ref

@@ -67,11 +67,14 @@ def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str) -> 
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"{stage} failed") from result.error
-    model_dir = run_dir / "models" / stage
+    # Copied beside its place and renamed: models/<stage> appears whole or not at all.
+    model_dir, partial = run_dir / "models" / stage, run_dir / "models" / f"{stage}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    with result.checkpoint.as_directory() as directory:
+        shutil.copytree(directory, partial)
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    with result.checkpoint.as_directory() as directory:
-        shutil.copytree(directory, model_dir)
+    partial.rename(model_dir)
     return StageResult(model_dir, list(result.return_value or []))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from clara_ray import encode
 from clara_ray.encode import EncodeSettings, checkpoint_dir, encode_corpus
 from clara_ray.modeling.checkpoint import save_model
 from tests.tiny_model import make_model
@@ -140,6 +141,65 @@ def test_killed_driver_then_rerun_encodes_every_id_exactly_once(local_ray, model
     assert 0 < summary.num_encoded_this_run < len(good_ids)  # resumed, not redone
     assert sorted(_encoded_ids(output)) == sorted(good_ids)
     assert summary.num_input_rows == summary.num_encoded + summary.num_quarantined
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt(*args, **kwargs):
+    raise _Interrupted
+
+
+def _rows(path: Path) -> int:
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def test_rerun_after_an_interrupted_write_never_counts_a_half_written_shard(local_ray, model_dir, tmp_path, monkeypatch):
+    """No kill, so nothing depends on timing: a run stopped after its write and
+    before its manifest, then edited into every state a kill can leave."""
+    paths, good_ids, _, _ = _mixed_corpus(tmp_path, 1200, seed=3)
+    output, records = tmp_path / "out", checkpoint_dir(tmp_path / "out")
+    with monkeypatch.context() as patch:
+        patch.setattr(encode, "_finished_shards", _interrupt)
+        with pytest.raises(_Interrupted):
+            encode_corpus(paths, model_dir, output, SETTINGS)
+    shards = sorted(output.glob("*.parquet"))
+    commits = sorted(records.glob("*.parquet"))
+    assert len(shards) == len(commits) >= 6 and not (output / "manifest.json").exists()
+
+    def commit_of(shard: Path) -> Path:
+        [commit] = [c for c in commits if shard.name.startswith(c.name.removesuffix(".parquet"))]
+        return commit
+
+    # Every other task never ran: no shard, no commit record.
+    never_written = shards[1::2]
+    for shard in never_written:
+        commit_of(shard).unlink()
+        shard.unlink()
+    # One committed shard lost its tail after the commit: its rows must be encoded again.
+    lost = shards[0]
+    lost_rows = _rows(lost)
+    lost.write_bytes(lost.read_bytes()[: lost.stat().st_size // 2])
+    # Killed mid-write: a truncated shard and an empty one, each under a pending record.
+    whole = shards[2]
+    (output / "zz_000998.parquet").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    (output / "zz_000999.parquet").write_bytes(b"")
+    for name in ("zz_000998", "zz_000999"):
+        (records / f"{name}.pending.parquet").write_bytes(commit_of(whole).read_bytes())
+    kept_before = {shard.name for shard in shards[2::2]}
+
+    summary = encode_corpus(paths, model_dir, output, SETTINGS)
+    assert sorted(_encoded_ids(output)) == sorted(good_ids)  # each exactly once
+    manifest = json.loads((output / "manifest.json").read_text())
+    listed = {shard["file"] for shard in manifest["shards"]}
+    assert listed == {path.name for path in output.glob("*.parquet")}
+    assert not listed & {"zz_000998.parquet", "zz_000999.parquet", lost.name}
+    assert kept_before <= listed
+    assert summary.num_encoded_this_run == len(good_ids) - sum(_rows(output / name) for name in kept_before)
+    assert summary.num_encoded_this_run > lost_rows
+    assert summary.num_input_rows == summary.num_encoded + summary.num_quarantined
+    assert not records.exists()
 
 
 def _encoder_actor_pids() -> list[int]:
