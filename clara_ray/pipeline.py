@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 
-from clara_ray.config import Baseline, Config, ConfigError
+from clara_ray.config import Baseline, Config
 from clara_ray.data.corpus_rows import CorpusFormat
 from clara_ray.data.formats import (
     Document,
@@ -38,18 +37,12 @@ from clara_ray.data.trap import generate_trap_corpus, write_trap_corpus
 from clara_ray.encode import EncodeSettings, encode_corpus
 from clara_ray.eval import baselines
 from clara_ray.eval.evaluate import Scores, generate_answers, query_reasoner_rankings, score
-from clara_ray.index.actor import INDEX_ACTOR_NAME, start_index_actor
+from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_index_actor
 from clara_ray.index.versions import IndexSettings
 from clara_ray.memory_shards import read_memory_shards
-from clara_ray.modeling.backbone import build_tiny, load_pretrained, train_tokenizer
-from clara_ray.modeling.checkpoint import load_model, save_model
-from clara_ray.modeling.clara import ClaraModel, LoraSettings
-from clara_ray.modeling.text import (
-    RECONSTRUCTION_PROMPT,
-    answer_target,
-    document_input,
-    question_prompt,
-)
+from clara_ray.modeling.checkpoint import load_model
+from clara_ray.modeling.initial import build_initial_model
+from clara_ray.modeling.text import document_input
 from clara_ray.report import write_report
 from clara_ray.training.stages import run_stage1, run_stage3
 
@@ -103,54 +96,6 @@ def load_inputs(config: Config, run_dir: Path) -> Inputs:
     if not inputs.corpus.records or not inputs.train_qa.records or not inputs.test_qa.records:
         raise ValueError("corpus, training QA and test QA must each keep at least one valid row")
     return inputs
-
-
-def check_answer_lengths(tokenizer, train_qa: list[QAExample], test_qa: list[QAExample], answer_max_len: int) -> None:
-    """Answers (+ EOS) must fit `model.answer_max_len` tokens: a longer training
-    answer would be cut, and a longer test answer could never be generated whole."""
-    def tokens(answer: str) -> int:
-        return len(tokenizer(answer_target(answer), add_special_tokens=False)["input_ids"]) + 1
-
-    needed = [tokens(qa.answers[0]) for qa in train_qa] + [min(tokens(a) for a in qa.answers) for qa in test_qa]
-    too_long = [n for n in needed if n > answer_max_len]
-    if too_long:
-        raise ConfigError(
-            f"model.answer_max_len: {len(too_long)} of {len(needed)} answers need more than "
-            f"{answer_max_len} tokens with this tokenizer (longest {max(too_long)}, end-of-answer "
-            f"token included); raise model.answer_max_len to at least {max(too_long)}"
-        )
-
-
-def build_initial_model(
-    config: Config, documents: list[Document], train_qa: list[QAExample], directory: Path,
-    test_qa: list[QAExample] = (),
-) -> Path:
-    """models/init: the tiny model (tokenizer trained on the corpus and training
-    questions) or a pretrained base loaded with from_pretrained, with fresh adapters.
-    Fails before any training when an answer does not fit `model.answer_max_len`."""
-    model_config = config.model
-    lora = LoraSettings(
-        model_config.lora.r, model_config.lora.alpha, model_config.lora.dropout, tuple(model_config.lora.target_modules)
-    )
-    if model_config.is_tiny:
-        texts = [document_input(d.text, d.title) for d in documents] + [question_prompt(q.question) for q in train_qa]
-        texts.append(RECONSTRUCTION_PROMPT)
-        tokenizer = train_tokenizer(texts, model_config.tiny.vocab_size)
-        check_answer_lengths(tokenizer, train_qa, test_qa, model_config.answer_max_len)
-        tiny = model_config.tiny
-        backbone = build_tiny(
-            tokenizer, tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.intermediate_size,
-            max_positions=4 * (model_config.doc_max_len + model_config.question_max_len + model_config.reconstruction_max_len)
-            + max(config.stage3.top_k, config.stage1.max_context_docs) * model_config.num_memory_tokens,
-            seed=config.run.seed,
-        )
-        torch.manual_seed(config.run.seed)
-        model = ClaraModel(backbone, model_config.num_memory_tokens, lora)
-        return save_model(model, tokenizer, directory, backbone_ref="tiny", save_backbone=True)
-    backbone, tokenizer = load_pretrained(model_config.backbone, getattr(torch, model_config.dtype.value))
-    check_answer_lengths(tokenizer, train_qa, test_qa, model_config.answer_max_len)
-    model = ClaraModel(backbone, model_config.num_memory_tokens, lora)
-    return save_model(model, tokenizer, directory, backbone_ref=model_config.backbone, save_backbone=False)
 
 
 def _load_for_eval(model_dir: Path):
@@ -222,7 +167,9 @@ def run_pipeline(config: Config, log=print) -> dict:
         raise RuntimeError(f"encoded {encoded.num_encoded} documents, but {len(documents)} were read as valid")
     phase("encode corpus (Ray Data)")
 
-    index = start_index_actor(str(run_dir / "memory"), settings=IndexSettings.from_config(config.index))
+    index = start_index_actor(
+        str(run_dir / "memory"), index_actor_name(run_dir), settings=IndexSettings.from_config(config.index)
+    )
     shards = read_memory_shards(run_dir / "memory")
     memory_of = dict(zip(shards.doc_ids, shards.memory))
 
@@ -237,7 +184,7 @@ def run_pipeline(config: Config, log=print) -> dict:
     before = _answer_and_score(config, model, tokenizer, rankings, test_qa, memory_of)
     phase("evaluate before stage 3")
 
-    stage3 = run_stage3(config, train_qa, stage1.model_dir, INDEX_ACTOR_NAME, run_dir)
+    stage3 = run_stage3(config, train_qa, stage1.model_dir, IndexActorCandidates(index), run_dir)
     phase("stage 3 (joint training)")
 
     model, tokenizer = _load_for_eval(stage3.model_dir)

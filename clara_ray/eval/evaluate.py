@@ -44,12 +44,13 @@ def query_reasoner_rankings(
     num_candidates: int, question_max_len: int, batch_size: int,
 ) -> list[list[str]]:
     """Top-L documents per question: index search, then exact re-score on memory."""
-    rankings = []
+    rankings, device = [], next(model.parameters()).device
     for chunk in _batches(questions, batch_size):
         tokens = tokenize_texts(tokenizer, chunk, question_max_len)
-        query_memory, _ = model.encode(Role.QUERY_REASONER, tokens.ids, tokens.mask)  # (B, n, d)
-        found = search(query_memory.flatten(1).float().numpy(), num_candidates)
-        scores = retrieval_scores(query_memory.float(), torch.from_numpy(found.memory.astype(np.float32)))
+        query_memory, _ = model.encode(Role.QUERY_REASONER, tokens.ids.to(device), tokens.mask.to(device))  # (B, n, d)
+        query_memory = query_memory.float().cpu()
+        found = search(query_memory.flatten(1).numpy(), num_candidates)
+        scores = retrieval_scores(query_memory, torch.from_numpy(found.memory.astype(np.float32)))
         order = scores.argsort(dim=-1, descending=True).numpy()  # (B, L)
         rankings.extend([list(found.doc_ids[row, order[row]]) for row in range(len(chunk))])
     return rankings
@@ -61,7 +62,7 @@ def generate_answers(
     memory_of: dict[str, np.ndarray], top_k: int, question_max_len: int, answer_max_len: int, batch_size: int,
 ) -> list[str]:
     """Answers from the memory of each question's top-k ranked documents."""
-    answers = []
+    answers, device = [], next(model.parameters()).device
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]
         memory = np.stack(
@@ -69,10 +70,10 @@ def generate_answers(
         )  # (B, k, n, d)
         prompt = tokenize_texts(tokenizer, [question_prompt(q) for q in chunk], question_max_len)
         generated = model.generate(
-            torch.from_numpy(memory.astype(np.float32)).flatten(1, 2), prompt.ids, prompt.mask,
-            max_new_tokens=answer_max_len, eos_token_id=tokenizer.eos_token_id,
+            torch.from_numpy(memory.astype(np.float32)).flatten(1, 2).to(device), prompt.ids.to(device),
+            prompt.mask.to(device), max_new_tokens=answer_max_len, eos_token_id=tokenizer.eos_token_id,
         )
-        answers.extend(decode_answers(tokenizer, generated))
+        answers.extend(decode_answers(tokenizer, generated.cpu()))
     return answers
 
 

@@ -29,6 +29,7 @@ start that fails leaves the live version serving. See versions.py for the layout
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import warnings
@@ -54,7 +55,6 @@ from clara_ray.index.versions import (
     version_step,
 )
 
-INDEX_ACTOR_NAME = "clara-index"
 SHARD_START_TIMEOUT_S = 600  # shard actors that cannot start (no free CPUs/GPUs) fail a refresh after this
 
 
@@ -247,30 +247,44 @@ class IndexServer:
         return list(self._serving.actors)
 
 
+def index_actor_name(run_dir: str | Path) -> str:
+    """The router's name for one run: runs (and sweep trials) on one cluster never share one."""
+    run_dir = Path(run_dir).resolve()
+    return f"clara-index-{run_dir.name}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}"
+
+
+class IndexActorCandidates:
+    """Stage 3's candidate source (``clara_ray.training.candidates``) over the router
+    actor; it holds the handle, so it travels to Ray Train workers as it is."""
+
+    def __init__(self, router):
+        self.router = router
+
+    def candidates(self, query_keys: np.ndarray, num_candidates: int, question_ids=()) -> SearchResult:
+        return ray.get(self.router.search.remote(np.ascontiguousarray(query_keys, dtype=np.float32), num_candidates))
+
+
 def start_index_actor(
     shard_dir: str,
-    factory: str | None = None,
-    num_cpus: float | None = None,
-    name: str = INDEX_ACTOR_NAME,
+    name: str,
     *,
     settings: IndexSettings | None = None,
     index_root: str | None = None,
     step: int = 0,
 ):
-    """Start (or replace) the named index router over the memory shards in `shard_dir` and
-    wait until every shard actor has loaded. Builds index version v<step> under `index_root`
-    (default: an ``index`` directory beside `shard_dir`) unless a matching one is on disk.
-    `factory` / `num_cpus` are shorthand for ``IndexSettings(factory=..., num_cpus_per_shard=...)``."""
-    if settings is not None and (factory is not None or num_cpus is not None):
-        raise ValueError("pass either settings or factory/num_cpus to start_index_actor, not both")
-    if settings is None:
-        shorthand = {"factory": factory, "num_cpus_per_shard": num_cpus}
-        settings = IndexSettings(**{k: v for k, v in shorthand.items() if v is not None})
+    """Start the named index router over the memory shards in `shard_dir` and wait
+    until every shard actor has loaded. Builds index version v<step> under `index_root`
+    (default: an ``index`` directory beside `shard_dir`) unless a matching one is on
+    disk. The router lives as long as the driver that started it; a live one of the
+    same name (another driver of the same run) is an error, never replaced."""
+    settings = settings or IndexSettings()
     index_root = index_root or str(Path(shard_dir).resolve().parent / "index")
     try:
-        ray.kill(ray.get_actor(name))
+        ray.get_actor(name)
     except ValueError:
         pass
+    else:
+        raise RuntimeError(f"an index actor named {name!r} is already running on this cluster (another driver of the same run?)")
     # The router only coordinates (0 CPUs); it must answer searches while a refresh builds.
     router = ray.remote(IndexServer).options(name=name, num_cpus=0, max_concurrency=16, max_restarts=2)
     actor = router.remote(index_root, settings, shard_dir, step)

@@ -23,16 +23,28 @@ Stage 1 (compressor pretraining) mixes two kinds of example:
   fact about another subject) can join the hard distractors, so that the
   generator must tell the subjects apart to find the answering memory.
 Stage 3 batches carry only questions and answers; candidates come from the index.
+
+Both stages draw micro-batches with `epoch_slices`: one seeded shuffle per epoch
+shared by every rank, rank r taking every world-th batch, so the union of the
+ranks' batches in a step is the same whatever the number of workers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from clara_ray.config import ReconstructionOrder
+from clara_ray.data.formats import Document
+from clara_ray.eval.baselines import bm25_rankings
+
+if TYPE_CHECKING:
+    from clara_ray.training.settings import Stage1Settings
 from clara_ray.modeling.text import (
     RECONSTRUCTION_PROMPT,
     answer_target,
@@ -69,6 +81,32 @@ class Stage1Example:
 
 
 @dataclass(frozen=True)
+class QuestionBatch:
+    """Stage-3 examples. Gold ids, when known, are only measured against, never trained on."""
+
+    question_ids: list[str]
+    questions: list[str]
+    answers: list[str]
+    gold_doc_ids: list[tuple[str, ...]] | None = None
+
+    @classmethod
+    def from_qa(cls, qa_examples) -> QuestionBatch:
+        """QAExample-like objects (the first answer is the target)."""
+        gold = [tuple(qa.gold_doc_ids) for qa in qa_examples]
+        return cls([qa.id for qa in qa_examples], [qa.question for qa in qa_examples],
+                   [qa.answers[0] for qa in qa_examples], gold if any(gold) else None)
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def take(self, rows: list[int]) -> QuestionBatch:
+        return QuestionBatch(
+            [self.question_ids[i] for i in rows], [self.questions[i] for i in rows], [self.answers[i] for i in rows],
+            None if self.gold_doc_ids is None else [self.gold_doc_ids[i] for i in rows],
+        )
+
+
+@dataclass(frozen=True)
 class Lengths:
     doc: int
     question: int
@@ -102,6 +140,70 @@ def stage1_examples(
             )
             examples.append(Stage1Example(gold[0], qa.question, qa.answers[0], near, rival))
     return examples
+
+
+def prepare_stage1_examples(
+    documents: dict[str, str], train_qa, hard_distractor_fraction: float, hard_distractor_pool: int,
+    rival_pool: int, seed: int,
+) -> list[Stage1Example]:
+    """`stage1_examples` with each question's BM25 neighbours (when hard distractors
+    are used) and rivals (when `rival_pool` > 0)."""
+    neighbours = None
+    if hard_distractor_fraction > 0 and len(documents) > 1:
+        corpus = [Document(doc_id, text) for doc_id, text in documents.items()]
+        depth = min(len(corpus), hard_distractor_pool + 1)  # +1: the gold one drops out
+        neighbours = bm25_rankings(corpus, [qa.question for qa in train_qa], depth)
+    rivals = None
+    if rival_pool > 0:
+        from clara_ray.training.rivals import rival_documents
+
+        rivals = rival_documents(documents, train_qa, rival_pool, seed)
+    return stage1_examples(documents, train_qa, neighbours, rivals)
+
+
+def epoch_slices(num_items: int, batch_size: int, rank: int, world: int, seed: int) -> Iterator[list[int]]:
+    """Endless micro-batches of item indices: each epoch is one seeded shuffle
+    shared by all ranks, rank r taking every world-th full batch."""
+    epoch = 0
+    while True:
+        order = list(range(num_items))
+        random.Random(seed + epoch).shuffle(order)
+        usable = (num_items // (batch_size * world)) * batch_size * world
+        if usable == 0:
+            raise ValueError(
+                f"{num_items} training examples cannot fill one micro-batch of {batch_size} on {world} workers"
+            )
+        for start in range(rank * batch_size, usable, batch_size * world):
+            yield order[start : start + batch_size]
+        epoch += 1
+
+
+def stage1_batches(
+    examples: list[Stage1Example], documents: list[str], settings: Stage1Settings, lengths: Lengths, tokenizer,
+    num_memory_tokens: int, seed: int, rank: int = 0, world: int = 1,
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(step, model inputs) for steps 1..settings.steps of this rank: rivals join
+    the distractors up to `settings.rival_steps`."""
+    without_rivals = [dataclasses.replace(e, rivals=()) for e in examples]
+    answer_pool = sorted({e.answer for e in examples if e.answer is not None})
+    rng = random.Random(seed * 7919 + rank)
+    slices = epoch_slices(len(examples), settings.micro_batch_size, rank, world, seed)
+    for step in range(1, settings.steps + 1):
+        pool = examples if step <= settings.rival_steps else without_rivals
+        yield step, stage1_batch(
+            [pool[i] for i in next(slices)], documents, settings.max_context_docs, num_memory_tokens, tokenizer,
+            lengths, rng, settings.reconstruction_order, settings.counterfactual_rate, answer_pool,
+            settings.hard_distractor_fraction, settings.min_context_docs,
+        )
+
+
+def stage3_batches(
+    questions: QuestionBatch, micro_batch_size: int, steps: int, seed: int, rank: int = 0, world: int = 1
+) -> Iterator[tuple[int, QuestionBatch]]:
+    """(step, this rank's questions) for steps 1..steps."""
+    slices = epoch_slices(len(questions), micro_batch_size, rank, world, seed)
+    for step in range(1, steps + 1):
+        yield step, questions.take(next(slices))
 
 
 def stage1_batch(

@@ -1,17 +1,53 @@
-"""DeepSpeed set-up shared by the training stages (runs inside a Ray Train worker)."""
+"""How a training step updates a model: the learning-rate schedule, optimizer
+groups, and the two updaters the step functions (``clara_ray.training.steps``)
+take — DeepSpeed (inside a Ray Train worker) or plain PyTorch (one process: tests,
+benchmarks, a GPU box with nothing but torch). Both use the same schedule and the
+same optimizer groups, so a step computes the same update either way."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+from dataclasses import dataclass
 
 import torch
 
+COSINE_FLOOR = 1e-4  # the schedule's last ratio (DeepSpeed's WarmupCosineLR default)
 
-def deepspeed_config(
-    micro_batch_size: int, learning_rate: float, total_steps: int, warmup_steps: int,
-    zero_stage: int, gradient_clipping: float, bf16: bool,
-) -> dict:
+
+@dataclass(frozen=True)
+class OptimiserSettings:
+    learning_rate: float
+    total_steps: int
+    warmup_steps: int
+    gradient_clipping: float
+    gain_learning_rate: float | None = None  # own rate of the retrieval gains (stage 3); None: no own group
+
+
+def warmup_cosine(update: int, total_steps: int, warmup_steps: int) -> float:
+    """Learning-rate ratio for the `update`-th optimizer step (1-based): log warm-up
+    then a cosine to COSINE_FLOOR. The same numbers as DeepSpeed's WarmupCosineLR as
+    its engine steps it (its first two updates run at ratio 0: it starts at
+    iteration -1 and is stepped after each update)."""
+    iteration = update - 2
+    if iteration < 0:
+        return 0.0
+    warmup = max(2, warmup_steps)
+    if iteration < warmup:
+        return math.log(iteration + 1) / math.log(warmup)
+    progress = min(1.0, (iteration - warmup + 1) / max(1, total_steps - warmup))
+    return max(0.0, COSINE_FLOOR + (1 - COSINE_FLOOR) * (1 + math.cos(math.pi * progress)) / 2)
+
+
+def schedule(optimizer: torch.optim.Optimizer, settings: OptimiserSettings) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR counts from 0 at construction; update u runs at its epoch u - 1."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda epoch: warmup_cosine(epoch + 1, settings.total_steps, settings.warmup_steps)
+    )
+
+
+def deepspeed_config(micro_batch_size: int, zero_stage: int, gradient_clipping: float, learning_rate: float, bf16: bool) -> dict:
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,
@@ -20,10 +56,6 @@ def deepspeed_config(
         "bf16": {"enabled": bf16},
         # torch's AdamW: no fused/CPU-Adam op to compile, same maths.
         "optimizer": {"type": "AdamW", "params": {"lr": learning_rate, "weight_decay": 0.0, "torch_adam": True}},
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {"total_num_steps": total_steps, "warmup_num_steps": max(1, warmup_steps)},
-        },
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -39,13 +71,6 @@ def parameter_groups(model, gain_learning_rate: float | None = None) -> list[dic
     if any(id(p) in gains for p in trainable):
         groups.append({"params": [p for p in trainable if id(p) in gains], "lr": gain_learning_rate})
     return groups
-
-
-def hold_last_group(engine) -> None:
-    """Learning rate 0 for the last optimizer group (the retrieval gains, see
-    `parameter_groups`) in the coming step; DeepSpeed's scheduler sets every group's
-    rate again after each step, so call it before each step to hold."""
-    engine.optimizer.param_groups[-1]["lr"] = 0.0
 
 
 class ParameterAnchor:
@@ -67,24 +92,79 @@ class ParameterAnchor:
         return total
 
 
-def initialize(model, config: dict, use_gpu: bool, gain_learning_rate: float | None = None):
-    """Wrap `model` in a DeepSpeed engine on the process group Ray Train made."""
-    if not use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+def hold_last_group(optimizer: torch.optim.Optimizer) -> None:
+    """Learning rate 0 for the last optimizer group (the retrieval gains, see
+    `parameter_groups`) in the coming update; the schedule sets every group's rate
+    again after each update, so call it before each update to hold."""
+    optimizer.param_groups[-1]["lr"] = 0.0
 
-    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, gain_learning_rate), config=config)
-    return engine
+
+class TorchUpdater:
+    """One process, plain PyTorch: AdamW over `parameter_groups`, gradient clipping,
+    the schedule. `forward` is the model itself."""
+
+    def __init__(self, model, settings: OptimiserSettings):
+        self.module = self.forward = model
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(model, settings.gain_learning_rate), lr=settings.learning_rate, weight_decay=0.0
+        )
+        self.scheduler = schedule(self.optimizer, settings)
+        self.clipping = settings.gradient_clipping
+        self.device = next(model.parameters()).device
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, hold_gains: bool = False) -> None:
+        if self.clipping > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], self.clipping)
+        if hold_gains:
+            hold_last_group(self.optimizer)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+class DeepSpeedUpdater:
+    """A DeepSpeed engine on the process group Ray Train made (ZeRO as configured);
+    the same optimizer groups and schedule as `TorchUpdater`."""
+
+    def __init__(self, model, settings: OptimiserSettings, micro_batch_size: int, zero_stage: int, use_gpu: bool, bf16: bool):
+        if not use_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+        config = deepspeed_config(micro_batch_size, zero_stage, settings.gradient_clipping, settings.learning_rate, bf16)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=parameter_groups(model, settings.gain_learning_rate), config=config,
+            lr_scheduler=lambda optimizer: schedule(optimizer, settings),
+        )
+        self.module, self.forward, self.device = self.engine.module, self.engine, self.engine.device
+        self.zero_stage = zero_stage
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self, hold_gains: bool = False) -> None:
+        if hold_gains:
+            hold_last_group(self.engine.optimizer)
+        self.engine.step()
+
+    def learning_rate(self) -> float:
+        return self.engine.get_lr()[0]
 
 
 @contextlib.contextmanager
-def full_parameters(engine, zero_stage: int):
+def full_parameters(updater):
     """Every rank sees whole parameters inside (ZeRO-3 shards them); all ranks must enter."""
-    if zero_stage == 3:
+    if getattr(updater, "zero_stage", 0) == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(list(updater.module.parameters()), modifier_rank=None):
             yield
     else:
         yield

@@ -5,6 +5,7 @@ import pytest
 
 from clara_ray.encode import EncodeSettings, encode_corpus
 from clara_ray.index.actor import start_index_actor
+from clara_ray.index.versions import IndexSettings
 from clara_ray.memory_shards import read_memory_shards
 from clara_ray.modeling.checkpoint import save_model
 from tests.tiny_model import make_model
@@ -37,7 +38,7 @@ def test_encode_then_index_every_document_finds_itself_first(local_ray, tmp_path
                    for line in path.read_text().splitlines()]
     assert [(row["row_number"], row["reason_kind"]) for row in quarantined] == [(4, "missing field")]
 
-    index = start_index_actor(str(tmp_path / "memory"), "Flat", num_cpus=0, name="test-index")
+    index = start_index_actor(str(tmp_path / "memory"), "test-index", settings=IndexSettings(num_cpus_per_shard=0))
     found = local_ray.get(index.search.remote(shards.keys, 3))
     assert list(found.doc_ids[:, 0]) == shards.doc_ids
     assert np.array_equal(found.memory[:, 0], shards.memory)

@@ -5,7 +5,7 @@ import pytest
 from clara_ray.config import load_config
 from clara_ray.data.trap import generate_trap_corpus
 from clara_ray.modeling.checkpoint import load_model
-from clara_ray.pipeline import build_initial_model
+from clara_ray.modeling.initial import build_initial_model
 from clara_ray.training.stages import run_stage1
 
 pytestmark = pytest.mark.ray

@@ -119,7 +119,7 @@ def test_qa_context_size_varies_between_min_and_top_k():
 
 def test_answers_longer_than_answer_max_len_are_refused():
     from clara_ray.config import ConfigError
-    from clara_ray.pipeline import check_answer_lengths
+    from clara_ray.modeling.initial import check_answer_lengths
 
     _, tokenizer = make_model()
     qa = [QAExample("q1", "Which job?", ["baker"], ["a"])]

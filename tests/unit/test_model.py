@@ -167,8 +167,6 @@ def test_parameter_groups_give_retrieval_gains_their_own_rate():
 
 
 def test_held_gain_group_does_not_move_while_the_rest_trains():
-    from types import SimpleNamespace
-
     from clara_ray.training.engine import hold_last_group, parameter_groups
 
     model, tokenizer = make_model()
@@ -177,7 +175,7 @@ def test_held_gain_group_does_not_move_while_the_rest_trains():
     gain = model.retrieval_gain["query_reasoner"].weight
     question = tokenize_texts(tokenizer, TEXTS[:2], 16)
     for held in (True, False):
-        optimizer.param_groups[-1]["lr"] = 0.05  # as DeepSpeed's scheduler sets it after every step
+        optimizer.param_groups[-1]["lr"] = 0.05  # as the schedule sets it after every step
         before = gain.detach().clone()
         lora = next(p for n, p in model.role_parameters(Role.QUERY_REASONER).items() if "lora_B" in n)
         lora_before = lora.detach().clone()
@@ -185,7 +183,7 @@ def test_held_gain_group_does_not_move_while_the_rest_trains():
         optimizer.zero_grad()
         (memory[:, 1].sum() - memory[:, 0].sum()).backward()
         if held:
-            hold_last_group(SimpleNamespace(optimizer=optimizer))
+            hold_last_group(optimizer)
         optimizer.step()
         assert not torch.equal(lora, lora_before)
         assert torch.equal(gain, before) == held

@@ -10,7 +10,7 @@ from clara_ray.modeling.backbone import build_tiny, train_tokenizer
 from clara_ray.modeling.checkpoint import load_model
 from clara_ray.modeling.clara import Role
 from clara_ray.modeling.text import tokenize_texts
-from clara_ray.pipeline import build_initial_model
+from clara_ray.modeling.initial import build_initial_model
 
 
 def test_backbone_from_a_pretrained_directory_is_referenced_not_copied(tmp_path):

@@ -1,0 +1,121 @@
+"""Typed settings of the training stages, built from the config tree at the edge.
+
+Workers, step functions, benchmarks and sweeps take these frozen objects, never
+the config tree or a flattened dict of it; enums stay enums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clara_ray.config import Config, DType, ReconstructionOrder
+from clara_ray.training.batches import Lengths
+from clara_ray.training.engine import OptimiserSettings
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How each training process runs, whatever the stage."""
+
+    seed: int
+    use_gpu: bool
+    cpu_threads: int
+    zero_stage: int
+    bf16: bool
+    lengths: Lengths
+
+    @classmethod
+    def from_config(cls, config: Config) -> WorkerSettings:
+        model = config.model
+        return cls(
+            seed=config.run.seed,
+            use_gpu=config.train.use_gpu,
+            cpu_threads=config.train.cpu_threads_per_worker,
+            zero_stage=config.train.zero_stage,
+            bf16=model.dtype == DType.BFLOAT16,
+            lengths=Lengths(
+                doc=model.doc_max_len, question=model.question_max_len, answer=model.answer_max_len,
+                reconstruction=model.reconstruction_max_len,
+            ),
+        )
+
+
+def _optimiser(steps: int, learning_rate: float, warmup_fraction: float, gradient_clipping: float,
+               gain_learning_rate: float | None = None) -> OptimiserSettings:
+    return OptimiserSettings(
+        learning_rate=learning_rate, total_steps=steps, warmup_steps=int(warmup_fraction * steps),
+        gradient_clipping=gradient_clipping, gain_learning_rate=gain_learning_rate,
+    )
+
+
+@dataclass(frozen=True)
+class Stage1Settings:
+    """Compressor pretraining (see ``clara_ray.config.Stage1Config`` for each knob)."""
+
+    steps: int
+    micro_batch_size: int
+    optimiser: OptimiserSettings
+    mse_weight: float
+    reconstruction_order: ReconstructionOrder
+    counterfactual_rate: float
+    hard_distractor_fraction: float
+    rival_steps: int  # rivals join the distractors for steps 1..rival_steps
+    min_context_docs: int
+    max_context_docs: int
+    train_backbone: bool
+    report_every: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> Stage1Settings:
+        s1 = config.stage1
+        return cls(
+            steps=s1.steps,
+            micro_batch_size=s1.micro_batch_size_per_worker,
+            optimiser=_optimiser(s1.steps, s1.learning_rate, s1.warmup_fraction, config.train.gradient_clipping),
+            mse_weight=s1.mse_weight,
+            reconstruction_order=s1.reconstruction_order,
+            counterfactual_rate=s1.counterfactual_rate,
+            hard_distractor_fraction=s1.hard_distractor_fraction,
+            rival_steps=round(s1.rival_steps_fraction * s1.steps),
+            min_context_docs=s1.min_context_docs,
+            max_context_docs=s1.max_context_docs,
+            train_backbone=config.model.train_backbone_in_stage1,
+            report_every=s1.report_every,
+        )
+
+
+@dataclass(frozen=True)
+class Stage3Settings:
+    """Joint training (see ``clara_ray.config.Stage3Config`` for each knob)."""
+
+    steps: int
+    micro_batch_size: int
+    optimiser: OptimiserSettings  # gain_learning_rate: the retrieval gains' own rate
+    top_k: int
+    temperature: float  # the last step's
+    initial_temperature: float  # the first step's (geometric annealing in between)
+    num_candidates: int
+    hold_gains_steps: int  # the gains stay at 1 for steps 1..hold_gains_steps
+    anchor_weight: float
+    anchor_start_step: int  # the pull back to the start counts after this step
+    train_generator: bool
+    report_every: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> Stage3Settings:
+        s3 = config.stage3
+        gains = s3.retrieval_gain_learning_rate
+        return cls(
+            steps=s3.steps,
+            micro_batch_size=s3.micro_batch_size_per_worker,
+            optimiser=_optimiser(s3.steps, s3.learning_rate, s3.warmup_fraction, config.train.gradient_clipping, gains),
+            top_k=s3.top_k,
+            temperature=s3.temperature,
+            initial_temperature=s3.initial_temperature or s3.temperature,
+            num_candidates=s3.num_candidates,
+            hold_gains_steps=round(s3.retrieval_gain_start_fraction * s3.steps) if gains > 0 else 0,
+            anchor_weight=s3.anchor_weight,
+            anchor_start_step=round(s3.anchor_start_fraction * s3.steps),
+            train_generator=s3.train_generator,
+            report_every=s3.report_every,
+        )

@@ -1,0 +1,128 @@
+"""One training step per objective, in plain PyTorch (no Ray).
+
+    metrics = stage1_step(updater, batch, settings)
+    metrics = stage3_step(updater, tokenizer, batch, candidates, settings, lengths, step, anchor)
+
+`updater` is a ``clara_ray.training.engine.TorchUpdater`` (one process) or
+``DeepSpeedUpdater`` (a Ray Train worker): it owns the forward call, backward,
+clipping, the optimizer groups and the schedule. The Ray Train loops, the
+one-process recipe runs, the benchmarks and the sweeps all call these functions;
+nothing else computes a training step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from clara_ray.modeling.clara import Objective, Role
+from clara_ray.modeling.topk import annealed_temperature
+from clara_ray.training.batches import Lengths, QuestionBatch, stage3_batch
+from clara_ray.training.candidates import CandidateSource
+from clara_ray.training.engine import ParameterAnchor
+from clara_ray.training.settings import Stage1Settings, Stage3Settings
+
+
+def stage1_step(updater, batch: dict[str, torch.Tensor], settings: Stage1Settings) -> dict[str, float]:
+    """Compressor pretraining on a batch from ``batches.stage1_batch``."""
+    out = updater.forward(
+        Objective.COMPRESSOR_PRETRAINING,
+        **{k: v.to(updater.device) for k, v in batch.items()},
+        mse_weight=settings.mse_weight,
+    )
+    updater.backward(out["loss"])
+    updater.step()
+    return {k: out[k].item() for k in ("loss", "generation_loss", "mse_loss")}
+
+
+class _Clock:
+    """Wall-clock split of a step; waits for the GPU before each reading."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.seconds: dict[str, float] = {}
+        self._last = self._now()
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        self.seconds[f"seconds_{name}"] = now - self._last
+        self._last = now
+
+
+def stage3_step(
+    updater,
+    tokenizer,
+    batch: QuestionBatch,
+    candidates: CandidateSource,
+    settings: Stage3Settings,
+    lengths: Lengths,
+    step: int,
+    anchor: ParameterAnchor,
+) -> dict[str, float]:
+    """Joint training, step `step` (1-based) of `settings.steps`: the query reasoner
+    asks `candidates` for L documents, re-scores them exactly against their stored
+    memories, the differentiable top-k picks k, and the generator's loss on the
+    answer trains the query reasoner (and the generator, if configured)."""
+    model, device = updater.module, updater.device
+    clock = _Clock(device)
+    inputs = {k: v.to(device) for k, v in stage3_batch(batch.questions, batch.answers, tokenizer, lengths).items()}
+    with torch.no_grad():
+        query_memory, _ = model.encode(Role.QUERY_REASONER, inputs["question_ids"], inputs["question_mask"])
+    clock.lap("query")
+    found = candidates.candidates(query_memory.flatten(1).float().cpu().numpy(), settings.num_candidates, batch.question_ids)
+    candidate_memory = torch.from_numpy(found.memory.astype(np.float32)).to(device)  # (B, L, n, d)
+    clock.lap("search")
+    temperature = annealed_temperature(step, settings.steps, settings.initial_temperature, settings.temperature)
+    out = updater.forward(Objective.JOINT, **inputs, candidate_memory=candidate_memory, k=settings.top_k, temperature=temperature)
+    anchored = step > settings.anchor_start_step
+    with torch.set_grad_enabled(anchored):  # before the pull starts it is only logged
+        penalty = anchor.penalty()
+    clock.lap("forward")
+    updater.backward(out["loss"] + settings.anchor_weight * penalty if anchored else out["loss"])
+    updater.step(hold_gains=step <= settings.hold_gains_steps)
+    clock.lap("backward")
+    metrics = {"loss": out["loss"].item(), "temperature": temperature, **clock.seconds}
+    if batch.gold_doc_ids is not None:
+        top1 = out["scores"].argmax(-1).cpu().numpy()
+        gold = batch.gold_doc_ids
+        metrics["train_recall_at_1"] = float(np.mean([found.doc_ids[j, top1[j]] in gold[j] for j in range(len(gold))]))
+        metrics["gold_in_candidates"] = float(np.mean([any(d in gold[j] for d in found.doc_ids[j]) for j in range(len(gold))]))
+    if anchor.params:
+        metrics["anchor_distance"] = penalty.detach().sqrt().item()
+    gains = model.retrieval_gain[Role.QUERY_REASONER.value].weight.detach().exp().flatten().tolist()  # empty under ZeRO-3
+    metrics.update({f"retrieval_gain_{slot}": gain for slot, gain in enumerate(gains)})
+    return metrics
+
+
+class MetricWindow:
+    """Means of step metrics over windows of `every` steps (the last window ends at
+    `total_steps`, whatever its length)."""
+
+    def __init__(self, every: int, total_steps: int):
+        self.every, self.total = every, total_steps
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def add(self, step: int, values: dict[str, float]) -> dict[str, float] | None:
+        """The window's means when `step` closes one, else None."""
+        for key, value in values.items():
+            self._sums[key] = self._sums.get(key, 0.0) + float(value)
+        self._count += 1
+        if step % self.every and step != self.total:
+            return None
+        means = {k: v / self._count for k, v in self._sums.items()}
+        self._sums, self._count = {}, 0
+        return means
+
+
+def progress_line(stage: str, step: int, total_steps: int, metrics: dict, elapsed: float) -> str:
+    eta = elapsed / step * (total_steps - step)
+    shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("step", "stage"))
+    return f"[{stage}] step {step}/{total_steps} {shown} | {elapsed:.0f}s elapsed, eta {eta:.0f}s"

@@ -1,0 +1,98 @@
+"""The Ray-free step functions and candidate sources, on the tiny test model."""
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from clara_ray.config import load_config
+from clara_ray.modeling.clara import Role
+from clara_ray.modeling.text import tokenize_texts
+from clara_ray.training.batches import Lengths, Stage1Example, stage1_batch
+from clara_ray.training.candidates import ExactSearch, FixedCandidates
+from clara_ray.training.engine import ParameterAnchor, TorchUpdater
+from clara_ray.training.settings import Stage1Settings, Stage3Settings
+from clara_ray.training.steps import QuestionBatch, stage1_step, stage3_step
+from tests.tiny_model import TEXTS, make_model
+
+LENGTHS = Lengths(doc=16, question=16, answer=8, reconstruction=16)
+
+
+def _memory(model, tokenizer, texts):
+    tokens = tokenize_texts(tokenizer, texts, LENGTHS.doc)
+    with torch.no_grad():
+        return model.encode(Role.COMPRESSOR, tokens.ids, tokens.mask)[0].numpy()
+
+
+def test_exact_search_ranks_by_cosine_of_flattened_memory():
+    rng = np.random.default_rng(0)
+    memory = rng.normal(size=(6, 2, 4)).astype(np.float16)
+    source = ExactSearch([f"d{i}" for i in range(6)], memory)
+    queries = memory[[4, 1]].reshape(2, -1).astype(np.float32) * 3  # scale does not matter to a cosine
+    found = source.candidates(queries, 3)
+    assert list(found.doc_ids[:, 0]) == ["d4", "d1"]
+    assert found.memory.shape == (2, 3, 2, 4) and (np.diff(found.scores, axis=1) <= 0).all()
+    keys = memory.reshape(6, -1).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    expected = np.sort(keys @ keys[4])[::-1][:3]
+    assert np.allclose(found.scores[0], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="num_candidates"):
+        source.candidates(queries, 7)
+
+
+def test_fixed_candidates_keep_each_question_to_its_own_list():
+    memory = np.eye(4, dtype=np.float16).reshape(4, 1, 4)
+    source = FixedCandidates({"q1": ["d0", "d2", "d3"], "q2": ["d3", "d1", "d0"], "q3": ["d1"]},
+                             ["d0", "d1", "d2", "d3"], memory)
+    found = source.candidates(np.array([[0, 0, 0, 1.0], [0, 1.0, 0, 0]], np.float32), 3, ["q1", "q2"])
+    assert found.doc_ids.tolist() == [["d3", "d0", "d2"], ["d1", "d3", "d0"]]  # its own list, by score
+    assert source.candidates(np.zeros((1, 4), np.float32), 2, ["q1"]).doc_ids.tolist() == [["d0", "d2"]]  # the first L
+    with pytest.raises(ValueError, match="fewer than 2"):
+        source.candidates(np.zeros((1, 4), np.float32), 2, ["q3"])
+    with pytest.raises(ValueError, match="not in the corpus"):
+        FixedCandidates({"q": ["nope"]}, ["d0"], memory[:1])
+
+
+def _changed(model, before):
+    return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+
+
+def test_stage1_step_trains_compressor_and_generator_only():
+    model, tokenizer = make_model()
+    model.set_trainable([Role.COMPRESSOR, Role.GENERATOR], backbone=False)
+    settings = dataclasses.replace(Stage1Settings.from_config(load_config(None, ["stage1.steps=10"])), rival_steps=0)
+    updater = TorchUpdater(model, settings.optimiser)
+    examples = [Stage1Example(TEXTS[0]), Stage1Example(TEXTS[1], "Which city?", "Marlow", (TEXTS[2],))]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(3):  # the schedule's first two updates run at rate 0
+        batch = stage1_batch(examples, TEXTS, 2, model.num_memory_tokens, tokenizer, LENGTHS, random.Random(0))
+        metrics = stage1_step(updater, batch, settings)
+    assert all(np.isfinite(v) for v in metrics.values())
+    changed = _changed(model, before)
+    roles = set(model.role_parameters(Role.COMPRESSOR)) | set(model.role_parameters(Role.GENERATOR))
+    assert changed and changed <= roles
+
+
+def test_stage3_step_trains_only_the_query_reasoner_from_any_candidate_source():
+    model, tokenizer = make_model()
+    model.set_trainable([Role.QUERY_REASONER], backbone=False)
+    config = load_config(None, ["stage3.steps=10", "stage3.num_candidates=4", "stage3.retrieval_gain_start_fraction=0.9"])
+    settings = Stage3Settings.from_config(config)
+    updater = TorchUpdater(model, settings.optimiser)
+    doc_ids = [f"d{i}" for i in range(len(TEXTS))]
+    memory = _memory(model, tokenizer, TEXTS)
+    batch = QuestionBatch(["q0", "q1"], ["Which city was Zorvan Kellit born in?", "What does Quipel Silhir own?"],
+                          ["Marlow", "cello"], [("d0",), ("d2",)])
+    sources = [ExactSearch(doc_ids, memory), FixedCandidates({"q0": doc_ids[:4], "q1": doc_ids[2:]}, doc_ids, memory)]
+    anchor = ParameterAnchor(model, settings.anchor_weight)
+    gain = model.retrieval_gain[Role.QUERY_REASONER.value].weight
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step in range(1, 5):
+        metrics = stage3_step(updater, tokenizer, batch, sources[step % 2], settings, LENGTHS, step, anchor)
+        assert np.isfinite(metrics["loss"]) and 0 <= metrics["train_recall_at_1"] <= 1
+        assert {"seconds_query", "seconds_search", "seconds_forward", "seconds_backward"} <= set(metrics)
+    changed = _changed(model, before)
+    assert changed and changed <= set(model.role_parameters(Role.QUERY_REASONER))
+    assert torch.equal(gain, before["retrieval_gain.query_reasoner.weight"])  # held for 90% of the steps
