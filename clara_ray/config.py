@@ -240,6 +240,9 @@ class Stage1Config(_Section):
     min_context_docs: int = Field(1, ge=1)
     max_context_docs: int = Field(5, ge=1)
     report_every: int = Field(25, gt=0)
+    # A checkpoint (weights, optimizer, schedule, data position, random state) every
+    # this many steps and after the last; a failed worker costs at most this many.
+    checkpoint_every: int = Field(250, gt=0)
 
     @model_validator(mode="after")
     def _context_range(self) -> Stage1Config:
@@ -281,6 +284,7 @@ class Stage3Config(_Section):
     # leaves the stage-1 generator as it is, so only retrieval can lower the loss.
     train_generator: bool = False
     report_every: int = Field(25, gt=0)
+    checkpoint_every: int = Field(150, gt=0)
 
     @model_validator(mode="after")
     def _candidates_exceed_top_k(self) -> Stage3Config:
@@ -359,6 +363,9 @@ class TrainConfig(_Section):
     zero_stage: int = Field(2, ge=0, le=3)
     gradient_clipping: float = Field(1.0, ge=0)  # 0 disables clipping (DeepSpeed's convention)
     cpu_threads_per_worker: int = Field(1, ge=1)
+    # Worker-group restarts a stage may take (each resumes from its last checkpoint)
+    # before it fails; -1 = no limit.
+    max_failures: int = Field(3, ge=-1)
 
 
 class EvalConfig(_Section):

@@ -161,34 +161,34 @@ def prepare_stage1_examples(
     return stage1_examples(documents, train_qa, neighbours, rivals)
 
 
-def epoch_slices(num_items: int, batch_size: int, rank: int, world: int, seed: int) -> Iterator[list[int]]:
-    """Endless micro-batches of item indices: each epoch is one seeded shuffle
-    shared by all ranks, rank r taking every world-th full batch."""
-    epoch = 0
+def epoch_slices(num_items: int, batch_size: int, rank: int, world: int, seed: int, start: int = 0) -> Iterator[list[int]]:
+    """Endless micro-batches of item indices from this rank's `start`-th on (0-based):
+    each epoch is one seeded shuffle shared by all ranks, rank r taking every
+    world-th full batch."""
+    usable = (num_items // (batch_size * world)) * batch_size * world
+    if usable == 0:
+        raise ValueError(f"{num_items} training examples cannot fill one micro-batch of {batch_size} on {world} workers")
+    per_epoch = usable // (batch_size * world)
+    epoch, skip = divmod(start, per_epoch)
     while True:
         order = list(range(num_items))
         random.Random(seed + epoch).shuffle(order)
-        usable = (num_items // (batch_size * world)) * batch_size * world
-        if usable == 0:
-            raise ValueError(
-                f"{num_items} training examples cannot fill one micro-batch of {batch_size} on {world} workers"
-            )
-        for start in range(rank * batch_size, usable, batch_size * world):
-            yield order[start : start + batch_size]
-        epoch += 1
+        for start_row in range((skip * world + rank) * batch_size, usable, batch_size * world):
+            yield order[start_row : start_row + batch_size]
+        epoch, skip = epoch + 1, 0
 
 
 def stage1_batches(
     examples: list[Stage1Example], documents: list[str], settings: Stage1Settings, lengths: Lengths, tokenizer,
-    num_memory_tokens: int, seed: int, rank: int = 0, world: int = 1,
+    num_memory_tokens: int, seed: int, rng: random.Random, rank: int = 0, world: int = 1, start_step: int = 1,
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """(step, model inputs) for steps 1..settings.steps of this rank: rivals join
-    the distractors up to `settings.rival_steps`."""
+    """(step, model inputs) for steps start_step..settings.steps of this rank: rivals
+    join the distractors up to `settings.rival_steps`. `rng` draws the examples'
+    random choices (a resumed run passes it in the state it was saved in)."""
     without_rivals = [dataclasses.replace(e, rivals=()) for e in examples]
     answer_pool = sorted({e.answer for e in examples if e.answer is not None})
-    rng = random.Random(seed * 7919 + rank)
-    slices = epoch_slices(len(examples), settings.micro_batch_size, rank, world, seed)
-    for step in range(1, settings.steps + 1):
+    slices = epoch_slices(len(examples), settings.micro_batch_size, rank, world, seed, start_step - 1)
+    for step in range(start_step, settings.steps + 1):
         pool = examples if step <= settings.rival_steps else without_rivals
         yield step, stage1_batch(
             [pool[i] for i in next(slices)], documents, settings.max_context_docs, num_memory_tokens, tokenizer,
@@ -198,11 +198,12 @@ def stage1_batches(
 
 
 def stage3_batches(
-    questions: QuestionBatch, micro_batch_size: int, steps: int, seed: int, rank: int = 0, world: int = 1
+    questions: QuestionBatch, micro_batch_size: int, steps: int, seed: int, rank: int = 0, world: int = 1,
+    start_step: int = 1,
 ) -> Iterator[tuple[int, QuestionBatch]]:
-    """(step, this rank's questions) for steps 1..steps."""
-    slices = epoch_slices(len(questions), micro_batch_size, rank, world, seed)
-    for step in range(1, steps + 1):
+    """(step, this rank's questions) for steps start_step..steps."""
+    slices = epoch_slices(len(questions), micro_batch_size, rank, world, seed, start_step - 1)
+    for step in range(start_step, steps + 1):
         yield step, questions.take(next(slices))
 
 

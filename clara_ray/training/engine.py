@@ -75,15 +75,26 @@ def parameter_groups(model, gain_learning_rate: float | None = None) -> list[dic
 
 class ParameterAnchor:
     """Squared L2 distance of a ClaraModel's trainable parameters, the retrieval gains
-    excepted (they have their own rate and are meant to move), from their values when
-    this was made; stage 3's `anchor_weight` multiplies it into the loss. Always 0
-    for weight 0, with nothing copied. Needs whole parameters on this rank: ZeRO 0-2
-    (the config rejects ZeRO-3 with an anchor)."""
+    excepted (they have their own rate and are meant to move), from where they
+    started: their values when this was made, or those saved in the model directory
+    `start` (a run resumed from a checkpoint still measures from the stage's start).
+    Stage 3's `anchor_weight` multiplies it into the loss. Always 0 for weight 0,
+    with nothing copied. Needs whole parameters on this rank: ZeRO 0-2 (the config
+    rejects ZeRO-3 with an anchor)."""
 
-    def __init__(self, model, weight: float):
+    def __init__(self, model, weight: float, start: str | os.PathLike | None = None):
         gains = {id(p) for p in model.retrieval_gain_parameters().values()}
-        self.params = [p for p in model.parameters() if p.requires_grad and id(p) not in gains] if weight > 0 else []
-        self.start = [p.detach().clone() for p in self.params]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in gains] if weight > 0 else []
+        self.params = [p for _, p in named]
+        if start is None:
+            self.start = [p.detach().clone() for p in self.params]
+        else:
+            from safetensors.torch import load_file
+
+            from clara_ray.modeling.checkpoint import ADAPTERS
+
+            saved = load_file(os.path.join(start, ADAPTERS))
+            self.start = [saved[n].to(p.device, p.dtype) for n, p in named]
 
     def penalty(self) -> torch.Tensor:
         total = torch.zeros((), device=self.params[0].device if self.params else None)
@@ -144,6 +155,8 @@ class DeepSpeedUpdater:
             lr_scheduler=lambda optimizer: schedule(optimizer, settings),
         )
         self.module, self.forward, self.device = self.engine.module, self.engine, self.engine.device
+        # The torch optimizer that steps (under ZeRO, over this rank's fp32 partitions) and its schedule.
+        self.optimizer, self.scheduler = self.engine.basic_optimizer, self.engine.lr_scheduler
         self.zero_stage = zero_stage
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -2,17 +2,23 @@
 
 Each loop takes a dict of typed settings and data (built by
 `clara_ray.training.stages`), runs the stage's step function
-(`clara_ray.training.steps`) for a fixed number of steps, reports metrics every `report_every` steps (a barrier:
-every rank reports the same number of times), and ends by reporting a model
-directory (see `clara_ray.modeling.checkpoint`) as the Ray Train checkpoint.
-Rank 0 prints progress lines and returns the metric history.
+(`clara_ray.training.steps`) for a fixed number of steps, reports metrics every
+`report_every` steps and a checkpoint (`clara_ray.training.checkpoints`) every
+`checkpoint_every` steps and after the last one (a report is a barrier: every
+rank reports at the same steps). After a failure Ray Train restarts the workers
+and each loop resumes from `ray.train.get_checkpoint()`: weights, optimizer,
+schedule, batch position and random state, so the run goes on as if nothing
+had happened. Rank 0 prints progress lines and returns the metric history.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 import ray.train
@@ -22,6 +28,13 @@ import torch.distributed as dist
 from clara_ray.modeling.checkpoint import load_model, save_model
 from clara_ray.modeling.clara import Role
 from clara_ray.training.batches import stage1_batches, stage3_batches
+from clara_ray.training.checkpoints import (
+    MODEL_DIR,
+    load_rank_state,
+    read_trainer_state,
+    save_rank_state,
+    write_trainer_state,
+)
 from clara_ray.training.engine import DeepSpeedUpdater, OptimiserSettings, ParameterAnchor, full_parameters
 from clara_ray.training.settings import Stage1Settings, Stage3Settings, WorkerSettings
 from clara_ray.training.steps import MetricWindow, progress_line, stage1_step, stage3_step
@@ -29,26 +42,35 @@ from clara_ray.training.steps import MetricWindow, progress_line, stage1_step, s
 
 class _Reporter:
     """Averages step metrics over each reporting window (and over ranks), prints a
-    progress line with ETA on rank 0, and reports to Ray Train. The last window
-    is reported by `_finish`, together with the checkpoint."""
+    progress line with ETA on rank 0, and reports to Ray Train: every window's
+    metrics, and a checkpoint (``checkpoints.py``) every `checkpoint_every` steps and
+    after the last. Every rank reports at the same steps (a report is a barrier)."""
 
-    def __init__(self, stage: str, total_steps: int, report_every: int, rank: int):
-        self.stage, self.total, self.rank = stage, total_steps, rank
+    def __init__(self, stage: str, total_steps: int, report_every: int, checkpoint_every: int, rank: int,
+                 history: list[dict], first_step: int):
+        self.stage, self.total, self.rank, self.checkpoint_every = stage, total_steps, rank, checkpoint_every
         self.window = MetricWindow(report_every, total_steps)
-        self.started = time.perf_counter()
-        self.history: list[dict] = []
+        self.started, self.first_step = time.perf_counter(), first_step
+        self.history = history
 
-    def add(self, step: int, values: dict[str, float], learning_rate: float) -> None:
+    def add(self, step: int, values: dict[str, float], learning_rate: float, save) -> None:
+        """`save(directory, step)` writes this rank's checkpoint files."""
         means = self.window.add(step, values)
-        if means is None:
-            return
-        metrics = _mean_over_ranks(means)
-        metrics.update(step=step, stage=self.stage, learning_rate=learning_rate)
-        self.history.append(metrics)
-        if self.rank == 0:
-            print(progress_line(self.stage, step, self.total, metrics, time.perf_counter() - self.started), flush=True)
-        if step != self.total:
-            ray.train.report(metrics)
+        if means is not None:
+            metrics = _mean_over_ranks(means)
+            metrics.update(step=step, stage=self.stage, learning_rate=learning_rate)
+            self.history.append(metrics)
+            if self.rank == 0:
+                elapsed = time.perf_counter() - self.started
+                print(progress_line(self.stage, step - self.first_step + 1, self.total - self.first_step + 1, metrics,
+                                    elapsed).replace(f"step {step - self.first_step + 1}/", f"step {step}/"), flush=True)
+        if step % self.checkpoint_every == 0 or step == self.total:
+            with tempfile.TemporaryDirectory() as directory:
+                save(directory, step)
+                ray.train.report(self.history[-1] if self.history else {"step": step},
+                                 checkpoint=ray.train.Checkpoint.from_directory(directory))
+        elif means is not None:
+            ray.train.report(self.history[-1])
 
 
 def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -69,7 +91,20 @@ def _quiet_report_logging() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def _setup(run: dict, trainable: list[Role], train_backbone: bool, optimiser: OptimiserSettings, micro_batch_size: int):
+@dataclass
+class _Worker:
+    rank: int
+    world: int
+    updater: DeepSpeedUpdater
+    tokenizer: object
+    manifest: dict
+    resumed: dict | None  # trainer_state.json of the checkpoint resumed from
+    checkpoint_dir: str | None
+
+
+def _setup(run: dict, trainable: list[Role], train_backbone: bool, optimiser: OptimiserSettings,
+           micro_batch_size: int) -> _Worker:
+    """Model, DeepSpeed and, after a failure, the state of the last checkpoint."""
     _quiet_report_logging()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -77,25 +112,36 @@ def _setup(run: dict, trainable: list[Role], train_backbone: bool, optimiser: Op
     if not worker.use_gpu:
         torch.set_num_threads(worker.cpu_threads)
     torch.manual_seed(worker.seed + rank)
-    model, tokenizer, manifest = load_model(run["model_dir"])
+    checkpoint = ray.train.get_checkpoint()
+    checkpoint_dir = None if checkpoint is None else checkpoint.to_directory()
+    model_dir = run["model_dir"] if checkpoint_dir is None else str(Path(checkpoint_dir) / MODEL_DIR)
+    model, tokenizer, manifest = load_model(model_dir)
     model.set_trainable(trainable, backbone=train_backbone)
     updater = DeepSpeedUpdater(model, optimiser, micro_batch_size, worker.zero_stage, worker.use_gpu, worker.bf16)
-    return rank, world, updater, tokenizer, manifest
+    resumed = None if checkpoint_dir is None else read_trainer_state(checkpoint_dir)
+    if resumed is not None and rank == 0:
+        print(f"[{resumed['stage']}] resuming after step {resumed['step']} from {checkpoint_dir}", flush=True)
+    return _Worker(rank, world, updater, tokenizer, manifest, resumed, checkpoint_dir)
 
 
-def _finish(updater, tokenizer, manifest, rank: int, metrics: dict, trained_backbone: bool) -> None:
-    """Report the final model directory as this run's checkpoint.
+def _saver(w: _Worker, stage: str, steps: int, reporter: _Reporter, trained_backbone: bool, batch_rng=None,
+           index_version=None):
+    """save(directory, step) for the reporter: this rank's optimizer state; on rank 0 also
+    the model (whole weights) and the trainer state. The base weights are written
+    when they were trained here or came from a model directory (the tiny preset);
+    a frozen pretrained base stays a reference."""
+    save_backbone = trained_backbone or w.manifest["backbone"] == "backbone"
 
-    The base weights are written when they were trained here or came from a
-    model directory (the tiny preset); a frozen pretrained base stays a reference.
-    """
-    save_backbone = trained_backbone or manifest["backbone"] == "backbone"
-    with tempfile.TemporaryDirectory() as directory:
-        with full_parameters(updater):
-            if rank == 0:
-                save_model(updater.module, tokenizer, directory, manifest["backbone"], save_backbone)
-        checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+    def save(directory: str, step: int) -> None:
+        save_rank_state(directory, w.rank, w.updater.optimizer, w.updater.scheduler, batch_rng)
+        with full_parameters(w.updater):
+            if w.rank == 0:
+                save_model(w.updater.module, w.tokenizer, Path(directory) / MODEL_DIR, w.manifest["backbone"], save_backbone)
+        if w.rank == 0:
+            resumed_after = [] if w.resumed is None else [*w.resumed.get("resumed_after", []), w.resumed["step"]]
+            write_trainer_state(directory, stage, step, steps, reporter.history, index_version, resumed_after)
+
+    return save
 
 
 def stage1_loop(run: dict):
@@ -103,19 +149,25 @@ def stage1_loop(run: dict):
     `run`: worker (WorkerSettings), settings (Stage1Settings), model_dir, examples, documents."""
     settings: Stage1Settings = run["settings"]
     worker: WorkerSettings = run["worker"]
-    rank, world, updater, tokenizer, manifest = _setup(
-        run, [Role.COMPRESSOR, Role.GENERATOR], settings.train_backbone, settings.optimiser, settings.micro_batch_size
-    )
-    reporter = _Reporter("stage1", settings.steps, settings.report_every, rank)
+    w = _setup(run, [Role.COMPRESSOR, Role.GENERATOR], settings.train_backbone, settings.optimiser,
+               settings.micro_batch_size)
+    start = 1 if w.resumed is None else w.resumed["step"] + 1
+    batch_rng = random.Random(worker.seed * 7919 + w.rank)
+    if w.checkpoint_dir is not None:
+        load_rank_state(w.checkpoint_dir, w.rank, w.updater.optimizer, w.updater.scheduler, batch_rng)
+    reporter = _Reporter("stage1", settings.steps, settings.report_every, settings.checkpoint_every, w.rank,
+                         [] if w.resumed is None else w.resumed["history"], start)
+    save = _saver(w, "stage1", settings.steps, reporter, settings.train_backbone, batch_rng)
     for step, batch in stage1_batches(
-        run["examples"], run["documents"], settings, worker.lengths, tokenizer, updater.module.num_memory_tokens,
-        worker.seed, rank, world,
+        run["examples"], run["documents"], settings, worker.lengths, w.tokenizer, w.updater.module.num_memory_tokens,
+        worker.seed, batch_rng, w.rank, w.world, start,
     ):
-        learning_rate = updater.learning_rate()  # the one this step runs at
-        reporter.add(step, stage1_step(updater, batch, settings), learning_rate)
-    # Stage 3 starts its query reasoner from the trained compressor (CLaRa's init).
-    updater.module.copy_adapter(Role.COMPRESSOR, Role.QUERY_REASONER)
-    _finish(updater, tokenizer, manifest, rank, reporter.history[-1], settings.train_backbone)
+        learning_rate = w.updater.learning_rate()  # the one this step runs at
+        values = stage1_step(w.updater, batch, settings)
+        if step == settings.steps:
+            # Stage 3 starts its query reasoner from the trained compressor (CLaRa's init).
+            w.updater.module.copy_adapter(Role.COMPRESSOR, Role.QUERY_REASONER)
+        reporter.add(step, values, learning_rate, save)
     return reporter.history
 
 
@@ -127,14 +179,19 @@ def stage3_loop(run: dict):
     settings: Stage3Settings = run["settings"]
     worker: WorkerSettings = run["worker"]
     trainable = [Role.QUERY_REASONER] + ([Role.GENERATOR] if settings.train_generator else [])
-    rank, world, updater, tokenizer, manifest = _setup(
-        run, trainable, False, settings.optimiser, settings.micro_batch_size
-    )
-    reporter = _Reporter("stage3", settings.steps, settings.report_every, rank)
-    anchor = ParameterAnchor(updater.module, settings.anchor_weight)
-    for step, batch in stage3_batches(run["questions"], settings.micro_batch_size, settings.steps, worker.seed, rank, world):
-        learning_rate = updater.learning_rate()
-        metrics = stage3_step(updater, tokenizer, batch, run["candidates"], settings, worker.lengths, step, anchor)
-        reporter.add(step, metrics, learning_rate)
-    _finish(updater, tokenizer, manifest, rank, reporter.history[-1], trained_backbone=False)
+    w = _setup(run, trainable, False, settings.optimiser, settings.micro_batch_size)
+    start = 1 if w.resumed is None else w.resumed["step"] + 1
+    if w.checkpoint_dir is not None:
+        load_rank_state(w.checkpoint_dir, w.rank, w.updater.optimizer, w.updater.scheduler)
+    reporter = _Reporter("stage3", settings.steps, settings.report_every, settings.checkpoint_every, w.rank,
+                         [] if w.resumed is None else w.resumed["history"], start)
+    candidates = run["candidates"]
+    save = _saver(w, "stage3", settings.steps, reporter, False, index_version=getattr(candidates, "version", None))
+    # The pull back to the start measures from where stage 3 started, not from the checkpoint.
+    anchor = ParameterAnchor(w.updater.module, settings.anchor_weight, start=run["model_dir"] if w.resumed else None)
+    for step, batch in stage3_batches(run["questions"], settings.micro_batch_size, settings.steps, worker.seed,
+                                      w.rank, w.world, start):
+        learning_rate = w.updater.learning_rate()
+        metrics = stage3_step(w.updater, w.tokenizer, batch, candidates, settings, worker.lengths, step, anchor)
+        reporter.add(step, metrics, learning_rate, save)
     return reporter.history

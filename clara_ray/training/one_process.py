@@ -14,6 +14,7 @@ then one mean over all of them instead of a mean of N per-worker means.
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from collections.abc import Callable
 
@@ -54,7 +55,8 @@ def train_stage1(
     updater = TorchUpdater(model, settings.optimiser)
     window, history, started = MetricWindow(settings.report_every, settings.steps), [], time.perf_counter()
     for step, batch in stage1_batches(
-        examples, documents, settings, worker.lengths, tokenizer, model.num_memory_tokens, worker.seed
+        examples, documents, settings, worker.lengths, tokenizer, model.num_memory_tokens, worker.seed,
+        random.Random(worker.seed * 7919),
     ):
         learning_rate = updater.learning_rate()
         values = stage1_step(updater, batch, settings)

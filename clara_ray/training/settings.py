@@ -64,6 +64,7 @@ class Stage1Settings:
     max_context_docs: int
     train_backbone: bool
     report_every: int
+    checkpoint_every: int
 
     @classmethod
     def from_config(cls, config: Config) -> Stage1Settings:
@@ -81,6 +82,7 @@ class Stage1Settings:
             max_context_docs=s1.max_context_docs,
             train_backbone=config.model.train_backbone_in_stage1,
             report_every=s1.report_every,
+            checkpoint_every=s1.checkpoint_every,
         )
 
 
@@ -100,6 +102,7 @@ class Stage3Settings:
     anchor_start_step: int  # the pull back to the start counts after this step
     train_generator: bool
     report_every: int
+    checkpoint_every: int
 
     @classmethod
     def from_config(cls, config: Config) -> Stage3Settings:
@@ -118,4 +121,5 @@ class Stage3Settings:
             anchor_start_step=round(s3.anchor_start_fraction * s3.steps),
             train_generator=s3.train_generator,
             report_every=s3.report_every,
+            checkpoint_every=s3.checkpoint_every,
         )

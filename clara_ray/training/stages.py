@@ -13,12 +13,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from clara_ray.config import Config
 from clara_ray.training.batches import QuestionBatch, prepare_stage1_examples
 from clara_ray.training.candidates import CandidateSource
+from clara_ray.training.checkpoints import MODEL_DIR, read_trainer_state
 from clara_ray.training.loops import stage1_loop, stage3_loop
 from clara_ray.training.settings import Stage1Settings, Stage3Settings, WorkerSettings
 
@@ -27,6 +28,7 @@ from clara_ray.training.settings import Stage1Settings, Stage3Settings, WorkerSe
 class StageResult:
     model_dir: Path
     history: list[dict]
+    resumed_after: list[int]  # steps after which a failed stage went on from its checkpoint
 
 
 def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str) -> StageResult:
@@ -42,7 +44,8 @@ def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str) -> 
         run_config=RunConfig(
             name=stage,
             storage_path=str(run_dir / "ray_train"),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
         ),
     )
     result = trainer.fit()
@@ -52,16 +55,20 @@ def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str) -> 
     model_dir, partial = run_dir / "models" / stage, run_dir / "models" / f"{stage}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     with result.checkpoint.as_directory() as directory:
-        shutil.copytree(directory, partial)
+        shutil.copytree(Path(directory) / MODEL_DIR, partial)
+        state = read_trainer_state(directory)
     if model_dir.exists():
         shutil.rmtree(model_dir)
     partial.rename(model_dir)
-    return StageResult(model_dir, list(result.return_value or []))
+    return StageResult(model_dir, state["history"], state["resumed_after"])
 
 
-def run_stage1(config: Config, documents: dict[str, str], train_qa, init_model_dir: Path, run_dir: Path) -> StageResult:
+def run_stage1(config: Config, documents: dict[str, str], train_qa, init_model_dir: Path, run_dir: Path,
+               loop=stage1_loop) -> StageResult:
     """Compressor pretraining on every document (reconstruction) and the training
-    QA pairs with their gold documents."""
+    QA pairs with their gold documents. `loop` is the per-worker function (a test
+    wraps it to kill a worker); rerun with the same `run_dir` after a killed driver
+    and Ray Train resumes from the stage's last checkpoint."""
     s1 = config.stage1
     examples = prepare_stage1_examples(
         documents, train_qa, s1.hard_distractor_fraction, s1.hard_distractor_pool, s1.rival_pool, config.run.seed
@@ -72,7 +79,7 @@ def run_stage1(config: Config, documents: dict[str, str], train_qa, init_model_d
         "examples": examples,
         "documents": list(documents.values()),
     }
-    return _fit(stage1_loop, loop_config, config, run_dir, "stage1")
+    return _fit(loop, loop_config, config, run_dir, "stage1")
 
 
 def run_stage3(config: Config, train_qa, stage1_model_dir: Path, candidates: CandidateSource, run_dir: Path) -> StageResult:
