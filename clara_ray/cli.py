@@ -114,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     from clara_ray.pipeline import run_pipeline
 
     start_ray(args.address)
-    summary = run_pipeline(config)
+    try:
+        summary = run_pipeline(config)
+    except FileExistsError as error:  # a run directory of another run: the user's choice to make
+        print(f"clara-ray: {error}", file=sys.stderr)
+        return 2
     print(json.dumps({"run": summary["run"], "report": summary["run_dir"] + "/report.md", **summary["results"]}))
     return 0
 

@@ -9,13 +9,21 @@ Run directory (<run.output_dir>/<run.name>/):
     models/stage1        after compressor pretraining (query reasoner = compressor)
     models/stage3        after joint training
     memory/              memory shards of the corpus, encoded by models/stage1
-    ray_train/           Ray Train's own run storage
+    index/               index versions over memory/ (clara_ray/index/versions.py)
+    ray_train/           Ray Train's own run storage: each stage's checkpoints
+                         (clara_ray/training/checkpoints.py)
+    steps/<step>.json    written when a step finishes, with its result: init, stage1,
+                         evaluate_before_stage3, stage3 (the encoding's mark is
+                         memory/manifest.json)
     report.md, training.png, metrics.json
+A rerun of the same config continues an interrupted run: finished steps are
+skipped, a stage goes on from its last checkpoint, the encoding from its shards.
 Test questions are read for evaluation only; they never enter any training.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +47,13 @@ from clara_ray.eval import baselines
 from clara_ray.eval.evaluate import Scores, generate_answers, query_reasoner_rankings, score
 from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_index_actor
 from clara_ray.index.versions import IndexSettings
+from clara_ray.memory_shards import MANIFEST as MEMORY_MANIFEST
 from clara_ray.memory_shards import read_memory_shards
 from clara_ray.modeling.checkpoint import load_model
 from clara_ray.modeling.initial import build_initial_model
 from clara_ray.modeling.text import document_input
 from clara_ray.report import write_report
-from clara_ray.training.stages import run_stage1, run_stage3
+from clara_ray.training.stages import StageResult, run_stage1, run_stage3
 
 
 @dataclass(frozen=True)
@@ -127,13 +136,63 @@ def _answer_and_score(config: Config, model, tokenizer, rankings, test_qa, memor
     return score(rankings, answers, test_qa)
 
 
-def run_pipeline(config: Config, log=print) -> dict:
-    """Run every phase on the connected Ray cluster; returns the summary also written to metrics.json."""
+STEPS_DIR = "steps"
+
+
+def _done(run_dir: Path, name: str) -> dict | None:
+    marker = run_dir / STEPS_DIR / f"{name}.json"
+    return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def _mark_done(run_dir: Path, name: str, record: dict) -> dict:
+    """steps/<name>.json, renamed into place: the step's result, and the mark that it finished."""
+    (run_dir / STEPS_DIR).mkdir(exist_ok=True)
+    partial = run_dir / STEPS_DIR / f"{name}.json.partial"
+    partial.write_text(json.dumps(record))
+    partial.replace(run_dir / STEPS_DIR / f"{name}.json")
+    return record
+
+
+def _open_run_dir(config: Config, log) -> Path:
+    """A new run directory, or the one of an interrupted run of the same config."""
     run_dir = (Path(config.run.output_dir) / config.run.name).resolve()
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        if saved.read_text() != config.to_yaml():
+            raise FileExistsError(
+                f"run directory {run_dir} belongs to a run with another config: pick another run.name, "
+                f"or rerun with the config in {saved} to continue that run"
+            )
+        log(f"[pipeline] continuing the run in {run_dir}")
+        return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"run directory {run_dir} is not empty: pick another run.name or remove it")
+        raise FileExistsError(f"run directory {run_dir} is not empty and holds no run: pick another run.name")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config.to_yaml())
+    partial = run_dir / "config.yaml.partial"
+    partial.write_text(config.to_yaml())
+    partial.replace(saved)
+    return run_dir
+
+
+def _stage(run_dir: Path, name: str, train, log) -> StageResult:
+    """A training stage, or the result of the finished one (its step marker)."""
+    done = _done(run_dir, name)
+    if done is not None:
+        log(f"[pipeline] {name} finished in an earlier attempt: {done['model_dir']}")
+        return StageResult(Path(done["model_dir"]), done["history"], done["resumed_after"])
+    result = train()
+    _mark_done(run_dir, name, {"model_dir": str(result.model_dir), "history": result.history,
+                               "resumed_after": result.resumed_after})
+    return result
+
+
+def run_pipeline(config: Config, log=print) -> dict:
+    """Run every phase on the connected Ray cluster; returns the summary also written to metrics.json.
+
+    Rerun the same command after a killed driver: finished steps (steps/<name>.json)
+    are skipped, a training stage goes on from its last checkpoint and the encoding
+    from the shards it had written."""
+    run_dir = _open_run_dir(config, log)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -151,26 +210,30 @@ def run_pipeline(config: Config, log=print) -> dict:
         f"[pipeline] data: {len(documents)} documents, {len(train_qa)} training and {len(test_qa)} test "
         f"questions ({sum(len(r.quarantined) for r in (inputs.corpus, inputs.train_qa, inputs.test_qa))} rows quarantined)"
     )
-    init_dir = build_initial_model(config, documents, train_qa, run_dir / "models" / "init", test_qa)
+    init_dir = run_dir / "models" / "init"
+    if _done(run_dir, "init") is None:
+        build_initial_model(config, documents, train_qa, init_dir, test_qa)
+        _mark_done(run_dir, "init", {"model_dir": str(init_dir)})
     phase("data and initial model")
 
-    stage1 = run_stage1(config, {d.id: document_input(d.text, d.title) for d in documents}, train_qa, init_dir, run_dir)
+    stage1 = _stage(run_dir, "stage1", lambda: run_stage1(
+        config, {d.id: document_input(d.text, d.title) for d in documents}, train_qa, init_dir, run_dir
+    ), log)
     phase("stage 1 (compressor pretraining)")
 
     # The encoder reads the corpus file itself, as a corpus-encoding job would, and
     # sets aside the same bad rows the reader above did.
-    encoded = encode_corpus(
-        inputs.corpus_path.resolve(), stage1.model_dir, run_dir / "memory", encode_settings(config), CorpusFormat.JSONL,
-        log=log,
-    )
-    if encoded.num_encoded != len(documents):
-        raise RuntimeError(f"encoded {encoded.num_encoded} documents, but {len(documents)} were read as valid")
+    memory_dir = run_dir / "memory"
+    if not (memory_dir / MEMORY_MANIFEST).exists():
+        encode_corpus(inputs.corpus_path.resolve(), stage1.model_dir, memory_dir, encode_settings(config),
+                      CorpusFormat.JSONL, log=log)
+    encoded = json.loads((memory_dir / MEMORY_MANIFEST).read_text())
+    if encoded["num_encoded"] != len(documents):
+        raise RuntimeError(f"encoded {encoded['num_encoded']} documents, but {len(documents)} were read as valid")
     phase("encode corpus (Ray Data)")
 
-    index = start_index_actor(
-        str(run_dir / "memory"), index_actor_name(run_dir), settings=IndexSettings.from_config(config.index)
-    )
-    shards = read_memory_shards(run_dir / "memory")
+    index = start_index_actor(str(memory_dir), index_actor_name(run_dir), settings=IndexSettings.from_config(config.index))
+    shards = read_memory_shards(memory_dir)
     memory_of = dict(zip(shards.doc_ids, shards.memory))
 
     def search(queries: np.ndarray, num_candidates: int):
@@ -179,19 +242,23 @@ def run_pipeline(config: Config, log=print) -> dict:
     phase("index")
 
     results: dict[str, dict] = {}
-    model, tokenizer = _load_for_eval(stage1.model_dir)
-    rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search)
-    before = _answer_and_score(config, model, tokenizer, rankings, test_qa, memory_of)
+    before = _done(run_dir, "evaluate_before_stage3")
+    if before is None:
+        model, tokenizer = _load_for_eval(stage1.model_dir)
+        rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search)
+        before = _mark_done(run_dir, "evaluate_before_stage3",
+                            _answer_and_score(config, model, tokenizer, rankings, test_qa, memory_of).as_dict())
     phase("evaluate before stage 3")
 
-    stage3 = run_stage3(config, train_qa, stage1.model_dir, IndexActorCandidates(index), run_dir)
+    stage3 = _stage(run_dir, "stage3", lambda: run_stage3(
+        config, train_qa, stage1.model_dir, IndexActorCandidates(index), run_dir
+    ), log)
     phase("stage 3 (joint training)")
-
     model, tokenizer = _load_for_eval(stage3.model_dir)
     for baseline in config.eval.baselines:
         rankings = _baseline_rankings(config, baseline, documents, test_qa)
         results[baseline.value] = _answer_and_score(config, model, tokenizer, rankings, test_qa, memory_of).as_dict()
-    results["query reasoner before stage 3"] = before.as_dict()
+    results["query reasoner before stage 3"] = before
     rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search)
     results["query reasoner after stage 3"] = _answer_and_score(
         config, model, tokenizer, rankings, test_qa, memory_of
@@ -213,11 +280,12 @@ def run_pipeline(config: Config, log=print) -> dict:
             "corpus": inputs.source,
             "num_test_questions": len(test_qa),
             "files": files,
-            "num_encoded": encoded.num_encoded,
-            "num_truncated": encoded.num_truncated,
+            "num_encoded": encoded["num_encoded"],
+            "num_truncated": encoded["num_truncated"],
         },
         "seconds": seconds,
         "models": {"stage1": str(stage1.model_dir), "stage3": str(stage3.model_dir)},
+        "resumed_after": {"stage1": stage1.resumed_after, "stage3": stage3.resumed_after},
     }
     report = write_report(run_dir, summary, stage1.history, stage3.history)
     log(f"[pipeline] report: {report}")

@@ -19,10 +19,11 @@ def plot_training(stage1_history: list[dict], stage3_history: list[dict], path: 
         offset = stage1_history[-1]["step"] if stage1_history else 0
         steps = [offset + h["step"] for h in stage3_history]
         left.plot(steps, [h["loss"] for h in stage3_history], label="stage 3 loss")
-        right.plot([h["step"] for h in stage3_history], [h["train_recall_at_1"] for h in stage3_history],
-                   label="recall@1 (training batches)")
-        right.plot([h["step"] for h in stage3_history], [h["gold_in_candidates"] for h in stage3_history],
-                   label="gold among L candidates")
+        if "train_recall_at_1" in stage3_history[-1]:  # only when training questions name gold documents
+            right.plot([h["step"] for h in stage3_history], [h["train_recall_at_1"] for h in stage3_history],
+                       label="recall@1 (training batches)")
+            right.plot([h["step"] for h in stage3_history], [h["gold_in_candidates"] for h in stage3_history],
+                       label="gold among L candidates")
     left.set(xlabel="step (stage 3 continues after stage 1)", ylabel="loss", yscale="log", title="training loss")
     right.set(xlabel="stage-3 step", ylabel="fraction of questions", ylim=(0, 1.02), title="retrieval during stage 3")
     for axis in (left, right):

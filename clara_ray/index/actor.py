@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,8 +261,29 @@ class IndexActorCandidates:
     def __init__(self, router):
         self.router = router
 
+    @property
+    def version(self) -> str:
+        """The live index version (recorded in training checkpoints)."""
+        return ray.get(self.router.info.remote())["version"]
+
     def candidates(self, query_keys: np.ndarray, num_candidates: int, question_ids=()) -> SearchResult:
         return ray.get(self.router.search.remote(np.ascontiguousarray(query_keys, dtype=np.float32), num_candidates))
+
+
+def _wait_for_name(name: str, timeout_s: float = 60.0) -> None:
+    """An actor of a killed driver dies a moment after it (its owner); one that is
+    still there after `timeout_s` belongs to a live driver."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get_actor(name)
+        except ValueError:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"an index actor named {name!r} is running on this cluster: another driver of the same run is alive"
+            )
+        time.sleep(0.5)
 
 
 def start_index_actor(
@@ -279,12 +301,7 @@ def start_index_actor(
     same name (another driver of the same run) is an error, never replaced."""
     settings = settings or IndexSettings()
     index_root = index_root or str(Path(shard_dir).resolve().parent / "index")
-    try:
-        ray.get_actor(name)
-    except ValueError:
-        pass
-    else:
-        raise RuntimeError(f"an index actor named {name!r} is already running on this cluster (another driver of the same run?)")
+    _wait_for_name(name)
     # The router only coordinates (0 CPUs); it must answer searches while a refresh builds.
     router = ray.remote(IndexServer).options(name=name, num_cpus=0, max_concurrency=16, max_restarts=2)
     actor = router.remote(index_root, settings, shard_dir, step)

@@ -139,7 +139,8 @@ def _saver(w: _Worker, stage: str, steps: int, reporter: _Reporter, trained_back
                 save_model(w.updater.module, w.tokenizer, Path(directory) / MODEL_DIR, w.manifest["backbone"], save_backbone)
         if w.rank == 0:
             resumed_after = [] if w.resumed is None else [*w.resumed.get("resumed_after", []), w.resumed["step"]]
-            write_trainer_state(directory, stage, step, steps, reporter.history, index_version, resumed_after)
+            version = index_version() if index_version is not None else None
+            write_trainer_state(directory, stage, step, steps, reporter.history, version, resumed_after)
 
     return save
 
@@ -186,7 +187,7 @@ def stage3_loop(run: dict):
     reporter = _Reporter("stage3", settings.steps, settings.report_every, settings.checkpoint_every, w.rank,
                          [] if w.resumed is None else w.resumed["history"], start)
     candidates = run["candidates"]
-    save = _saver(w, "stage3", settings.steps, reporter, False, index_version=getattr(candidates, "version", None))
+    save = _saver(w, "stage3", settings.steps, reporter, False, index_version=lambda: getattr(candidates, "version", None))
     # The pull back to the start measures from where stage 3 started, not from the checkpoint.
     anchor = ParameterAnchor(w.updater.module, settings.anchor_weight, start=run["model_dir"] if w.resumed else None)
     for step, batch in stage3_batches(run["questions"], settings.micro_batch_size, settings.steps, worker.seed,

@@ -62,3 +62,65 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
     assert "| corpus | 17 | 12 | 5 |" in report
     assert (run_dir / "training.png").stat().st_size > 0
     assert (run_dir / "models" / "stage3" / "adapters.safetensors").exists()
+
+
+_DRIVER = """
+import sys, ray
+from clara_ray.config import load_config
+from clara_ray.pipeline import run_pipeline
+ray.init(address=sys.argv[1])
+run_pipeline(load_config(None, sys.argv[2:]), log=lambda message: None)
+"""
+
+
+def test_pipeline_killed_after_stage1_skips_it_when_rerun(local_ray, tmp_path):
+    """The driver is killed once stage 1 has finished, wherever it then is (or after
+    it finished everything): a rerun of the same config never trains stage 1 again
+    and finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    overrides = [
+        f"run.output_dir={tmp_path / 'runs'}", "run.name=killed", "data.trap.num_entities=12",
+        "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
+        "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300",
+        "stage1.steps=6", "stage1.report_every=2", "stage1.micro_batch_size_per_worker=4",
+        "stage3.steps=4", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4",
+        "stage3.top_k=2", "stage3.num_candidates=8", "eval.baselines=[bm25]", "encode.max_actors=1",
+    ]
+    run_dir = tmp_path / "runs" / "killed"
+    driver = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER, local_ray.get_runtime_context().gcs_address, *overrides],
+        cwd=Path(__file__).parents[2], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not (run_dir / "steps" / "stage1.json").exists():
+            assert driver.poll() is None, "the driver died before stage 1 finished"
+            assert time.monotonic() < deadline, "stage 1 did not finish in 10 minutes"
+            time.sleep(0.05)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    stage1_files = {p: p.stat().st_mtime_ns for p in (run_dir / "models" / "stage1").rglob("*") if p.is_file()}
+
+    messages: list[str] = []
+    summary = run_pipeline(load_config(None, overrides), log=messages.append)
+    assert any("stage1 finished in an earlier attempt" in m for m in messages)
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "models" / "stage1").rglob("*") if p.is_file()} == stage1_files
+    assert (run_dir / "steps" / "stage3.json").exists() and (run_dir / "report.md").exists()
+    assert set(summary["results"]) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
+    assert os.path.exists(summary["models"]["stage3"])
+
+
+def test_run_directory_of_another_config_is_refused(local_ray, tmp_path):
+    first = load_config(None, [f"run.output_dir={tmp_path}", "run.name=taken"])
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.yaml").write_text(first.to_yaml())
+    other = load_config(None, [f"run.output_dir={tmp_path}", "run.name=taken", "stage3.steps=7"])
+    with pytest.raises(FileExistsError, match="another config"):
+        run_pipeline(other, log=lambda message: None)
