@@ -12,6 +12,8 @@ Run directory (<run.output_dir>/<run.name>/):
     index/               index versions over memory/ (clara_ray/index/versions.py)
     ray_train/           Ray Train's own run storage: each stage's checkpoints
                          (clara_ray/training/checkpoints.py)
+    tensorboard/<stage>/ per-window metrics for TensorBoard (loss, recall, tokens/s,
+                         the stage-3 step split: query / search / forward / backward)
     steps/<step>.json    written when a step finishes, with its result: init, stage1,
                          evaluate_before_stage3, stage3 (the encoding's mark is
                          memory/manifest.json)

@@ -47,19 +47,31 @@ class _Reporter:
     after the last. Every rank reports at the same steps (a report is a barrier)."""
 
     def __init__(self, stage: str, total_steps: int, report_every: int, checkpoint_every: int, rank: int,
-                 history: list[dict], first_step: int):
+                 world: int, history: list[dict], first_step: int, tensorboard_dir: str | None):
         self.stage, self.total, self.rank, self.checkpoint_every = stage, total_steps, rank, checkpoint_every
         self.window = MetricWindow(report_every, total_steps)
-        self.started, self.first_step = time.perf_counter(), first_step
+        self.started, self.first_step, self.world = time.perf_counter(), first_step, world
         self.history = history
+        self.tensorboard = None
+        if rank == 0 and tensorboard_dir is not None:
+            from tensorboardX import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(Path(tensorboard_dir) / stage))
 
     def add(self, step: int, values: dict[str, float], learning_rate: float, save) -> None:
         """`save(directory, step)` writes this rank's checkpoint files."""
         means = self.window.add(step, values)
         if means is not None:
             metrics = _mean_over_ranks(means)
+            # All ranks' tokens over the slowest-on-average rank's step time.
+            metrics["tokens_per_second"] = metrics["tokens"] * self.world / max(metrics["seconds_step"], 1e-9)
             metrics.update(step=step, stage=self.stage, learning_rate=learning_rate)
             self.history.append(metrics)
+            if self.tensorboard is not None:
+                for key, value in metrics.items():
+                    if key not in ("step", "stage"):
+                        self.tensorboard.add_scalar(f"{self.stage}/{key}", value, step)
+                self.tensorboard.flush()
             if self.rank == 0:
                 elapsed = time.perf_counter() - self.started
                 print(progress_line(self.stage, step - self.first_step + 1, self.total - self.first_step + 1, metrics,
@@ -156,8 +168,8 @@ def stage1_loop(run: dict):
     batch_rng = random.Random(worker.seed * 7919 + w.rank)
     if w.checkpoint_dir is not None:
         load_rank_state(w.checkpoint_dir, w.rank, w.updater.optimizer, w.updater.scheduler, batch_rng)
-    reporter = _Reporter("stage1", settings.steps, settings.report_every, settings.checkpoint_every, w.rank,
-                         [] if w.resumed is None else w.resumed["history"], start)
+    reporter = _Reporter("stage1", settings.steps, settings.report_every, settings.checkpoint_every, w.rank, w.world,
+                         [] if w.resumed is None else w.resumed["history"], start, run.get("tensorboard_dir"))
     save = _saver(w, "stage1", settings.steps, reporter, settings.train_backbone, batch_rng)
     for step, batch in stage1_batches(
         run["examples"], run["documents"], settings, worker.lengths, w.tokenizer, w.updater.module.num_memory_tokens,
@@ -184,8 +196,8 @@ def stage3_loop(run: dict):
     start = 1 if w.resumed is None else w.resumed["step"] + 1
     if w.checkpoint_dir is not None:
         load_rank_state(w.checkpoint_dir, w.rank, w.updater.optimizer, w.updater.scheduler)
-    reporter = _Reporter("stage3", settings.steps, settings.report_every, settings.checkpoint_every, w.rank,
-                         [] if w.resumed is None else w.resumed["history"], start)
+    reporter = _Reporter("stage3", settings.steps, settings.report_every, settings.checkpoint_every, w.rank, w.world,
+                         [] if w.resumed is None else w.resumed["history"], start, run.get("tensorboard_dir"))
     candidates = run["candidates"]
     save = _saver(w, "stage3", settings.steps, reporter, False, index_version=lambda: getattr(candidates, "version", None))
     # The pull back to the start measures from where stage 3 started, not from the checkpoint.

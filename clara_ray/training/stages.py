@@ -32,8 +32,9 @@ class StageResult:
 
 
 def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str) -> StageResult:
-    loop_config = {"worker": WorkerSettings.from_config(config), **loop_config}
     run_dir = Path(run_dir).resolve()
+    loop_config = {"worker": WorkerSettings.from_config(config), "tensorboard_dir": str(run_dir / "tensorboard"),
+                   **loop_config}
     resources = {"CPU": config.train.cpu_threads_per_worker}
     trainer = TorchTrainer(
         loop,

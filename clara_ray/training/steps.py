@@ -27,6 +27,7 @@ from clara_ray.training.settings import Stage1Settings, Stage3Settings
 
 def stage1_step(updater, batch: dict[str, torch.Tensor], settings: Stage1Settings) -> dict[str, float]:
     """Compressor pretraining on a batch from ``batches.stage1_batch``."""
+    started = time.perf_counter()
     out = updater.forward(
         Objective.COMPRESSOR_PRETRAINING,
         **{k: v.to(updater.device) for k, v in batch.items()},
@@ -34,7 +35,9 @@ def stage1_step(updater, batch: dict[str, torch.Tensor], settings: Stage1Setting
     )
     updater.backward(out["loss"])
     updater.step()
-    return {k: out[k].item() for k in ("loss", "generation_loss", "mse_loss")}
+    metrics = {k: out[k].item() for k in ("loss", "generation_loss", "mse_loss")}
+    tokens = int(batch["doc_mask"].sum() + batch["prompt_mask"].sum() + batch["target_mask"].sum())
+    return {**metrics, "tokens": tokens, "seconds_step": time.perf_counter() - started}
 
 
 class _Clock:
@@ -88,7 +91,9 @@ def stage3_step(
     updater.backward(out["loss"] + settings.anchor_weight * penalty if anchored else out["loss"])
     updater.step(hold_gains=step <= settings.hold_gains_steps)
     clock.lap("backward")
-    metrics = {"loss": out["loss"].item(), "temperature": temperature, **clock.seconds}
+    tokens = int(sum(inputs[k].sum() for k in ("question_mask", "prompt_mask", "target_mask")))
+    metrics = {"loss": out["loss"].item(), "temperature": temperature, "tokens": tokens,
+               "seconds_step": sum(clock.seconds.values()), **clock.seconds}
     if batch.gold_doc_ids is not None:
         top1 = out["scores"].argmax(-1).cpu().numpy()
         gold = batch.gold_doc_ids

@@ -73,30 +73,51 @@ run_pipeline(load_config(None, sys.argv[2:]), log=lambda message: None)
 """
 
 
-def test_pipeline_killed_after_stage1_skips_it_when_rerun(local_ray, tmp_path):
-    """The driver is killed once stage 1 has finished, wherever it then is (or after
-    it finished everything): a rerun of the same config never trains stage 1 again
-    and finishes the run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    overrides = [
-        f"run.output_dir={tmp_path / 'runs'}", "run.name=killed", "data.trap.num_entities=12",
+def _small_trap_run(output_dir, name: str) -> list[str]:
+    return [
+        f"run.output_dir={output_dir}", f"run.name={name}", "data.trap.num_entities=12",
         "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
         "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300",
         "stage1.steps=6", "stage1.report_every=2", "stage1.micro_batch_size_per_worker=4",
         "stage3.steps=4", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4",
         "stage3.top_k=2", "stage3.num_candidates=8", "eval.baselines=[bm25]", "encode.max_actors=1",
     ]
+
+
+def _driver(local_ray, overrides, log_path):
+    """A pipeline driver in its own process on the test cluster; its output goes to `log_path`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-c", _DRIVER, local_ray.get_runtime_context().gcs_address, *overrides],
+            cwd=Path(__file__).parents[2], stdout=log, stderr=subprocess.STDOUT,
+        )
+
+
+def test_two_pipelines_started_at_once_on_one_cluster_both_finish(local_ray, tmp_path):
+    logs = [tmp_path / f"{name}.log" for name in ("first", "second")]
+    drivers = [_driver(local_ray, _small_trap_run(tmp_path, name), log) for name, log in zip(("first", "second"), logs)]
+    for driver, log in zip(drivers, logs):
+        assert driver.wait(timeout=1200) == 0, log.read_text(errors="replace")[-3000:]
+    for name in ("first", "second"):
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert set(metrics["results"]) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
+
+
+def test_pipeline_killed_after_stage1_skips_it_when_rerun(local_ray, tmp_path):
+    """The driver is killed once stage 1 has finished, wherever it then is (or after
+    it finished everything): a rerun of the same config never trains stage 1 again
+    and finishes the run."""
+    import os
+    import signal
+    import time
+
+    overrides = _small_trap_run(tmp_path / "runs", "killed")
     run_dir = tmp_path / "runs" / "killed"
-    driver = subprocess.Popen(
-        [sys.executable, "-c", _DRIVER, local_ray.get_runtime_context().gcs_address, *overrides],
-        cwd=Path(__file__).parents[2], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    driver = _driver(local_ray, overrides, tmp_path / "driver.log")
     try:
         deadline = time.monotonic() + 600
         while not (run_dir / "steps" / "stage1.json").exists():

@@ -24,6 +24,7 @@ STAGE1 = SMALL + ["stage1.steps=40", "stage1.report_every=5", "stage1.checkpoint
 
 
 def _stage1(tmp_path: Path, loop=None):
+    """(config, StageResult) of a small two-worker stage 1 whose run directory is `tmp_path`."""
     config = load_config(None, STAGE1)
     corpus = generate_trap_corpus(num_entities=12, seed=3)
     init_dir = build_initial_model(config, corpus.documents, corpus.train_qa, tmp_path / "init")
@@ -34,11 +35,12 @@ def _stage1(tmp_path: Path, loop=None):
 
 @pytest.fixture(scope="module")
 def uninterrupted(local_ray, tmp_path_factory):
-    return _stage1(tmp_path_factory.mktemp("uninterrupted"))
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    return (*_stage1(run_dir), run_dir)
 
 
 def test_two_worker_deepspeed_stage1_loss_goes_down(uninterrupted):
-    config, result = uninterrupted
+    config, result, run_dir = uninterrupted
     losses = [h["loss"] for h in result.history]
     assert [h["step"] for h in result.history] == list(range(5, 41, 5))
     assert losses[-1] < 0.7 * losses[0], losses
@@ -48,6 +50,8 @@ def test_two_worker_deepspeed_stage1_loss_goes_down(uninterrupted):
     assert manifest["backbone"] == "backbone"
     model, _, _ = load_model(result.model_dir)
     assert model.num_memory_tokens == config.model.num_memory_tokens
+    assert all(h["tokens_per_second"] > 0 for h in result.history)
+    assert list((run_dir / "tensorboard" / "stage1").glob("events.out.tfevents.*"))
 
 
 def test_killed_worker_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(uninterrupted, tmp_path):
@@ -78,7 +82,7 @@ def test_killed_worker_resumes_from_its_checkpoint_and_ends_like_an_uninterrupte
     _, result = _stage1(tmp_path, loop_that_loses_a_worker)
     assert os.path.exists(marker), "the worker was never killed"
     assert result.resumed_after == [10]
-    _, clean = uninterrupted
+    _, clean, _ = uninterrupted
     assert clean.resumed_after == []
     assert [h["step"] for h in result.history] == [h["step"] for h in clean.history]
     # Same weights, optimizer state, schedule, batches and random state after the
