@@ -6,8 +6,8 @@
     python benchmarks/recipe_sweep.py probe runs/demo/models/stage1       # diagnostics of a demo's model
 
 A run reads the same config as `clara-ray demo` (``--config``, default
-jobs/configs/tiny.yaml, plus ``key=value`` overrides) and runs stage 1 -> encode ->
-stage 3 -> evaluate with the library's own settings objects, batches, step
+jobs/configs/tiny.yaml, plus ``key=value`` overrides) and runs stage 1 -> (stage 2)
+-> encode -> stage 3 -> evaluate with the library's own settings objects, batches, step
 functions, optimizer groups and schedule (``clara_ray.training.one_process``), but
 without Ray, DeepSpeed or FAISS: one process, ``TorchUpdater``, an exact search over
 the whole corpus memory (``ExactSearch``) in place of the index actors. A step takes
@@ -55,10 +55,10 @@ from clara_ray.modeling.checkpoint import load_model, save_model  # noqa: E402
 from clara_ray.modeling.clara import Role  # noqa: E402
 from clara_ray.modeling.initial import build_initial_model  # noqa: E402
 from clara_ray.modeling.text import document_input, tokenize_texts  # noqa: E402
-from clara_ray.training.batches import QuestionBatch, prepare_stage1_examples  # noqa: E402
+from clara_ray.training.batches import QuestionBatch, prepare_stage1_examples, prepare_stage2_examples  # noqa: E402
 from clara_ray.training.candidates import ExactSearch  # noqa: E402
-from clara_ray.training.one_process import train_stage1, train_stage3  # noqa: E402
-from clara_ray.training.settings import Stage1Settings, Stage3Settings, WorkerSettings  # noqa: E402
+from clara_ray.training.one_process import train_stage1, train_stage2, train_stage3  # noqa: E402
+from clara_ray.training.settings import Stage1Settings, Stage2Settings, Stage3Settings, WorkerSettings  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
 NAME = re.compile(r"[A-Z][a-z]{5} [A-Z][a-z]{5}")  # trap-corpus names: two 6-letter parts
@@ -158,6 +158,11 @@ def run_one(args) -> None:
         history = train_stage1(model, tokenizer, examples, list(documents.values()), Stage1Settings.from_config(config),
                                worker, workers=config.train.num_workers)
         log["stage1_loss"] = history[-1]["loss"]
+        if config.stage2.enabled:
+            examples = prepare_stage2_examples(documents, train, config.stage2.num_documents)
+            history = train_stage2(model, tokenizer, examples, list(documents.values()),
+                                   Stage2Settings.from_config(config), worker, workers=config.train.num_workers)
+            log["stage2_loss"] = history[-1]["loss"]
         if args.save_stage1:
             save_model(model, tokenizer, args.save_stage1, "backbone", save_backbone=True)
     log["stage1_seconds"] = time.time() - started

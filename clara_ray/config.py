@@ -253,6 +253,26 @@ class Stage1Config(_Section):
             )
         return self
 
+class Stage2Config(_Section):
+    """Instruction tuning (CLaRa's stage 2): the generator answers training questions
+    from the memories of `num_documents` given documents, the gold one among its
+    BM25-retrieved neighbours, with no reconstruction and no alignment term. Runs
+    after stage 1 and before the corpus is encoded, so a compressor trained here
+    is the one that encodes."""
+
+    enabled: bool = False
+    steps: int = Field(300, gt=0)
+    learning_rate: float = Field(1.0e-4, gt=0)
+    micro_batch_size_per_worker: int = Field(16, gt=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    num_documents: int = Field(5, ge=1)
+    # CLaRa trains the generator here; the compressor may train too (the query
+    # reasoner then starts stage 3 from the compressor as it leaves stage 2).
+    train_compressor: bool = False
+    report_every: int = Field(25, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+
+
 class Stage3Config(_Section):
     """Joint training of query reasoner and generator through the differentiable top-k."""
 
@@ -388,6 +408,7 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     stage1: Stage1Config = Stage1Config()
+    stage2: Stage2Config = Stage2Config()
     stage3: Stage3Config = Stage3Config()
     encode: EncodeConfig = EncodeConfig()
     index: IndexConfig = IndexConfig()

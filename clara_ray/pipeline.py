@@ -1,4 +1,4 @@
-"""The whole CLaRa pipeline on Ray: data -> stage 1 -> encode -> index -> stage 3 -> evaluate.
+"""The whole CLaRa pipeline on Ray: data -> stage 1 -> (stage 2) -> encode -> index -> stage 3 -> evaluate.
 
     summary = run_pipeline(load_config("jobs/configs/tiny.yaml"))
 
@@ -7,14 +7,15 @@ Run directory (<run.output_dir>/<run.name>/):
     data/                the bundled trap corpus files (when used) and quarantine files
     models/init          the untrained model (tiny: tokenizer trained here + random weights)
     models/stage1        after compressor pretraining (query reasoner = compressor)
+    models/stage2        after instruction tuning (when stage2.enabled); it encodes the corpus
     models/stage3        after joint training
-    memory/              memory shards of the corpus, encoded by models/stage1
+    memory/              memory shards of the corpus, encoded by models/stage2 (or stage1)
     index/               index versions over memory/ (clara_ray/index/versions.py)
     ray_train/           Ray Train's own run storage: each stage's checkpoints
                          (clara_ray/training/checkpoints.py)
     tensorboard/<stage>/ per-window metrics for TensorBoard (loss, recall, tokens/s,
                          the stage-3 step split: query / search / forward / backward)
-    steps/<step>.json    written when a step finishes, with its result: init, stage1,
+    steps/<step>.json    written when a step finishes, with its result: init, stage1, stage2,
                          evaluate_before_stage3, stage3 (the encoding's mark is
                          memory/manifest.json)
     report.md, training.png, metrics.json
@@ -55,7 +56,7 @@ from clara_ray.modeling.checkpoint import load_model
 from clara_ray.modeling.initial import build_initial_model
 from clara_ray.modeling.text import document_input
 from clara_ray.report import write_report
-from clara_ray.training.stages import StageResult, run_stage1, run_stage3
+from clara_ray.training.stages import StageResult, run_stage1, run_stage2, run_stage3
 
 
 @dataclass(frozen=True)
@@ -223,11 +224,18 @@ def run_pipeline(config: Config, log=print) -> dict:
     ), log)
     phase("stage 1 (compressor pretraining)")
 
+    tuned = stage1
+    if config.stage2.enabled:
+        tuned = _stage(run_dir, "stage2", lambda: run_stage2(
+            config, {d.id: document_input(d.text, d.title) for d in documents}, train_qa, stage1.model_dir, run_dir
+        ), log)
+        phase("stage 2 (instruction tuning)")
+
     # The encoder reads the corpus file itself, as a corpus-encoding job would, and
     # sets aside the same bad rows the reader above did.
     memory_dir = run_dir / "memory"
     if not (memory_dir / MEMORY_MANIFEST).exists():
-        encode_corpus(inputs.corpus_path.resolve(), stage1.model_dir, memory_dir, encode_settings(config),
+        encode_corpus(inputs.corpus_path.resolve(), tuned.model_dir, memory_dir, encode_settings(config),
                       CorpusFormat.JSONL, log=log)
     encoded = json.loads((memory_dir / MEMORY_MANIFEST).read_text())
     if encoded["num_encoded"] != len(documents):
@@ -246,14 +254,14 @@ def run_pipeline(config: Config, log=print) -> dict:
     results: dict[str, dict] = {}
     before = _done(run_dir, "evaluate_before_stage3")
     if before is None:
-        model, tokenizer = _load_for_eval(stage1.model_dir)
+        model, tokenizer = _load_for_eval(tuned.model_dir)
         rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search)
         before = _mark_done(run_dir, "evaluate_before_stage3",
                             _answer_and_score(config, model, tokenizer, rankings, test_qa, memory_of).as_dict())
     phase("evaluate before stage 3")
 
     stage3 = _stage(run_dir, "stage3", lambda: run_stage3(
-        config, train_qa, stage1.model_dir, IndexActorCandidates(index), run_dir
+        config, train_qa, tuned.model_dir, IndexActorCandidates(index), run_dir
     ), log)
     phase("stage 3 (joint training)")
     model, tokenizer = _load_for_eval(stage3.model_dir)
@@ -286,8 +294,10 @@ def run_pipeline(config: Config, log=print) -> dict:
             "num_truncated": encoded["num_truncated"],
         },
         "seconds": seconds,
-        "models": {"stage1": str(stage1.model_dir), "stage3": str(stage3.model_dir)},
-        "resumed_after": {"stage1": stage1.resumed_after, "stage3": stage3.resumed_after},
+        "models": {"stage1": str(stage1.model_dir), "stage2": str(tuned.model_dir) if tuned is not stage1 else None,
+                   "stage3": str(stage3.model_dir)},
+        "resumed_after": {"stage1": stage1.resumed_after, "stage2": tuned.resumed_after if tuned is not stage1 else [],
+                          "stage3": stage3.resumed_after},
     }
     report = write_report(run_dir, summary, stage1.history, stage3.history)
     log(f"[pipeline] report: {report}")

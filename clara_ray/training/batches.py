@@ -44,7 +44,7 @@ from clara_ray.data.formats import Document
 from clara_ray.eval.baselines import bm25_rankings
 
 if TYPE_CHECKING:
-    from clara_ray.training.settings import Stage1Settings
+    from clara_ray.training.settings import Stage1Settings, Stage2Settings
 from clara_ray.modeling.text import (
     RECONSTRUCTION_PROMPT,
     answer_target,
@@ -161,6 +161,13 @@ def prepare_stage1_examples(
     return stage1_examples(documents, train_qa, neighbours, rivals)
 
 
+def prepare_stage2_examples(documents: dict[str, str], train_qa, num_documents: int) -> list[Stage1Example]:
+    """QA examples only, each with its question's BM25 neighbours: the `num_documents`
+    - 1 other documents stage 2 reads beside the gold one."""
+    examples = prepare_stage1_examples(documents, train_qa, 1.0, max(1, num_documents - 1), 0, 0)
+    return [e for e in examples if e.question is not None]
+
+
 def epoch_slices(num_items: int, batch_size: int, rank: int, world: int, seed: int, start: int = 0) -> Iterator[list[int]]:
     """Endless micro-batches of item indices from this rank's `start`-th on (0-based):
     each epoch is one seeded shuffle shared by all ranks, rank r taking every
@@ -179,11 +186,13 @@ def epoch_slices(num_items: int, batch_size: int, rank: int, world: int, seed: i
 
 
 def stage1_batches(
-    examples: list[Stage1Example], documents: list[str], settings: Stage1Settings, lengths: Lengths, tokenizer,
+    examples: list[Stage1Example], documents: list[str], settings: Stage1Settings | Stage2Settings, lengths: Lengths,
+    tokenizer,
     num_memory_tokens: int, seed: int, rng: random.Random, rank: int = 0, world: int = 1, start_step: int = 1,
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """(step, model inputs) for steps start_step..settings.steps of this rank: rivals
-    join the distractors up to `settings.rival_steps`. `rng` draws the examples'
+    """(step, model inputs) for steps start_step..settings.steps of this rank (stage 1,
+    or stage 2 whose settings read the same way): rivals join the distractors up to
+    `settings.rival_steps`. `rng` draws the examples'
     random choices (a resumed run passes it in the state it was saved in)."""
     without_rivals = [dataclasses.replace(e, rivals=()) for e in examples]
     answer_pool = sorted({e.answer for e in examples if e.answer is not None})

@@ -36,8 +36,8 @@ from clara_ray.training.checkpoints import (
     write_trainer_state,
 )
 from clara_ray.training.engine import DeepSpeedUpdater, OptimiserSettings, ParameterAnchor, full_parameters
-from clara_ray.training.settings import Stage1Settings, Stage3Settings, WorkerSettings
-from clara_ray.training.steps import MetricWindow, progress_line, stage1_step, stage3_step
+from clara_ray.training.settings import Stage2Settings, Stage3Settings, WorkerSettings
+from clara_ray.training.steps import MetricWindow, progress_line, stage1_step, stage2_step, stage3_step
 
 
 class _Reporter:
@@ -157,31 +157,43 @@ def _saver(w: _Worker, stage: str, steps: int, reporter: _Reporter, trained_back
     return save
 
 
-def stage1_loop(run: dict):
-    """Compressor pretraining: compressor + generator (and base, if configured).
-    `run`: worker (WorkerSettings), settings (Stage1Settings), model_dir, examples, documents."""
-    settings: Stage1Settings = run["settings"]
+def _memory_qa_loop(run: dict, stage: str, trainable: list[Role], step_function, copy_compressor: bool):
+    """Stages 1 and 2: batches of documents to compress and targets to generate."""
+    settings = run["settings"]
     worker: WorkerSettings = run["worker"]
-    w = _setup(run, [Role.COMPRESSOR, Role.GENERATOR], settings.train_backbone, settings.optimiser,
-               settings.micro_batch_size)
+    w = _setup(run, trainable, settings.train_backbone, settings.optimiser, settings.micro_batch_size)
     start = 1 if w.resumed is None else w.resumed["step"] + 1
     batch_rng = random.Random(worker.seed * 7919 + w.rank)
     if w.checkpoint_dir is not None:
         load_rank_state(w.checkpoint_dir, w.rank, w.updater.optimizer, w.updater.scheduler, batch_rng)
-    reporter = _Reporter("stage1", settings.steps, settings.report_every, settings.checkpoint_every, w.rank, w.world,
+    reporter = _Reporter(stage, settings.steps, settings.report_every, settings.checkpoint_every, w.rank, w.world,
                          [] if w.resumed is None else w.resumed["history"], start, run.get("tensorboard_dir"))
-    save = _saver(w, "stage1", settings.steps, reporter, settings.train_backbone, batch_rng)
+    save = _saver(w, stage, settings.steps, reporter, settings.train_backbone, batch_rng)
     for step, batch in stage1_batches(
         run["examples"], run["documents"], settings, worker.lengths, w.tokenizer, w.updater.module.num_memory_tokens,
         worker.seed, batch_rng, w.rank, w.world, start,
     ):
         learning_rate = w.updater.learning_rate()  # the one this step runs at
-        values = stage1_step(w.updater, batch, settings)
-        if step == settings.steps:
+        values = step_function(w.updater, batch, settings)
+        if step == settings.steps and copy_compressor:
             # Stage 3 starts its query reasoner from the trained compressor (CLaRa's init).
             w.updater.module.copy_adapter(Role.COMPRESSOR, Role.QUERY_REASONER)
         reporter.add(step, values, learning_rate, save)
     return reporter.history
+
+
+def stage1_loop(run: dict):
+    """Compressor pretraining: compressor + generator (and base, if configured).
+    `run`: worker (WorkerSettings), settings (Stage1Settings), model_dir, examples, documents."""
+    return _memory_qa_loop(run, "stage1", [Role.COMPRESSOR, Role.GENERATOR], stage1_step, copy_compressor=True)
+
+
+def stage2_loop(run: dict):
+    """Instruction tuning: the generator (and the compressor, if configured) on QA
+    examples with given documents. `run`: as for stage 1, settings (Stage2Settings)."""
+    settings: Stage2Settings = run["settings"]
+    trainable = [Role.GENERATOR] + ([Role.COMPRESSOR] if settings.train_compressor else [])
+    return _memory_qa_loop(run, "stage2", trainable, stage2_step, copy_compressor=settings.train_compressor)
 
 
 def stage3_loop(run: dict):

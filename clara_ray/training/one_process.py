@@ -24,8 +24,8 @@ from clara_ray.modeling.clara import Role
 from clara_ray.training.batches import QuestionBatch, Stage1Example, stage1_batches, stage3_batches
 from clara_ray.training.candidates import CandidateSource
 from clara_ray.training.engine import ParameterAnchor, TorchUpdater
-from clara_ray.training.settings import Stage1Settings, Stage3Settings, WorkerSettings
-from clara_ray.training.steps import MetricWindow, progress_line, stage1_step, stage3_step
+from clara_ray.training.settings import Stage1Settings, Stage2Settings, Stage3Settings, WorkerSettings
+from clara_ray.training.steps import MetricWindow, progress_line, stage1_step, stage2_step, stage3_step
 
 OnWindow = Callable[[dict], None]  # called with each reporting window's metrics (after they are in the history)
 
@@ -62,6 +62,29 @@ def train_stage1(
         values = stage1_step(updater, batch, settings)
         _report("stage1", window, step, settings.steps, values, learning_rate, started, history, on_window, log)
     model.copy_adapter(Role.COMPRESSOR, Role.QUERY_REASONER)
+    return history
+
+
+def train_stage2(
+    model, tokenizer, examples: list[Stage1Example], documents: list[str], settings: Stage2Settings,
+    worker: WorkerSettings, workers: int = 1, on_window: OnWindow | None = None, log=print,
+) -> list[dict]:
+    """Instruction tuning in place (examples from ``batches.prepare_stage2_examples``)."""
+    torch.manual_seed(worker.seed)
+    model.set_trainable([Role.GENERATOR] + ([Role.COMPRESSOR] if settings.train_compressor else []), backbone=False)
+    model.train()
+    settings = dataclasses.replace(settings, micro_batch_size=settings.micro_batch_size * workers)
+    updater = TorchUpdater(model, settings.optimiser)
+    window, history, started = MetricWindow(settings.report_every, settings.steps), [], time.perf_counter()
+    for step, batch in stage1_batches(
+        examples, documents, settings, worker.lengths, tokenizer, model.num_memory_tokens, worker.seed,
+        random.Random(worker.seed * 7919),
+    ):
+        learning_rate = updater.learning_rate()
+        values = stage2_step(updater, batch, settings)
+        _report("stage2", window, step, settings.steps, values, learning_rate, started, history, on_window, log)
+    if settings.train_compressor:
+        model.copy_adapter(Role.COMPRESSOR, Role.QUERY_REASONER)
     return history
 
 

@@ -87,6 +87,48 @@ class Stage1Settings:
 
 
 @dataclass(frozen=True)
+class Stage2Settings:
+    """Instruction tuning (see ``clara_ray.config.Stage2Config``). The batching
+    fields have stage 1's names: stage 2 draws its batches the same way, from QA
+    examples only, each reading exactly `num_documents` documents whose others are
+    the question's BM25 neighbours."""
+
+    steps: int
+    micro_batch_size: int
+    optimiser: OptimiserSettings
+    num_documents: int
+    train_compressor: bool
+    report_every: int
+    checkpoint_every: int
+    rival_steps: int = 0
+    counterfactual_rate: float = 0.0
+    hard_distractor_fraction: float = 1.0
+    reconstruction_order: ReconstructionOrder = ReconstructionOrder.FORWARD  # no reconstruction examples
+    train_backbone: bool = False
+
+    @property
+    def min_context_docs(self) -> int:
+        return self.num_documents
+
+    @property
+    def max_context_docs(self) -> int:
+        return self.num_documents
+
+    @classmethod
+    def from_config(cls, config: Config) -> Stage2Settings:
+        s2 = config.stage2
+        return cls(
+            steps=s2.steps,
+            micro_batch_size=s2.micro_batch_size_per_worker,
+            optimiser=_optimiser(s2.steps, s2.learning_rate, s2.warmup_fraction, config.train.gradient_clipping),
+            num_documents=s2.num_documents,
+            train_compressor=s2.train_compressor,
+            report_every=s2.report_every,
+            checkpoint_every=s2.checkpoint_every,
+        )
+
+
+@dataclass(frozen=True)
 class Stage3Settings:
     """Joint training (see ``clara_ray.config.Stage3Config`` for each knob)."""
 

@@ -1,7 +1,8 @@
 """Drivers for the training stages: config in, Ray Train + DeepSpeed run, model directory out.
 
     stage1 = run_stage1(config, documents, train_qa, init_model_dir, run_dir)
-    stage3 = run_stage3(config, train_qa, stage1.model_dir, IndexActorCandidates(router), run_dir)
+    stage2 = run_stage2(config, documents, train_qa, stage1.model_dir, run_dir)   # when config.stage2.enabled
+    stage3 = run_stage3(config, train_qa, stage2.model_dir, IndexActorCandidates(router), run_dir)
 
 Each returns a `StageResult` with the trained model directory (copied out of Ray
 Train's storage into <run_dir>/models/<stage>) and the metric history.
@@ -17,11 +18,11 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from clara_ray.config import Config
-from clara_ray.training.batches import QuestionBatch, prepare_stage1_examples
+from clara_ray.training.batches import QuestionBatch, prepare_stage1_examples, prepare_stage2_examples
 from clara_ray.training.candidates import CandidateSource
 from clara_ray.training.checkpoints import MODEL_DIR, read_trainer_state
-from clara_ray.training.loops import stage1_loop, stage3_loop
-from clara_ray.training.settings import Stage1Settings, Stage3Settings, WorkerSettings
+from clara_ray.training.loops import stage1_loop, stage2_loop, stage3_loop
+from clara_ray.training.settings import Stage1Settings, Stage2Settings, Stage3Settings, WorkerSettings
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,18 @@ def run_stage1(config: Config, documents: dict[str, str], train_qa, init_model_d
         "documents": list(documents.values()),
     }
     return _fit(loop, loop_config, config, run_dir, "stage1")
+
+
+def run_stage2(config: Config, documents: dict[str, str], train_qa, stage1_model_dir: Path, run_dir: Path) -> StageResult:
+    """Instruction tuning on the training QA pairs with their gold documents among
+    BM25-retrieved ones."""
+    loop_config = {
+        "settings": Stage2Settings.from_config(config),
+        "model_dir": str(stage1_model_dir),
+        "examples": prepare_stage2_examples(documents, train_qa, config.stage2.num_documents),
+        "documents": list(documents.values()),
+    }
+    return _fit(stage2_loop, loop_config, config, run_dir, "stage2")
 
 
 def run_stage3(config: Config, train_qa, stage1_model_dir: Path, candidates: CandidateSource, run_dir: Path) -> StageResult:

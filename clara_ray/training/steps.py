@@ -1,6 +1,7 @@
 """One training step per objective, in plain PyTorch (no Ray).
 
     metrics = stage1_step(updater, batch, settings)
+    metrics = stage2_step(updater, batch, settings)
     metrics = stage3_step(updater, tokenizer, batch, candidates, settings, lengths, step, anchor)
 
 `updater` is a ``clara_ray.training.engine.TorchUpdater`` (one process) or
@@ -22,7 +23,7 @@ from clara_ray.modeling.topk import annealed_temperature
 from clara_ray.training.batches import Lengths, QuestionBatch, stage3_batch
 from clara_ray.training.candidates import CandidateSource
 from clara_ray.training.engine import ParameterAnchor
-from clara_ray.training.settings import Stage1Settings, Stage3Settings
+from clara_ray.training.settings import Stage1Settings, Stage2Settings, Stage3Settings
 
 
 def stage1_step(updater, batch: dict[str, torch.Tensor], settings: Stage1Settings) -> dict[str, float]:
@@ -38,6 +39,19 @@ def stage1_step(updater, batch: dict[str, torch.Tensor], settings: Stage1Setting
     metrics = {k: out[k].item() for k in ("loss", "generation_loss", "mse_loss")}
     tokens = int(batch["doc_mask"].sum() + batch["prompt_mask"].sum() + batch["target_mask"].sum())
     return {**metrics, "tokens": tokens, "seconds_step": time.perf_counter() - started}
+
+
+def stage2_step(updater, batch: dict[str, torch.Tensor], settings: Stage2Settings) -> dict[str, float]:
+    """Instruction tuning on a batch of QA examples from ``batches.stage1_batch``: the
+    generator's loss on the answer, reading every given document's memory."""
+    started = time.perf_counter()
+    out = updater.forward(
+        Objective.COMPRESSOR_PRETRAINING, **{k: v.to(updater.device) for k, v in batch.items()}, mse_weight=0.0
+    )
+    updater.backward(out["loss"])
+    updater.step()
+    tokens = int(batch["doc_mask"].sum() + batch["prompt_mask"].sum() + batch["target_mask"].sum())
+    return {"loss": out["loss"].item(), "tokens": tokens, "seconds_step": time.perf_counter() - started}
 
 
 class _Clock:

@@ -79,6 +79,8 @@ def _small_trap_run(output_dir, name: str) -> list[str]:
         "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
         "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300",
         "stage1.steps=6", "stage1.report_every=2", "stage1.micro_batch_size_per_worker=4",
+        "stage2.enabled=true", "stage2.steps=4", "stage2.report_every=2", "stage2.micro_batch_size_per_worker=4",
+        "stage2.num_documents=2",
         "stage3.steps=4", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4",
         "stage3.top_k=2", "stage3.num_candidates=8", "eval.baselines=[bm25]", "encode.max_actors=1",
     ]
@@ -133,7 +135,8 @@ def test_pipeline_killed_after_stage1_skips_it_when_rerun(local_ray, tmp_path):
     summary = run_pipeline(load_config(None, overrides), log=messages.append)
     assert any("stage1 finished in an earlier attempt" in m for m in messages)
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "models" / "stage1").rglob("*") if p.is_file()} == stage1_files
-    assert (run_dir / "steps" / "stage3.json").exists() and (run_dir / "report.md").exists()
+    assert (run_dir / "steps" / "stage2.json").exists() and (run_dir / "steps" / "stage3.json").exists()
+    assert (run_dir / "report.md").exists()
     assert set(summary["results"]) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
     assert os.path.exists(summary["models"]["stage3"])
 

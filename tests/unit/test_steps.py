@@ -13,8 +13,9 @@ from clara_ray.modeling.text import tokenize_texts
 from clara_ray.training.batches import Lengths, Stage1Example, stage1_batch
 from clara_ray.training.candidates import ExactSearch, FixedCandidates
 from clara_ray.training.engine import ParameterAnchor, TorchUpdater
-from clara_ray.training.settings import Stage1Settings, Stage3Settings
-from clara_ray.training.steps import QuestionBatch, stage1_step, stage3_step
+from clara_ray.training.batches import prepare_stage2_examples, stage1_batches
+from clara_ray.training.settings import Stage1Settings, Stage2Settings, Stage3Settings
+from clara_ray.training.steps import QuestionBatch, stage1_step, stage2_step, stage3_step
 from tests.tiny_model import TEXTS, make_model
 
 LENGTHS = Lengths(doc=16, question=16, answer=8, reconstruction=16)
@@ -96,3 +97,31 @@ def test_stage3_step_trains_only_the_query_reasoner_from_any_candidate_source():
     changed = _changed(model, before)
     assert changed and changed <= set(model.role_parameters(Role.QUERY_REASONER))
     assert torch.equal(gain, before["retrieval_gain.query_reasoner.weight"])  # held for 90% of the steps
+
+
+@pytest.mark.parametrize("train_compressor", [False, True])
+def test_stage2_step_reads_k_given_documents_and_trains_what_is_configured(train_compressor):
+    from types import SimpleNamespace
+
+    model, tokenizer = make_model()
+    roles = [Role.GENERATOR] + ([Role.COMPRESSOR] if train_compressor else [])
+    model.set_trainable(roles, backbone=False)
+    config = load_config(None, ["stage2.steps=4", "stage2.num_documents=3", "stage2.micro_batch_size_per_worker=2",
+                                f"stage2.train_compressor={str(train_compressor).lower()}"])
+    settings = Stage2Settings.from_config(config)
+    documents = {f"d{i}": text for i, text in enumerate(TEXTS)}
+    qa = [SimpleNamespace(question="Which city was Zorvan Kellit born in?", answers=["Marlow"], gold_doc_ids=["d0"]),
+          SimpleNamespace(question="What does Quipel Silhir own?", answers=["cello"], gold_doc_ids=["d2"])]
+    examples = prepare_stage2_examples(documents, qa, settings.num_documents)
+    assert all(e.question is not None and len(e.neighbours) == 2 for e in examples)  # QA only, k - 1 retrieved
+    updater = TorchUpdater(model, settings.optimiser)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step, batch in stage1_batches(examples, TEXTS, settings, LENGTHS, tokenizer, model.num_memory_tokens, 0,
+                                      random.Random(0)):
+        assert batch["memory_mask"].sum(1).tolist() == [3 * model.num_memory_tokens] * 2  # exactly k documents each
+        metrics = stage2_step(updater, batch, settings)
+        assert np.isfinite(metrics["loss"])
+    changed = _changed(model, before)
+    allowed = {n for role in roles for n in model.role_parameters(role)}
+    assert changed and changed <= allowed
+    assert any(n in changed for n in model.role_parameters(Role.COMPRESSOR)) == train_compressor
