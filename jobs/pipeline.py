@@ -1,9 +1,10 @@
-"""Ray job entrypoint: the whole pipeline (stage 1 -> encode -> index -> stage 3 -> evaluate).
+"""Ray job entrypoint: the whole pipeline (stage 1 -> (stage 2) -> encode -> index -> stage 3 -> evaluate).
 
     ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/tiny.yaml run.name=exp1
 
 Inside a Ray job `ray.init()` joins the cluster the job runs on; run locally,
-it starts a local instance.
+it starts a local instance. Submit the same command again after a failed or
+stopped job and the run goes on where it stopped (finished steps are skipped).
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ def main() -> int:
     from clara_ray.pipeline import run_pipeline
 
     ray.init(runtime_env={"env_vars": WORKER_ENV})
-    summary = run_pipeline(config)
+    try:
+        summary = run_pipeline(config)
+    except FileExistsError as error:  # a run directory of another run
+        print(error, file=sys.stderr)
+        return 2
     print(json.dumps({"run": summary["run"], **summary["results"]}))
     return 0
 
