@@ -63,7 +63,7 @@ class _Reporter:
         means = self.window.add(step, values)
         if means is not None:
             metrics = _mean_over_ranks(means)
-            # All ranks' tokens over the slowest-on-average rank's step time.
+            # Every rank's tokens in the ranks' mean step time.
             metrics["tokens_per_second"] = metrics["tokens"] * self.world / max(metrics["seconds_step"], 1e-9)
             metrics.update(step=step, stage=self.stage, learning_rate=learning_rate)
             self.history.append(metrics)
@@ -74,8 +74,7 @@ class _Reporter:
                 self.tensorboard.flush()
             if self.rank == 0:
                 elapsed = time.perf_counter() - self.started
-                print(progress_line(self.stage, step - self.first_step + 1, self.total - self.first_step + 1, metrics,
-                                    elapsed).replace(f"step {step - self.first_step + 1}/", f"step {step}/"), flush=True)
+                print(progress_line(self.stage, step, self.total, metrics, elapsed, self.first_step), flush=True)
         if step % self.checkpoint_every == 0 or step == self.total:
             with tempfile.TemporaryDirectory() as directory:
                 save(directory, step)

@@ -141,7 +141,8 @@ class MetricWindow:
         return means
 
 
-def progress_line(stage: str, step: int, total_steps: int, metrics: dict, elapsed: float) -> str:
-    eta = elapsed / step * (total_steps - step)
+def progress_line(stage: str, step: int, total_steps: int, metrics: dict, elapsed: float, first_step: int = 1) -> str:
+    """`elapsed` seconds since `first_step` began (a resumed run starts after 1)."""
+    eta = elapsed / (step - first_step + 1) * (total_steps - step)
     shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("step", "stage"))
     return f"[{stage}] step {step}/{total_steps} {shown} | {elapsed:.0f}s elapsed, eta {eta:.0f}s"
