@@ -42,14 +42,11 @@ def _report(stage: str, window: MetricWindow, step: int, total: int, values: dic
     log(progress_line(stage, step, total, metrics, time.perf_counter() - started))
 
 
-def train_stage1(
-    model, tokenizer, examples: list[Stage1Example], documents: list[str], settings: Stage1Settings,
-    worker: WorkerSettings, workers: int = 1, on_window: OnWindow | None = None, log=print,
-) -> list[dict]:
-    """Compressor pretraining in place; ends by starting the query reasoner from the
-    trained compressor, as the Ray loop does."""
+def _memory_qa(stage: str, step_function, trainable: list[Role], copy_compressor: bool, model, tokenizer,
+               examples, documents, settings, worker: WorkerSettings, workers: int, on_window, log) -> list[dict]:
+    """Stages 1 and 2, as the Ray loop runs them (``loops._memory_qa_loop``)."""
     torch.manual_seed(worker.seed)
-    model.set_trainable([Role.COMPRESSOR, Role.GENERATOR], backbone=settings.train_backbone)
+    model.set_trainable(trainable, backbone=settings.train_backbone)
     model.train()
     settings = dataclasses.replace(settings, micro_batch_size=settings.micro_batch_size * workers)
     updater = TorchUpdater(model, settings.optimiser)
@@ -59,10 +56,21 @@ def train_stage1(
         random.Random(worker.seed * 7919),
     ):
         learning_rate = updater.learning_rate()
-        values = stage1_step(updater, batch, settings)
-        _report("stage1", window, step, settings.steps, values, learning_rate, started, history, on_window, log)
-    model.copy_adapter(Role.COMPRESSOR, Role.QUERY_REASONER)
+        values = step_function(updater, batch, settings)
+        _report(stage, window, step, settings.steps, values, learning_rate, started, history, on_window, log)
+    if copy_compressor:
+        model.copy_adapter(Role.COMPRESSOR, Role.QUERY_REASONER)
     return history
+
+
+def train_stage1(
+    model, tokenizer, examples: list[Stage1Example], documents: list[str], settings: Stage1Settings,
+    worker: WorkerSettings, workers: int = 1, on_window: OnWindow | None = None, log=print,
+) -> list[dict]:
+    """Compressor pretraining in place; ends by starting the query reasoner from the
+    trained compressor, as the Ray loop does."""
+    return _memory_qa("stage1", stage1_step, [Role.COMPRESSOR, Role.GENERATOR], True, model, tokenizer,
+                      examples, documents, settings, worker, workers, on_window, log)
 
 
 def train_stage2(
@@ -70,22 +78,9 @@ def train_stage2(
     worker: WorkerSettings, workers: int = 1, on_window: OnWindow | None = None, log=print,
 ) -> list[dict]:
     """Instruction tuning in place (examples from ``batches.prepare_stage2_examples``)."""
-    torch.manual_seed(worker.seed)
-    model.set_trainable([Role.GENERATOR] + ([Role.COMPRESSOR] if settings.train_compressor else []), backbone=False)
-    model.train()
-    settings = dataclasses.replace(settings, micro_batch_size=settings.micro_batch_size * workers)
-    updater = TorchUpdater(model, settings.optimiser)
-    window, history, started = MetricWindow(settings.report_every, settings.steps), [], time.perf_counter()
-    for step, batch in stage1_batches(
-        examples, documents, settings, worker.lengths, tokenizer, model.num_memory_tokens, worker.seed,
-        random.Random(worker.seed * 7919),
-    ):
-        learning_rate = updater.learning_rate()
-        values = stage2_step(updater, batch, settings)
-        _report("stage2", window, step, settings.steps, values, learning_rate, started, history, on_window, log)
-    if settings.train_compressor:
-        model.copy_adapter(Role.COMPRESSOR, Role.QUERY_REASONER)
-    return history
+    trainable = [Role.GENERATOR] + ([Role.COMPRESSOR] if settings.train_compressor else [])
+    return _memory_qa("stage2", stage2_step, trainable, settings.train_compressor, model, tokenizer,
+                      examples, documents, settings, worker, workers, on_window, log)
 
 
 def train_stage3(
