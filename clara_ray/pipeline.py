@@ -4,7 +4,8 @@
 
 Run directory (<run.output_dir>/<run.name>/):
     config.yaml          the resolved config
-    data/                the bundled trap corpus files (when used) and quarantine files
+    data/                the bundled trap corpus files (when used), quarantine files, and
+                         the stages' examples as Arrow files (clara_ray/training/tables.py)
     models/init          the untrained model (tiny: tokenizer trained here + random weights)
     models/stage1        after compressor pretraining (query reasoner = compressor)
     models/stage2        after instruction tuning (when stage2.enabled); it encodes the corpus
@@ -15,7 +16,7 @@ Run directory (<run.output_dir>/<run.name>/):
                          (clara_ray/training/checkpoints.py)
     tensorboard/<stage>/ per-window metrics for TensorBoard (loss, recall, tokens/s,
                          the stage-3 step split: query / search / forward / backward)
-    steps/<step>.json    written when a step finishes, with its result: init, stage1, stage2,
+    steps/<step>.json    written when a step finishes, with its result: init, training_data, stage1, stage2,
                          evaluate_before_stage3, stage3 (the encoding's mark is
                          memory/manifest.json)
     report.md, training.png, metrics.json
@@ -56,7 +57,14 @@ from clara_ray.modeling.checkpoint import load_model
 from clara_ray.modeling.initial import build_initial_model
 from clara_ray.modeling.text import document_input
 from clara_ray.report import write_report
-from clara_ray.training.stages import StageResult, run_stage1, run_stage2, run_stage3
+from clara_ray.training.stages import (
+    StageResult,
+    TrainingData,
+    run_stage1,
+    run_stage2,
+    run_stage3,
+    write_training_data,
+)
 
 
 @dataclass(frozen=True)
@@ -219,16 +227,20 @@ def run_pipeline(config: Config, log=print) -> dict:
         _mark_done(run_dir, "init", {"model_dir": str(init_dir)})
     phase("data and initial model")
 
-    stage1 = _stage(run_dir, "stage1", lambda: run_stage1(
-        config, {d.id: document_input(d.text, d.title) for d in documents}, train_qa, init_dir, run_dir
-    ), log)
+    written = _done(run_dir, "training_data")
+    if written is None:
+        data = write_training_data(config, {d.id: document_input(d.text, d.title) for d in documents}, train_qa, run_dir)
+        _mark_done(run_dir, "training_data", {k: None if v is None else str(v) for k, v in vars(data).items()})
+    else:
+        data = TrainingData(**{k: None if v is None else Path(v) for k, v in written.items()})
+    phase("training data")
+
+    stage1 = _stage(run_dir, "stage1", lambda: run_stage1(config, data, init_dir, run_dir), log)
     phase("stage 1 (compressor pretraining)")
 
     tuned = stage1
     if config.stage2.enabled:
-        tuned = _stage(run_dir, "stage2", lambda: run_stage2(
-            config, {d.id: document_input(d.text, d.title) for d in documents}, train_qa, stage1.model_dir, run_dir
-        ), log)
+        tuned = _stage(run_dir, "stage2", lambda: run_stage2(config, data, stage1.model_dir, run_dir), log)
         phase("stage 2 (instruction tuning)")
 
     # The encoder reads the corpus file itself, as a corpus-encoding job would, and
@@ -261,7 +273,7 @@ def run_pipeline(config: Config, log=print) -> dict:
     phase("evaluate before stage 3")
 
     stage3 = _stage(run_dir, "stage3", lambda: run_stage3(
-        config, train_qa, tuned.model_dir, IndexActorCandidates(index), run_dir
+        config, data, tuned.model_dir, IndexActorCandidates(index), run_dir
     ), log)
     phase("stage 3 (joint training)")
     model, tokenizer = _load_for_eval(stage3.model_dir)

@@ -32,11 +32,13 @@ ranks' batches in a step is the same whatever the number of workers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from clara_ray.config import ReconstructionOrder
@@ -71,13 +73,16 @@ def counterfactual(document: str, answer: str, answer_pool: list[str], rng: rand
 
 @dataclass(frozen=True)
 class Stage1Example:
-    """A reconstruction (question None) or a QA example about `document`."""
+    """A reconstruction (question None) or a QA example about document `document`.
+    Documents are positions in the corpus's document table (``tables.DocumentTable``
+    or a list of texts in the same order): examples stay small, texts are read
+    where the step needs them."""
 
-    document: str
+    document: int
     question: str | None = None
     answer: str | None = None
-    neighbours: tuple[str, ...] = ()  # texts of lexically similar non-gold documents (QA only)
-    rivals: tuple[str, ...] = ()  # texts of documents answering the same ask about other subjects (QA only)
+    neighbours: tuple[int, ...] = ()  # lexically similar non-gold documents (QA only)
+    rivals: tuple[int, ...] = ()  # documents answering the same ask about other subjects (QA only)
 
 
 @dataclass(frozen=True)
@@ -127,16 +132,18 @@ def stage1_examples(
     neighbours: per pair, ids of its lexically nearest documents, best first;
     its gold documents are dropped from them.
     rivals: per pair, ids of its rival documents (`clara_ray.training.rivals`).
+    Documents become their positions in `documents`' order.
     """
-    examples = [Stage1Example(text) for text in documents.values()]
+    position = {doc_id: i for i, doc_id in enumerate(documents)}
+    examples = [Stage1Example(i) for i in range(len(documents))]
     for j, qa in enumerate(qa_pairs):
-        gold = [documents[i] for i in qa.gold_doc_ids if i in documents]
+        gold = [position[i] for i in qa.gold_doc_ids if i in position]
         if gold:
             near = () if neighbours is None else tuple(
-                documents[i] for i in neighbours[j] if i in documents and i not in qa.gold_doc_ids
+                position[i] for i in neighbours[j] if i in position and i not in qa.gold_doc_ids
             )
             rival = () if rivals is None else tuple(
-                documents[i] for i in rivals[j] if i in documents and i not in qa.gold_doc_ids
+                position[i] for i in rivals[j] if i in position and i not in qa.gold_doc_ids
             )
             examples.append(Stage1Example(gold[0], qa.question, qa.answers[0], near, rival))
     return examples
@@ -185,25 +192,70 @@ def epoch_slices(num_items: int, batch_size: int, rank: int, world: int, seed: i
         epoch, skip = epoch + 1, 0
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_items: int, seed: int, epoch: int) -> np.ndarray:
+    order = list(range(num_items))
+    random.Random(seed + epoch).shuffle(order)
+    return np.asarray(order, dtype=np.int64)
+
+
+def draws(positions: np.ndarray, num_items: int, batch_size: int, world: int, seed: int) -> dict[str, np.ndarray]:
+    """The draw plan behind `epoch_slices`, position by position: the run's draws laid
+    out step by step, rank by rank, `batch_size` each (position p is draw p % batch_size
+    of rank (p // batch_size) % world in step p // (batch_size * world) + 1). Returns
+    step (1-based), rank and item (the drawn index) for each position; rank r's
+    items, step by step, are exactly what `epoch_slices(..., rank=r)` yields."""
+    per_step = batch_size * world
+    per_epoch = (num_items // per_step)
+    if per_epoch == 0:
+        raise ValueError(f"{num_items} training examples cannot fill one micro-batch of {batch_size} on {world} workers")
+    positions = np.asarray(positions, dtype=np.int64)
+    step_index, rank = positions // per_step, (positions // batch_size) % world
+    epoch, within = np.divmod(step_index, per_epoch)
+    row = (within * world + rank) * batch_size + positions % batch_size
+    items = np.empty_like(positions)
+    for e in np.unique(epoch):
+        chosen = epoch == e
+        items[chosen] = _epoch_order(num_items, seed, int(e))[row[chosen]]
+    return {"step": step_index + 1, "rank": rank, "item": items}
+
+
+def answer_pool(examples) -> list[str]:
+    """The counterfactual answers: every QA example's answer, sorted."""
+    return sorted({e.answer for e in examples if e.answer is not None})
+
+
+def memory_qa_batch(
+    examples: list[Stage1Example], documents: Sequence[str], settings: Stage1Settings | Stage2Settings, step: int,
+    lengths: Lengths, tokenizer, num_memory_tokens: int, rng: random.Random, answers: list[str],
+) -> dict[str, torch.Tensor]:
+    """Model inputs of step `step` (stage 1, or stage 2 whose settings read the same
+    way) from this rank's examples of that step: rivals join the distractors up to
+    `settings.rival_steps`; `answers` is `answer_pool` of every example."""
+    if step > settings.rival_steps:
+        examples = [dataclasses.replace(e, rivals=()) for e in examples]
+    return stage1_batch(
+        examples, documents, settings.max_context_docs, num_memory_tokens, tokenizer, lengths, rng,
+        settings.reconstruction_order, settings.counterfactual_rate, answers, settings.hard_distractor_fraction,
+        settings.min_context_docs,
+    )
+
+
 def stage1_batches(
-    examples: list[Stage1Example], documents: list[str], settings: Stage1Settings | Stage2Settings, lengths: Lengths,
-    tokenizer,
-    num_memory_tokens: int, seed: int, rng: random.Random, rank: int = 0, world: int = 1, start_step: int = 1,
+    examples: list[Stage1Example], documents: Sequence[str], settings: Stage1Settings | Stage2Settings,
+    lengths: Lengths, tokenizer, num_memory_tokens: int, seed: int, rng: random.Random, rank: int = 0,
+    world: int = 1, start_step: int = 1,
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """(step, model inputs) for steps start_step..settings.steps of this rank (stage 1,
-    or stage 2 whose settings read the same way): rivals join the distractors up to
-    `settings.rival_steps`. `rng` draws the examples'
-    random choices (a resumed run passes it in the state it was saved in)."""
-    without_rivals = [dataclasses.replace(e, rivals=()) for e in examples]
-    answer_pool = sorted({e.answer for e in examples if e.answer is not None})
+    """(step, model inputs) for steps start_step..settings.steps of this rank, drawn
+    in one process (the Ray Train loops draw the same examples through Ray Data,
+    ``training.data``). `rng` draws the examples' random choices (a resumed run
+    passes it in the state it was saved in)."""
+    answers = answer_pool(examples)
     slices = epoch_slices(len(examples), settings.micro_batch_size, rank, world, seed, start_step - 1)
     for step in range(start_step, settings.steps + 1):
-        pool = examples if step <= settings.rival_steps else without_rivals
-        yield step, stage1_batch(
-            [pool[i] for i in next(slices)], documents, settings.max_context_docs, num_memory_tokens, tokenizer,
-            lengths, rng, settings.reconstruction_order, settings.counterfactual_rate, answer_pool,
-            settings.hard_distractor_fraction, settings.min_context_docs,
-        )
+        chosen = [examples[i] for i in next(slices)]
+        yield step, memory_qa_batch(chosen, documents, settings, step, lengths, tokenizer, num_memory_tokens, rng,
+                                    answers)
 
 
 def stage3_batches(
@@ -218,7 +270,7 @@ def stage3_batches(
 
 def stage1_batch(
     examples: list[Stage1Example],
-    all_documents: list[str],
+    documents: Sequence[str],
     num_context_docs: int,
     num_memory_tokens: int,
     tokenizer,
@@ -241,15 +293,15 @@ def stage1_batch(
     doc_texts, doc_slots, prompts, targets = [], [], [], []
     for example in examples:
         if example.question is None:
-            context = [example.document]
+            context = [documents[example.document]]
             prompts.append(RECONSTRUCTION_PROMPT)
-            targets.append(reconstruction_target(example.document, reconstruction_order))
+            targets.append(reconstruction_target(context[0], reconstruction_order))
         else:
-            document, answer = example.document, example.answer
+            document, answer = documents[example.document], example.answer
             if answer_pool and rng.random() < counterfactual_rate:
                 document, answer = counterfactual(document, answer, answer_pool, rng)
             size = rng.randint(min_context_docs, num_context_docs)
-            context = _distractors(example, all_documents, size - 1, hard_fraction, rng)
+            context = [documents[i] for i in _distractors(example, len(documents), size - 1, hard_fraction, rng)]
             context.insert(rng.randrange(size), document)
             prompts.append(question_prompt(example.question))
             targets.append(answer_target(answer))
@@ -280,16 +332,16 @@ def stage1_batch(
 
 
 def _distractors(
-    example: Stage1Example, all_documents: list[str], count: int, hard_fraction: float, rng: random.Random
-) -> list[str]:
+    example: Stage1Example, num_documents: int, count: int, hard_fraction: float, rng: random.Random
+) -> list[int]:
     """`count` documents other than the example's: about `hard_fraction` of them
     drawn from its neighbours and rivals, the rest at random."""
-    if len(all_documents) <= count:
-        raise ValueError(f"need more than {count} documents to draw {count} distractors, got {len(all_documents)}")
+    if num_documents <= count:
+        raise ValueError(f"need more than {count} documents to draw {count} distractors, got {num_documents}")
     hard = list(example.neighbours + example.rivals)
     chosen = rng.sample(hard, min(len(hard), round(hard_fraction * count)))
     while len(chosen) < count:
-        candidate = rng.choice(all_documents)
+        candidate = rng.choice(range(num_documents))
         if candidate != example.document and candidate not in chosen:
             chosen.append(candidate)
     return chosen

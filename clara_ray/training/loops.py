@@ -1,7 +1,8 @@
 """Per-worker training loops for Ray Train (one process per worker, DeepSpeed inside).
 
-Each loop takes a dict of typed settings and data (built by
-`clara_ray.training.stages`), runs the stage's step function
+Each loop takes a dict of typed settings and file paths (built by
+`clara_ray.training.stages`), reads its micro-batches from the trainer's draw
+plan (a Ray Dataset, ``training.data``), runs the stage's step function
 (`clara_ray.training.steps`) for a fixed number of steps, reports metrics every
 `report_every` steps and a checkpoint (`clara_ray.training.checkpoints`) every
 `checkpoint_every` steps and after the last one (a report is a barrier: every
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from clara_ray.modeling.checkpoint import load_model, save_model
 from clara_ray.modeling.clara import Role
-from clara_ray.training.batches import stage1_batches, stage3_batches
+from clara_ray.training.batches import memory_qa_batch
 from clara_ray.training.checkpoints import (
     MODEL_DIR,
     load_rank_state,
@@ -35,9 +36,11 @@ from clara_ray.training.checkpoints import (
     save_rank_state,
     write_trainer_state,
 )
+from clara_ray.training.data import rank_batches
 from clara_ray.training.engine import DeepSpeedUpdater, OptimiserSettings, ParameterAnchor, full_parameters
 from clara_ray.training.settings import Stage2Settings, Stage3Settings, WorkerSettings
 from clara_ray.training.steps import MetricWindow, progress_line, stage1_step, stage2_step, stage3_step
+from clara_ray.training.tables import DocumentTable, example_from_row, questions_from_rows, read_answer_pool
 
 
 class _Reporter:
@@ -168,10 +171,10 @@ def _memory_qa_loop(run: dict, stage: str, trainable: list[Role], step_function,
     reporter = _Reporter(stage, settings.steps, settings.report_every, settings.checkpoint_every, w.rank, w.world,
                          [] if w.resumed is None else w.resumed["history"], start, run.get("tensorboard_dir"))
     save = _saver(w, stage, settings.steps, reporter, settings.train_backbone, batch_rng)
-    for step, batch in stage1_batches(
-        run["examples"], run["documents"], settings, worker.lengths, w.tokenizer, w.updater.module.num_memory_tokens,
-        worker.seed, batch_rng, w.rank, w.world, start,
-    ):
+    documents, answers = DocumentTable(run["documents_path"]), read_answer_pool(run["examples_path"])
+    for step, rows in rank_batches(settings.micro_batch_size, w.rank, start):
+        batch = memory_qa_batch([example_from_row(r) for r in rows], documents, settings, step, worker.lengths,
+                                w.tokenizer, w.updater.module.num_memory_tokens, batch_rng, answers)
         learning_rate = w.updater.learning_rate()  # the one this step runs at
         values = step_function(w.updater, batch, settings)
         if step == settings.steps and copy_compressor:
@@ -183,7 +186,8 @@ def _memory_qa_loop(run: dict, stage: str, trainable: list[Role], step_function,
 
 def stage1_loop(run: dict):
     """Compressor pretraining: compressor + generator (and base, if configured).
-    `run`: worker (WorkerSettings), settings (Stage1Settings), model_dir, examples, documents."""
+    `run`: worker (WorkerSettings), settings (Stage1Settings), model_dir, examples_path,
+    documents_path (``tables.py`` files); the draws arrive as the trainer's dataset."""
     return _memory_qa_loop(run, "stage1", [Role.COMPRESSOR, Role.GENERATOR], stage1_step, copy_compressor=True)
 
 
@@ -198,8 +202,8 @@ def stage2_loop(run: dict):
 def stage3_loop(run: dict):
     """Joint training: query reasoner (+ generator) through the differentiable top-k,
     candidates drawn from `run["candidates"]` (a CandidateSource); compressor and base
-    frozen. `run`: worker, settings (Stage3Settings), model_dir, candidates, questions
-    (QuestionBatch of every training question)."""
+    frozen. `run`: worker, settings (Stage3Settings), model_dir, candidates; the
+    questions arrive as the trainer's dataset."""
     settings: Stage3Settings = run["settings"]
     worker: WorkerSettings = run["worker"]
     trainable = [Role.QUERY_REASONER] + ([Role.GENERATOR] if settings.train_generator else [])
@@ -213,8 +217,8 @@ def stage3_loop(run: dict):
     save = _saver(w, "stage3", settings.steps, reporter, False, index_version=lambda: getattr(candidates, "version", None))
     # The pull back to the start measures from where stage 3 started, not from the checkpoint.
     anchor = ParameterAnchor(w.updater.module, settings.anchor_weight, start=run["model_dir"] if w.resumed else None)
-    for step, batch in stage3_batches(run["questions"], settings.micro_batch_size, settings.steps, worker.seed,
-                                      w.rank, w.world, start):
+    for step, rows in rank_batches(settings.micro_batch_size, w.rank, start):
+        batch = questions_from_rows(rows)
         learning_rate = w.updater.learning_rate()
         metrics = stage3_step(w.updater, w.tokenizer, batch, candidates, settings, worker.lengths, step, anchor)
         reporter.add(step, metrics, learning_rate, save)

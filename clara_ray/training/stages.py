@@ -1,10 +1,14 @@
 """Drivers for the training stages: config in, Ray Train + DeepSpeed run, model directory out.
 
-    stage1 = run_stage1(config, documents, train_qa, init_model_dir, run_dir)
-    stage2 = run_stage2(config, documents, train_qa, stage1.model_dir, run_dir)   # when config.stage2.enabled
-    stage3 = run_stage3(config, train_qa, stage2.model_dir, IndexActorCandidates(router), run_dir)
+    data = write_training_data(config, documents, train_qa, run_dir)   # <run_dir>/data/*.arrow
+    stage1 = run_stage1(config, data, init_model_dir, run_dir)
+    stage2 = run_stage2(config, data, stage1.model_dir, run_dir)   # when config.stage2.enabled
+    stage3 = run_stage3(config, data, stage2.model_dir, IndexActorCandidates(router), run_dir)
 
-Each returns a `StageResult` with the trained model directory (copied out of Ray
+The stages read their examples from the files `write_training_data` wrote
+(``tables.py``), through a Ray Data draw plan split across the workers
+(``data.py``); only paths and settings travel in ``train_loop_config``. Each
+returns a `StageResult` with the trained model directory (copied out of Ray
 Train's storage into <run_dir>/models/<stage>) and the metric history.
 """
 
@@ -21,8 +25,10 @@ from clara_ray.config import Config
 from clara_ray.training.batches import QuestionBatch, prepare_stage1_examples, prepare_stage2_examples
 from clara_ray.training.candidates import CandidateSource
 from clara_ray.training.checkpoints import MODEL_DIR, read_trainer_state
+from clara_ray.training.data import PLAN, data_config, draw_plan
 from clara_ray.training.loops import stage1_loop, stage2_loop, stage3_loop
 from clara_ray.training.settings import Stage1Settings, Stage2Settings, Stage3Settings, WorkerSettings
+from clara_ray.training.tables import DOCUMENTS, write_documents, write_examples, write_questions
 
 
 @dataclass(frozen=True)
@@ -32,14 +38,47 @@ class StageResult:
     resumed_after: list[int]  # steps after which a failed stage went on from its checkpoint
 
 
-def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str) -> StageResult:
+@dataclass(frozen=True)
+class TrainingData:
+    """The files the stages read (``tables.py``)."""
+
+    documents: Path
+    stage1_examples: Path
+    stage2_examples: Path | None
+    stage3_questions: Path
+
+
+def write_training_data(config: Config, documents: dict[str, str], train_qa, run_dir: Path) -> TrainingData:
+    """Every stage's examples, once: stage-1 reconstruction and QA examples with
+    their BM25 neighbours and rivals, stage-2 QA examples (when enabled) and the
+    stage-3 questions, into <run_dir>/data."""
+    data = Path(run_dir) / "data"
+    s1 = config.stage1
+    stage1 = prepare_stage1_examples(
+        documents, train_qa, s1.hard_distractor_fraction, s1.hard_distractor_pool, s1.rival_pool, config.run.seed
+    )
+    stage2 = prepare_stage2_examples(documents, train_qa, config.stage2.num_documents) if config.stage2.enabled else None
+    return TrainingData(
+        write_documents(data / DOCUMENTS, documents),
+        write_examples(data / "stage1_examples.arrow", stage1),
+        None if stage2 is None else write_examples(data / "stage2_examples.arrow", stage2),
+        write_questions(data / "stage3_questions.arrow", QuestionBatch.from_qa(train_qa)),
+    )
+
+
+def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str, examples: Path, steps: int,
+         micro_batch_size: int) -> StageResult:
+    """Run `loop` on the workers, its draws of `examples` as the trainer's dataset."""
     run_dir = Path(run_dir).resolve()
     loop_config = {"worker": WorkerSettings.from_config(config), "tensorboard_dir": str(run_dir / "tensorboard"),
                    **loop_config}
     resources = {"CPU": config.train.cpu_threads_per_worker}
+    plan = draw_plan(str(examples), steps, micro_batch_size, config.train.num_workers, config.run.seed)
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
+        datasets={PLAN: plan},
+        dataset_config=data_config(),
         scaling_config=ScalingConfig(
             num_workers=config.train.num_workers, use_gpu=config.train.use_gpu, resources_per_worker=resources
         ),
@@ -65,45 +104,37 @@ def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str) -> 
     return StageResult(model_dir, state["history"], state["resumed_after"])
 
 
-def run_stage1(config: Config, documents: dict[str, str], train_qa, init_model_dir: Path, run_dir: Path,
+def run_stage1(config: Config, data: TrainingData, init_model_dir: Path, run_dir: Path,
                loop=stage1_loop) -> StageResult:
     """Compressor pretraining on every document (reconstruction) and the training
     QA pairs with their gold documents. `loop` is the per-worker function (a test
     wraps it to kill a worker); rerun with the same `run_dir` after a killed driver
     and Ray Train resumes from the stage's last checkpoint."""
-    s1 = config.stage1
-    examples = prepare_stage1_examples(
-        documents, train_qa, s1.hard_distractor_fraction, s1.hard_distractor_pool, s1.rival_pool, config.run.seed
-    )
-    loop_config = {
-        "settings": Stage1Settings.from_config(config),
-        "model_dir": str(init_model_dir),
-        "examples": examples,
-        "documents": list(documents.values()),
-    }
-    return _fit(loop, loop_config, config, run_dir, "stage1")
+    settings = Stage1Settings.from_config(config)
+    loop_config = {"settings": settings, "model_dir": str(init_model_dir),
+                   "examples_path": str(data.stage1_examples), "documents_path": str(data.documents)}
+    return _fit(loop, loop_config, config, run_dir, "stage1", data.stage1_examples, settings.steps,
+                settings.micro_batch_size)
 
 
-def run_stage2(config: Config, documents: dict[str, str], train_qa, stage1_model_dir: Path, run_dir: Path) -> StageResult:
+def run_stage2(config: Config, data: TrainingData, stage1_model_dir: Path, run_dir: Path) -> StageResult:
     """Instruction tuning on the training QA pairs with their gold documents among
     BM25-retrieved ones."""
-    loop_config = {
-        "settings": Stage2Settings.from_config(config),
-        "model_dir": str(stage1_model_dir),
-        "examples": prepare_stage2_examples(documents, train_qa, config.stage2.num_documents),
-        "documents": list(documents.values()),
-    }
-    return _fit(stage2_loop, loop_config, config, run_dir, "stage2")
+    if data.stage2_examples is None:
+        raise ValueError("stage 2 is not enabled in the config the training data was written for")
+    settings = Stage2Settings.from_config(config)
+    loop_config = {"settings": settings, "model_dir": str(stage1_model_dir),
+                   "examples_path": str(data.stage2_examples), "documents_path": str(data.documents)}
+    return _fit(stage2_loop, loop_config, config, run_dir, "stage2", data.stage2_examples, settings.steps,
+                settings.micro_batch_size)
 
 
-def run_stage3(config: Config, train_qa, stage1_model_dir: Path, candidates: CandidateSource, run_dir: Path) -> StageResult:
+def run_stage3(config: Config, data: TrainingData, stage1_model_dir: Path, candidates: CandidateSource,
+               run_dir: Path) -> StageResult:
     """Joint training of query reasoner and generator through the top-k, candidates
     from `candidates` (the index actors in the pipeline). Gold document ids travel
     along only to log training recall."""
-    loop_config = {
-        "settings": Stage3Settings.from_config(config),
-        "model_dir": str(stage1_model_dir),
-        "candidates": candidates,
-        "questions": QuestionBatch.from_qa(train_qa),
-    }
-    return _fit(stage3_loop, loop_config, config, run_dir, "stage3")
+    settings = Stage3Settings.from_config(config)
+    loop_config = {"settings": settings, "model_dir": str(stage1_model_dir), "candidates": candidates}
+    return _fit(stage3_loop, loop_config, config, run_dir, "stage3", data.stage3_questions, settings.steps,
+                settings.micro_batch_size)

@@ -9,7 +9,7 @@ from clara_ray.config import load_config
 from clara_ray.data.trap import generate_trap_corpus
 from clara_ray.modeling.checkpoint import load_model
 from clara_ray.modeling.initial import build_initial_model
-from clara_ray.training.stages import run_stage1
+from clara_ray.training.stages import run_stage1, write_training_data
 
 pytestmark = pytest.mark.ray
 
@@ -29,8 +29,9 @@ def _stage1(tmp_path: Path, loop=None):
     corpus = generate_trap_corpus(num_entities=12, seed=3)
     init_dir = build_initial_model(config, corpus.documents, corpus.train_qa, tmp_path / "init")
     documents = {d.id: d.text for d in corpus.documents}
+    data = write_training_data(config, documents, corpus.train_qa, tmp_path)
     extra = {} if loop is None else {"loop": loop}
-    return config, run_stage1(config, documents, corpus.train_qa, init_dir, tmp_path, **extra)
+    return config, run_stage1(config, data, init_dir, tmp_path, **extra)
 
 
 @pytest.fixture(scope="module")
