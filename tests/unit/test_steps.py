@@ -65,7 +65,7 @@ def test_stage1_step_trains_compressor_and_generator_only():
     model.set_trainable([Role.COMPRESSOR, Role.GENERATOR], backbone=False)
     settings = dataclasses.replace(Stage1Settings.from_config(load_config(None, ["stage1.steps=10"])), rival_steps=0)
     updater = TorchUpdater(model, settings.optimiser)
-    examples = [Stage1Example(TEXTS[0]), Stage1Example(TEXTS[1], "Which city?", "Marlow", (TEXTS[2],))]
+    examples = [Stage1Example(0), Stage1Example(1, "Which city?", "Marlow", (2,))]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for _ in range(3):  # the schedule's first two updates run at rate 0
         batch = stage1_batch(examples, TEXTS, 2, model.num_memory_tokens, tokenizer, LENGTHS, random.Random(0))
