@@ -5,9 +5,10 @@
     clara-ray demo --corpus docs.jsonl --train-qa train.jsonl --test-qa test.jsonl
     clara-ray demo --config jobs/configs/tiny.yaml --address auto   # on a running cluster
     clara-ray encode --model-dir runs/demo/models/stage1 --output enc/ --input psgs_w100.tsv
+    clara-ray sweep --from-run runs/demo sweep.num_trials=8   # Ray Tune over stage 3
 
-Prints progress while it runs and, last, one JSON line with the metrics (demo)
-or the encoding summary (encode).
+Prints progress while it runs and, last, one JSON line with the metrics (demo),
+the encoding summary (encode) or the sweep's best trial (sweep).
 """
 
 from __future__ import annotations
@@ -62,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     demo.add_argument("overrides", nargs="*", help="config overrides, dotted.key=value")
 
+    sweep = commands.add_parser(
+        "sweep", help="Ray Tune sweep over stage 3 (top-k temperature, k, L, learning rate) from a finished run"
+    )
+    sweep.add_argument("--from-run", required=True, help="a run directory with an encoded corpus (runs/demo)")
+    sweep.add_argument("--name", default="sweep", help="output directory inside the run (default: sweep)")
+    sweep.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    sweep.add_argument("overrides", nargs="*", help="overrides of the run's config, e.g. sweep.num_trials=12")
+
     encode = commands.add_parser(
         "encode", help="encode corpus files into memory shards with a trained compressor (resumable)"
     )
@@ -94,9 +103,25 @@ def run_encode(args: argparse.Namespace, config) -> int:
     return 0
 
 
+def run_sweep_command(args: argparse.Namespace) -> int:
+    """The `sweep` command (also what jobs/sweep.py runs)."""
+    from clara_ray.sweep import run_sweep
+
+    try:
+        summary = run_sweep(list(args.overrides), Path(args.from_run), args.name)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"clara-ray: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = list(args.overrides)
+    if args.command == "sweep":
+        start_ray(args.address)
+        return run_sweep_command(args)
     if args.command == "demo":
         for flag, key in ((args.corpus, "data.corpus"), (args.train_qa, "data.train_qa"), (args.test_qa, "data.test_qa")):
             if flag:

@@ -40,7 +40,8 @@ from clara_ray.training.data import rank_batches
 from clara_ray.training.engine import DeepSpeedUpdater, OptimiserSettings, ParameterAnchor, full_parameters
 from clara_ray.training.settings import Stage2Settings, Stage3Settings, WorkerSettings
 from clara_ray.training.steps import MetricWindow, progress_line, stage1_step, stage2_step, stage3_step
-from clara_ray.training.tables import DocumentTable, example_from_row, questions_from_rows, read_answer_pool
+from clara_ray.training.tables import DocumentTable, example_from_row, questions_from_rows, read_answer_pool, read_table
+from clara_ray.training.validation import validation_recall
 
 
 class _Reporter:
@@ -50,11 +51,14 @@ class _Reporter:
     after the last. Every rank reports at the same steps (a report is a barrier)."""
 
     def __init__(self, stage: str, total_steps: int, report_every: int, checkpoint_every: int, rank: int,
-                 world: int, history: list[dict], first_step: int, tensorboard_dir: str | None):
+                 world: int, history: list[dict], first_step: int, tensorboard_dir: str | None,
+                 window_metrics=None):
+        """`window_metrics()`, when given, is called on every rank at the end of each
+        window; what it returns (rank 0's) joins that window's metrics."""
         self.stage, self.total, self.rank, self.checkpoint_every = stage, total_steps, rank, checkpoint_every
         self.window = MetricWindow(report_every, total_steps)
         self.started, self.first_step, self.world = time.perf_counter(), first_step, world
-        self.history = history
+        self.history, self.window_metrics = history, window_metrics
         self.tensorboard = None
         if rank == 0 and tensorboard_dir is not None:
             from tensorboardX import SummaryWriter
@@ -68,6 +72,8 @@ class _Reporter:
             metrics = _mean_over_ranks(means)
             # Every rank's tokens in the ranks' mean step time.
             metrics["tokens_per_second"] = metrics["tokens"] * self.world / max(metrics["seconds_step"], 1e-9)
+            if self.window_metrics is not None:
+                metrics.update(self.window_metrics())
             metrics.update(step=step, stage=self.stage, learning_rate=learning_rate)
             self.history.append(metrics)
             if self.tensorboard is not None:
@@ -199,11 +205,28 @@ def stage2_loop(run: dict):
     return _memory_qa_loop(run, "stage2", trainable, stage2_step, copy_compressor=settings.train_compressor)
 
 
+def _validation(w: _Worker, path: str | None, candidates, settings: Stage3Settings, worker: WorkerSettings):
+    """Validation recall of the query reasoner, on rank 0 (all ranks take part under ZeRO-3)."""
+    if path is None:
+        return None
+    questions = questions_from_rows(read_table(path).to_pylist())
+
+    def measure() -> dict:
+        with full_parameters(w.updater):
+            if w.rank != 0:
+                return {}
+            return validation_recall(w.updater.module, w.tokenizer, questions, candidates, settings.num_candidates,
+                                     worker.lengths.question)
+
+    return measure
+
+
 def stage3_loop(run: dict):
     """Joint training: query reasoner (+ generator) through the differentiable top-k,
     candidates drawn from `run["candidates"]` (a CandidateSource); compressor and base
-    frozen. `run`: worker, settings (Stage3Settings), model_dir, candidates; the
-    questions arrive as the trainer's dataset."""
+    frozen. `run`: worker, settings (Stage3Settings), model_dir, candidates,
+    validation_path (held-out questions, or None); the questions arrive as the
+    trainer's dataset."""
     settings: Stage3Settings = run["settings"]
     worker: WorkerSettings = run["worker"]
     trainable = [Role.QUERY_REASONER] + ([Role.GENERATOR] if settings.train_generator else [])
@@ -211,9 +234,10 @@ def stage3_loop(run: dict):
     start = 1 if w.resumed is None else w.resumed["step"] + 1
     if w.checkpoint_dir is not None:
         load_rank_state(w.checkpoint_dir, w.rank, w.updater.optimizer, w.updater.scheduler)
-    reporter = _Reporter("stage3", settings.steps, settings.report_every, settings.checkpoint_every, w.rank, w.world,
-                         [] if w.resumed is None else w.resumed["history"], start, run.get("tensorboard_dir"))
     candidates = run["candidates"]
+    reporter = _Reporter("stage3", settings.steps, settings.report_every, settings.checkpoint_every, w.rank, w.world,
+                         [] if w.resumed is None else w.resumed["history"], start, run.get("tensorboard_dir"),
+                         _validation(w, run.get("validation_path"), candidates, settings, worker))
     save = _saver(w, "stage3", settings.steps, reporter, False, index_version=lambda: getattr(candidates, "version", None))
     # The pull back to the start measures from where stage 3 started, not from the checkpoint.
     anchor = ParameterAnchor(w.updater.module, settings.anchor_weight, start=run["model_dir"] if w.resumed else None)

@@ -29,6 +29,7 @@ from clara_ray.training.data import PLAN, data_config, draw_plan
 from clara_ray.training.loops import stage1_loop, stage2_loop, stage3_loop
 from clara_ray.training.settings import Stage1Settings, Stage2Settings, Stage3Settings, WorkerSettings
 from clara_ray.training.tables import DOCUMENTS, write_documents, write_examples, write_questions
+from clara_ray.training.validation import split_validation
 
 
 @dataclass(frozen=True)
@@ -46,28 +47,43 @@ class TrainingData:
     stage1_examples: Path
     stage2_examples: Path | None
     stage3_questions: Path
+    stage3_validation: Path | None = None  # held-out training questions (stage3.validation_fraction > 0)
 
 
 def write_training_data(config: Config, documents: dict[str, str], train_qa, run_dir: Path) -> TrainingData:
     """Every stage's examples, once: stage-1 reconstruction and QA examples with
     their BM25 neighbours and rivals, stage-2 QA examples (when enabled) and the
-    stage-3 questions, into <run_dir>/data."""
+    stage-3 questions (less a validation split when stage3.validation_fraction > 0),
+    into <run_dir>/data."""
     data = Path(run_dir) / "data"
     s1 = config.stage1
     stage1 = prepare_stage1_examples(
         documents, train_qa, s1.hard_distractor_fraction, s1.hard_distractor_pool, s1.rival_pool, config.run.seed
     )
     stage2 = prepare_stage2_examples(documents, train_qa, config.stage2.num_documents) if config.stage2.enabled else None
+    questions, validation = write_stage3_questions(QuestionBatch.from_qa(train_qa), config.stage3.validation_fraction,
+                                                   config.run.seed, data)
     return TrainingData(
         write_documents(data / DOCUMENTS, documents),
         write_examples(data / "stage1_examples.arrow", stage1),
         None if stage2 is None else write_examples(data / "stage2_examples.arrow", stage2),
-        write_questions(data / "stage3_questions.arrow", QuestionBatch.from_qa(train_qa)),
+        questions,
+        validation,
     )
 
 
+def write_stage3_questions(questions: QuestionBatch, validation_fraction: float, seed: int,
+                           directory: Path) -> tuple[Path, Path | None]:
+    """stage3_questions.arrow, and stage3_validation.arrow when a share is held out."""
+    validation = None
+    if validation_fraction > 0:
+        questions, held = split_validation(questions, validation_fraction, seed)
+        validation = write_questions(Path(directory) / "stage3_validation.arrow", held)
+    return write_questions(Path(directory) / "stage3_questions.arrow", questions), validation
+
+
 def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str, examples: Path, steps: int,
-         micro_batch_size: int) -> StageResult:
+         micro_batch_size: int, callbacks: list | None = None) -> StageResult:
     """Run `loop` on the workers, its draws of `examples` as the trainer's dataset."""
     run_dir = Path(run_dir).resolve()
     loop_config = {"worker": WorkerSettings.from_config(config), "tensorboard_dir": str(run_dir / "tensorboard"),
@@ -87,6 +103,7 @@ def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str, exa
             storage_path=str(run_dir / "ray_train"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()
@@ -130,11 +147,13 @@ def run_stage2(config: Config, data: TrainingData, stage1_model_dir: Path, run_d
 
 
 def run_stage3(config: Config, data: TrainingData, stage1_model_dir: Path, candidates: CandidateSource,
-               run_dir: Path) -> StageResult:
+               run_dir: Path, callbacks: list | None = None) -> StageResult:
     """Joint training of query reasoner and generator through the top-k, candidates
     from `candidates` (the index actors in the pipeline). Gold document ids travel
-    along only to log training recall."""
+    along only to log training recall. `callbacks`: Ray Train callbacks (a sweep
+    passes Tune's)."""
     settings = Stage3Settings.from_config(config)
-    loop_config = {"settings": settings, "model_dir": str(stage1_model_dir), "candidates": candidates}
+    loop_config = {"settings": settings, "model_dir": str(stage1_model_dir), "candidates": candidates,
+                   "validation_path": None if data.stage3_validation is None else str(data.stage3_validation)}
     return _fit(stage3_loop, loop_config, config, run_dir, "stage3", data.stage3_questions, settings.steps,
-                settings.micro_batch_size)
+                settings.micro_batch_size, callbacks)

@@ -1,0 +1,252 @@
+"""Ray Tune sweep over stage 3, from the stage-1 (or stage-2) model of a finished run.
+
+    summary = run_sweep(config, Path("runs/demo"))      # clara-ray sweep --from-run runs/demo
+
+Each trial is a Tune function trainable that runs stage 3 through the same
+trainer as the pipeline (``training.stages.run_stage3``: Ray Train + DeepSpeed,
+candidates from the run's index served by Ray actors), with Tune's
+``TuneReportCallback`` forwarding rank 0's reports. The search space
+(``sweep.*``) covers the top-k temperature at the first and last step
+(log-uniform), k, L and the learning rate; ASHA stops trials on validation
+recall@1 over training questions held out by gold document (never the test
+questions), measured in every report window. Trials run
+``max_concurrent_trials`` at a time, from the CPUs (or GPUs) the cluster has
+beside the index actors.
+
+Writes <run>/<sweep name>/:
+    data/                the training / validation split of the run's training questions
+    tune/                Ray Tune's experiment storage
+    trials/<trial id>/   each trial's Ray Train storage and TensorBoard files
+    results.md, results.csv   one row per trial: parameters, best and last validation
+                         recall@1, the step it reached, stopped early or not
+    temperature.png      final top-k temperature against best validation recall@1
+    best.yaml            the run's config with the best trial's stage-3 settings:
+                         `clara-ray demo --config <run>/<sweep name>/best.yaml`
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from clara_ray.config import Config, config_from_dict, load_config
+from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_index_actor
+from clara_ray.index.versions import IndexSettings
+from clara_ray.memory_shards import MEMORY_MANIFEST
+from clara_ray.training.batches import QuestionBatch
+from clara_ray.training.stages import TrainingData, run_stage3, write_stage3_questions
+from clara_ray.training.tables import questions_from_rows, read_table
+
+METRIC = "val_recall_at_1"
+SWEPT = ("temperature", "initial_temperature", "learning_rate", "top_k", "num_candidates")
+
+
+@dataclass(frozen=True)
+class SourceRun:
+    """What a sweep takes from a finished run directory."""
+
+    directory: Path
+    config: Config
+    model_dir: Path  # the model stage 3 starts from (stage 2's if the run had one)
+    memory_dir: Path
+    data: TrainingData
+    questions: QuestionBatch  # the run's stage-3 training questions
+
+    @classmethod
+    def open(cls, directory: Path, overrides: list[str]) -> SourceRun:
+        directory = Path(directory)
+        if not (directory / "config.yaml").exists():
+            raise FileNotFoundError(f"{directory} is not a run directory (no config.yaml): pass --from-run runs/<name>")
+        config = load_config(directory / "config.yaml", overrides)
+        steps = directory / "steps"
+        stage = next((s for s in ("stage2", "stage1") if (steps / f"{s}.json").exists()), None)
+        memory_dir = directory / "memory"
+        if stage is None or not (memory_dir / MEMORY_MANIFEST).exists() or not (steps / "training_data.json").exists():
+            raise FileNotFoundError(
+                f"{directory} has no finished stage 1 with an encoded corpus: run "
+                f"`clara-ray demo --config {directory / 'config.yaml'}` at least until it has encoded the corpus"
+            )
+        model_dir = Path(json.loads((steps / f"{stage}.json").read_text())["model_dir"])
+        written = json.loads((steps / "training_data.json").read_text())
+        data = TrainingData(**{k: None if v is None else Path(v) for k, v in written.items()})
+        questions = questions_from_rows(read_table(data.stage3_questions).to_pylist())
+        return cls(directory, config, model_dir, memory_dir, data, questions)
+
+
+def search_space(config: Config) -> dict:
+    s = config.sweep
+    return {
+        "temperature": tune.loguniform(*s.temperature),
+        "initial_temperature": tune.loguniform(*s.initial_temperature),
+        "learning_rate": tune.loguniform(*s.learning_rate),
+        "top_k": tune.choice(list(s.top_k)),
+        "num_candidates": tune.choice(list(s.num_candidates)),
+    }
+
+
+def trial_config(base: Config, params: dict, steps: int, validation_fraction: float) -> Config:
+    """`base` with a trial's stage-3 settings; the first temperature is never below the last."""
+    tree = base.to_dict()
+    stage3 = {**tree["stage3"], **{k: params[k] for k in SWEPT}, "steps": steps,
+              "validation_fraction": validation_fraction}
+    stage3["initial_temperature"] = max(stage3["initial_temperature"], stage3["temperature"])
+    tree["stage3"] = stage3
+    return config_from_dict(tree)
+
+
+def _trial(params: dict, base: Config, model_dir: str, data: TrainingData, candidates: IndexActorCandidates,
+           trials_dir: str) -> None:
+    """A Tune function trainable: stage 3 through the pipeline's trainer; Tune receives
+    rank 0's reports (validation recall included) through TuneReportCallback."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    config = trial_config(base, params, base.sweep.steps, base.sweep.validation_fraction)
+    trial_dir = Path(trials_dir) / tune.get_context().get_trial_id()
+    run_stage3(config, data, Path(model_dir), candidates, trial_dir, callbacks=[TuneReportCallback()])
+
+
+def max_concurrent_trials(config: Config) -> int:
+    """sweep.max_concurrent_trials, or the trials that fit beside the index actors:
+    whole trials of train.num_workers workers."""
+    if config.sweep.max_concurrent_trials is not None:
+        return config.sweep.max_concurrent_trials
+    available = ray.available_resources()
+    if config.train.use_gpu:
+        return max(1, int(available.get("GPU", 0) // config.train.num_workers))
+    per_trial = config.train.num_workers * config.train.cpu_threads_per_worker
+    return max(1, int(available.get("CPU", 0) // per_trial))
+
+
+def run_sweep(config_overrides: list[str], from_run: Path, name: str = "sweep", log=print) -> dict:
+    """The sweep (see module doc); returns its summary (also in results.md)."""
+    source = SourceRun.open(Path(from_run), config_overrides)
+    config = source.config
+    out = source.directory / name
+    if (out / "results.csv").exists():
+        raise FileExistsError(f"{out} holds a finished sweep; pass another --name or remove it")
+    shutil.rmtree(out, ignore_errors=True)  # an interrupted one starts again
+    questions, validation = write_stage3_questions(source.questions, config.sweep.validation_fraction,
+                                                   config.sweep.seed, out / "data")
+    data = dataclasses.replace(source.data, stage3_questions=questions, stage3_validation=validation)
+    log(f"[sweep] {len(source.questions)} training questions: {len(read_table(validation))} held out for validation; "
+        f"stage 3 from {source.model_dir}")
+
+    # The run's own index version over the same memory (built by its pipeline) is reused.
+    index = start_index_actor(str(source.memory_dir), index_actor_name(out), settings=IndexSettings.from_config(config.index))
+    concurrent = max_concurrent_trials(config)
+    scheduler = tune.schedulers.ASHAScheduler(
+        time_attr="step", max_t=config.sweep.steps, grace_period=config.sweep.grace_steps,
+        reduction_factor=config.sweep.reduction_factor,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=config, model_dir=str(source.model_dir), data=data,
+                             candidates=IndexActorCandidates(index), trials_dir=str((out / "trials").resolve())),
+        {"cpu": 0},  # the trial process only drives Ray Train; its workers hold the resources
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=search_space(config),
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max", scheduler=scheduler, num_samples=config.sweep.num_trials,
+            max_concurrent_trials=concurrent,
+            search_alg=tune.search.BasicVariantGenerator(random_state=config.sweep.seed),
+        ),
+        run_config=tune.RunConfig(name="tune", storage_path=str((out / "tune").resolve()), verbose=1),
+    )
+    log(f"[sweep] {config.sweep.num_trials} trials, {concurrent} at a time, up to {config.sweep.steps} steps each")
+    results = tuner.fit()
+    ray.kill(index)
+    rows = _rows(results, config)
+    best = rows[0]
+    best_config = trial_config(config, best, config.sweep.steps, 0.0)
+    tree = best_config.to_dict()
+    tree["run"]["name"] = f"{config.run.name}-{name}-best"
+    best_path = out / "best.yaml"
+    best_path.write_text(
+        f"# Best of {len(rows)} trials of `clara-ray sweep --from-run {source.directory}` (validation recall@1 "
+        f"{best['best_val_recall_at_1']:.3f}).\n# Run it: clara-ray demo --config {best_path}\n"
+        + config_from_dict(tree).to_yaml()
+    )
+    load_config(best_path)  # what the demo will read
+    _write_tables(rows, out, source.directory, config)
+    _plot(rows, out / "temperature.png")
+    summary = {"sweep_dir": str(out), "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
+               "best": {k: best[k] for k in (*SWEPT, "best_val_recall_at_1")},
+               "worst_best_val_recall_at_1": rows[-1]["best_val_recall_at_1"], "best_config": str(best_path)}
+    log(f"[sweep] results: {out / 'results.md'}; best config: {best_path}")
+    return summary
+
+
+def _rows(results, config: Config) -> list[dict]:
+    rows = []
+    for result in results:
+        frame = result.metrics_dataframe
+        if frame is None or METRIC not in frame:
+            raise RuntimeError(f"trial {result.path} reported no {METRIC}: {result.error}")
+        last_step = int(frame["step"].max())
+        rows.append({
+            "trial": Path(result.path).name, **{k: result.config[k] for k in SWEPT},
+            "best_val_recall_at_1": float(frame[METRIC].max()), "last_val_recall_at_1": float(frame[METRIC].iloc[-1]),
+            "last_val_recall_at_5": float(frame["val_recall_at_5"].iloc[-1]), "last_step": last_step,
+            "stopped_early": last_step < config.sweep.steps and result.error is None,
+            "error": "" if result.error is None else type(result.error).__name__,
+        })
+    return sorted(rows, key=lambda r: -r["best_val_recall_at_1"])
+
+
+def _write_tables(rows: list[dict], out: Path, run_dir: Path, config: Config) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    s = config.sweep
+    lines = [
+        f"# Stage-3 sweep from {run_dir}",
+        "",
+        f"{len(rows)} trials (Ray Tune, random search, seed {s.seed}), ASHA on validation recall@1 "
+        f"(grace {s.grace_steps} steps, reduction factor {s.reduction_factor}, at most {s.steps} steps); "
+        f"validation: {s.validation_fraction:.0%} of the training questions, held out by gold document.",
+        "",
+        "| trial | τ first | τ last | k | L | learning rate | best val R@1 | last val R@1 | last val R@5 | steps | stopped early |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['trial']} | {max(r['initial_temperature'], r['temperature']):.4f} | {r['temperature']:.4f} | "
+            f"{r['top_k']} | {r['num_candidates']} | {r['learning_rate']:.2e} | {r['best_val_recall_at_1']:.3f} | "
+            f"{r['last_val_recall_at_1']:.3f} | {r['last_val_recall_at_5']:.3f} | {r['last_step']} | "
+            f"{'yes (ASHA)' if r['stopped_early'] else ('error: ' + r['error'] if r['error'] else 'no')} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for stopped, marker, label in ((False, "o", "ran to the end"), (True, "x", "stopped by ASHA")):
+        chosen = [r for r in rows if r["stopped_early"] == stopped]
+        if chosen:
+            points = ax.scatter([r["temperature"] for r in chosen], [r["best_val_recall_at_1"] for r in chosen],
+                                c=[math.log10(max(r["initial_temperature"], r["temperature"])) for r in chosen],
+                                cmap="viridis", marker=marker, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("top-k temperature at the last step (τ)")
+    ax.set_ylabel("best validation recall@1")
+    fig.colorbar(points, ax=ax, label="log10 τ at the first step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
