@@ -15,7 +15,9 @@ the examples that ``train.num_workers`` workers take together in the pipeline. I
 exists because a demo takes 15 minutes of a 2-core machine while a recipe change
 must be judged over several seeds: on one GPU, 20 runs side by side take a few
 minutes (start CUDA MPS, ``nvidia-cuda-mps-control -d``, so their small kernels
-overlap). It needs torch, transformers, peft, tokenizers, bm25s and pydantic only.
+overlap). It needs torch, transformers, peft, tokenizers, bm25s and pydantic only:
+`sweep` is a plain process pool for a machine without Ray (such a GPU box); on a Ray
+cluster, hyperparameter sweeps over stage 3 are `clara-ray sweep` (Ray Tune, ASHA).
 
 JOBS holds one run per line: a name ending in ``_<seed>`` and that run's arguments,
 e.g. ``k2_3 run.seed=3 stage3.top_k=2``; `summary` groups runs by the name before

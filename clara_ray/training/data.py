@@ -40,7 +40,7 @@ def _table(path: str) -> pa.Table:
 
 def _draw_rows(batch: dict[str, np.ndarray], table_path: str, num_items: int, batch_size: int, world: int,
                seed: int) -> pa.Table:
-    plan = draws(batch["id"], num_items, batch_size, world, seed)
+    plan = draws(batch["data"], num_items, batch_size, world, seed)
     rows = _table(table_path).take(pa.array(plan["item"]))
     return rows.append_column("step", pa.array(plan["step"])).append_column("rank", pa.array(plan["rank"]))
 
@@ -50,14 +50,19 @@ def draw_plan(table_path: str, steps: int, batch_size: int, world: int, seed: in
     steps * world blocks of `batch_size` rows (step, rank, example columns)."""
     num_items = _table(str(table_path)).num_rows
     draws(np.zeros(1, dtype=np.int64), num_items, batch_size, world, seed)  # too few examples: say so here
-    blocks = steps * world
-    return ray.data.range(blocks * batch_size, override_num_blocks=blocks).map_batches(
+    # One block of draw positions per step and rank, made here: a read task would need a
+    # CPU, and while training holds every CPU of a small cluster it would never start.
+    positions = np.arange(steps * world * batch_size, dtype=np.int64).reshape(steps * world, batch_size)
+    return ray.data.from_numpy(list(positions)).map_batches(
         _draw_rows,
         batch_size=None,  # one block in, the same block out
         batch_format="numpy",
         fn_kwargs={"table_path": str(table_path), "num_items": num_items, "batch_size": batch_size,
                    "world": world, "seed": seed},
-        num_cpus=0,  # a few arrays per block: no reservation, so the plan never waits for training's CPUs
+        # A few arrays per block: no CPU reserved, so the plan never waits for the CPUs
+        # training holds; and so, no resource bound either: at most two tasks at a time.
+        num_cpus=0,
+        concurrency=2,
     )
 
 
