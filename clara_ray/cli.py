@@ -103,12 +103,15 @@ def run_encode(args: argparse.Namespace, config) -> int:
     return 0
 
 
-def run_sweep_command(args: argparse.Namespace) -> int:
-    """The `sweep` command (also what jobs/sweep.py runs)."""
-    from clara_ray.sweep import run_sweep
+def run_sweep_command(args: argparse.Namespace, connect) -> int:
+    """The `sweep` command (also what jobs/sweep.py runs); `connect()` joins or starts
+    Ray once the run directory and the overrides have been checked."""
+    from clara_ray.sweep import SourceRun, run_sweep
 
     try:
-        summary = run_sweep(list(args.overrides), Path(args.from_run), args.name)
+        source = SourceRun.open(Path(args.from_run), list(args.overrides))
+        connect()
+        summary = run_sweep(source, args.name)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"clara-ray: {error}", file=sys.stderr)
         return 2
@@ -120,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = list(args.overrides)
     if args.command == "sweep":
-        start_ray(args.address)
-        return run_sweep_command(args)
+        return run_sweep_command(args, lambda: start_ray(args.address))
     if args.command == "demo":
         for flag, key in ((args.corpus, "data.corpus"), (args.train_qa, "data.train_qa"), (args.test_qa, "data.test_qa")):
             if flag:

@@ -307,7 +307,7 @@ class Stage3Config(_Section):
     report_every: int = Field(25, gt=0)
     checkpoint_every: int = Field(150, gt=0)
     # Share of the training questions held out (whole gold documents at a time) to
-    # measure retrieval while stage 3 runs: validation recall@1 and @5 in every
+    # measure retrieval while stage 3 runs: validation recall@1, @5 and MRR in every
     # report window. 0 trains on all of them; sweeps hold out sweep.validation_fraction.
     validation_fraction: float = Field(0.0, ge=0, lt=1)
 
@@ -324,9 +324,9 @@ class Stage3Config(_Section):
 
 class SweepConfig(_Section):
     """Ray Tune sweep over stage 3 (`clara-ray sweep --from-run RUN`): random search
-    over the ranges below, ASHA stopping on validation recall@1."""
+    over the ranges below, ASHA stopping on the validation MRR."""
 
-    num_trials: int = Field(8, ge=1)
+    num_trials: int = Field(6, ge=1)
     steps: int = Field(300, gt=0)  # stage-3 steps of a trial that is never stopped
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     grace_steps: int = Field(100, gt=0)  # ASHA stops no trial before this step

@@ -1,15 +1,17 @@
 """Ray Tune sweep over stage 3, from the stage-1 (or stage-2) model of a finished run.
 
-    summary = run_sweep(config, Path("runs/demo"))      # clara-ray sweep --from-run runs/demo
+    summary = run_sweep(SourceRun.open(Path("runs/demo"), overrides))   # clara-ray sweep --from-run runs/demo
 
 Each trial is a Tune function trainable that runs stage 3 through the same
 trainer as the pipeline (``training.stages.run_stage3``: Ray Train + DeepSpeed,
 candidates from the run's index served by Ray actors), with Tune's
 ``TuneReportCallback`` forwarding rank 0's reports. The search space
 (``sweep.*``) covers the top-k temperature at the first and last step
-(log-uniform), k, L and the learning rate; ASHA stops trials on validation
-recall@1 over training questions held out by gold document (never the test
-questions), measured in every report window. Trials run
+(log-uniform), k, L and the learning rate; ASHA stops trials on the validation
+mean reciprocal rank of the gold document (it moves before recall@1 does) over
+training questions held out by gold document (never the test questions),
+measured in every report window; the best trial is the one with the highest
+validation recall@1 (MRR breaks ties). Trials run
 ``max_concurrent_trials`` at a time, from the CPUs (or GPUs) the cluster has
 beside the index actors.
 
@@ -45,7 +47,7 @@ from clara_ray.training.batches import QuestionBatch
 from clara_ray.training.stages import TrainingData, run_stage3, write_stage3_questions
 from clara_ray.training.tables import questions_from_rows, read_table
 
-METRIC = "val_recall_at_1"
+METRIC = "val_mrr"  # what ASHA stops on (continuous, moves before recall@1; see training/validation.py)
 SWEPT = ("temperature", "initial_temperature", "learning_rate", "top_k", "num_candidates")
 
 
@@ -125,9 +127,9 @@ def max_concurrent_trials(config: Config) -> int:
     return max(1, int(available.get("CPU", 0) // per_trial))
 
 
-def run_sweep(config_overrides: list[str], from_run: Path, name: str = "sweep", log=print) -> dict:
-    """The sweep (see module doc); returns its summary (also in results.md)."""
-    source = SourceRun.open(Path(from_run), config_overrides)
+def run_sweep(source: SourceRun, name: str = "sweep", log=print) -> dict:
+    """The sweep from `source` (``SourceRun.open(run_dir, overrides)``, see module doc) on
+    the connected Ray cluster; returns its summary (also in results.md)."""
     config = source.config
     out = source.directory / name
     if (out / "results.csv").exists():
@@ -149,7 +151,9 @@ def run_sweep(config_overrides: list[str], from_run: Path, name: str = "sweep", 
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=config, model_dir=str(source.model_dir), data=data,
                              candidates=IndexActorCandidates(index), trials_dir=str((out / "trials").resolve())),
-        {"cpu": 0},  # the trial process only drives Ray Train; its workers hold the resources
+        # The trial process only drives Ray Train (its workers hold the resources);
+        # Tune needs a non-empty request.
+        {"cpu": 0.01},
     )
     tuner = tune.Tuner(
         trainable,
@@ -179,7 +183,7 @@ def run_sweep(config_overrides: list[str], from_run: Path, name: str = "sweep", 
     _write_tables(rows, out, source.directory, config)
     _plot(rows, out / "temperature.png")
     summary = {"sweep_dir": str(out), "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
-               "best": {k: best[k] for k in (*SWEPT, "best_val_recall_at_1")},
+               "best": {k: best[k] for k in (*SWEPT, "best_val_recall_at_1", "best_val_mrr")},
                "worst_best_val_recall_at_1": rows[-1]["best_val_recall_at_1"], "best_config": str(best_path)}
     log(f"[sweep] results: {out / 'results.md'}; best config: {best_path}")
     return summary
@@ -193,13 +197,20 @@ def _rows(results, config: Config) -> list[dict]:
             raise RuntimeError(f"trial {result.path} reported no {METRIC}: {result.error}")
         last_step = int(frame["step"].max())
         rows.append({
-            "trial": Path(result.path).name, **{k: result.config[k] for k in SWEPT},
-            "best_val_recall_at_1": float(frame[METRIC].max()), "last_val_recall_at_1": float(frame[METRIC].iloc[-1]),
+            "trial": tune_trial_id(result.path), **{k: result.config[k] for k in SWEPT},
+            "best_val_recall_at_1": float(frame["val_recall_at_1"].max()), "best_val_mrr": float(frame[METRIC].max()),
+            "last_val_recall_at_1": float(frame["val_recall_at_1"].iloc[-1]),
             "last_val_recall_at_5": float(frame["val_recall_at_5"].iloc[-1]), "last_step": last_step,
             "stopped_early": last_step < config.sweep.steps and result.error is None,
             "error": "" if result.error is None else type(result.error).__name__,
         })
-    return sorted(rows, key=lambda r: -r["best_val_recall_at_1"])
+    return sorted(rows, key=lambda r: (-r["best_val_recall_at_1"], -r["best_val_mrr"]))
+
+
+def tune_trial_id(path: str) -> str:
+    """`_trial_<experiment>_<index>_...` -> `<experiment>_<index>` (the trial's id)."""
+    parts = Path(path).name.split("_")
+    return "_".join(parts[2:4]) if len(parts) > 3 else Path(path).name
 
 
 def _write_tables(rows: list[dict], out: Path, run_dir: Path, config: Config) -> None:
@@ -211,17 +222,18 @@ def _write_tables(rows: list[dict], out: Path, run_dir: Path, config: Config) ->
     lines = [
         f"# Stage-3 sweep from {run_dir}",
         "",
-        f"{len(rows)} trials (Ray Tune, random search, seed {s.seed}), ASHA on validation recall@1 "
+        f"{len(rows)} trials (Ray Tune, random search, seed {s.seed}), ASHA on the validation MRR "
         f"(grace {s.grace_steps} steps, reduction factor {s.reduction_factor}, at most {s.steps} steps); "
         f"validation: {s.validation_fraction:.0%} of the training questions, held out by gold document.",
         "",
-        "| trial | τ first | τ last | k | L | learning rate | best val R@1 | last val R@1 | last val R@5 | steps | stopped early |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| trial | τ first | τ last | k | L | learning rate | best val R@1 | best val MRR | last val R@1 | last val R@5 | steps | stopped early |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['trial']} | {max(r['initial_temperature'], r['temperature']):.4f} | {r['temperature']:.4f} | "
             f"{r['top_k']} | {r['num_candidates']} | {r['learning_rate']:.2e} | {r['best_val_recall_at_1']:.3f} | "
+            f"{r['best_val_mrr']:.3f} | "
             f"{r['last_val_recall_at_1']:.3f} | {r['last_val_recall_at_5']:.3f} | {r['last_step']} | "
             f"{'yes (ASHA)' if r['stopped_early'] else ('error: ' + r['error'] if r['error'] else 'no')} |"
         )

@@ -23,8 +23,7 @@ def main() -> int:
     parser.add_argument("--name", default="sweep", help="output directory inside the run")
     parser.add_argument("overrides", nargs="*", help="overrides of the run's config, dotted.key=value")
     args = parser.parse_args()
-    ray.init(runtime_env={"env_vars": WORKER_ENV})
-    return run_sweep_command(args)
+    return run_sweep_command(args, lambda: ray.init(runtime_env={"env_vars": WORKER_ENV}))
 
 
 if __name__ == "__main__":

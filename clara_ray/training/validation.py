@@ -40,7 +40,9 @@ def split_validation(questions: QuestionBatch, fraction: float, seed: int) -> tu
 def validation_recall(model, tokenizer, questions: QuestionBatch, candidates: CandidateSource, num_candidates: int,
                       question_max_len: int, batch_size: int = 64) -> dict[str, float]:
     """Recall@1 and @5 of the query reasoner's ranking (index candidates, exact re-score),
-    as the evaluation ranks test questions."""
+    as the evaluation ranks test questions, and the mean reciprocal rank of the gold
+    document within the L candidates (0 when it is not among them): it moves before
+    recall@1 does, so early stopping can tell trials apart while recall is still 0."""
     was_training, rankings = model.training, []
     model.eval()
     try:
@@ -53,5 +55,8 @@ def validation_recall(model, tokenizer, questions: QuestionBatch, candidates: Ca
     finally:
         model.train(was_training)
     gold = [list(g) for g in questions.gold_doc_ids]
-    return {"val_recall_at_1": recall_at_k(rankings, gold, 1), "val_recall_at_5": recall_at_k(rankings, gold, 5)}
+    reciprocal = [max((1 / (rank + 1) for rank, doc in enumerate(ranking) if doc in g), default=0.0)
+                  for ranking, g in zip(rankings, gold)]
+    return {"val_recall_at_1": recall_at_k(rankings, gold, 1), "val_recall_at_5": recall_at_k(rankings, gold, 5),
+            "val_mrr": sum(reciprocal) / len(reciprocal)}
 
