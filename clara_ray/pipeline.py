@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from clara_ray.config import Baseline, Config
+from clara_ray.config import Baseline, Config, ConfigError, load_config
 from clara_ray.data.corpus_rows import CorpusFormat
 from clara_ray.data.formats import (
     Document,
@@ -164,12 +164,20 @@ def _mark_done(run_dir: Path, name: str, record: dict) -> dict:
     return record
 
 
+def _same_config(saved: Path, config: Config) -> bool:
+    """Equal settings (keys a later version added read as their defaults)."""
+    try:
+        return load_config(saved).to_dict() == config.to_dict()
+    except ConfigError:
+        return False
+
+
 def _open_run_dir(config: Config, log) -> Path:
     """A new run directory, or the one of an interrupted run of the same config."""
     run_dir = (Path(config.run.output_dir) / config.run.name).resolve()
     saved = run_dir / "config.yaml"
     if saved.exists():
-        if saved.read_text() != config.to_yaml():
+        if not _same_config(saved, config):
             raise FileExistsError(
                 f"run directory {run_dir} belongs to a run with another config: pick another run.name, "
                 f"or rerun with the config in {saved} to continue that run"
