@@ -6,9 +6,9 @@ step by step, rank by rank (``batches.draws``: one seeded shuffle per epoch, the
 same order the one-process runs use), each row carrying its example's columns
 (read from the memory-mapped examples file by the Ray Data task that makes the
 row). Ray Train splits the plan across workers (``get_dataset_shard``); with
-``preserve_order`` each block is one rank's micro-batch of one step and blocks
-are dealt to the workers in turn, so worker r receives exactly rank r's draws —
-which every batch checks. Nothing example- or corpus-sized travels in
+``preserve_order`` each block holds one rank's micro-batches of a run of
+`STEPS_PER_BLOCK` steps, and blocks are dealt to the workers in turn, so worker
+r receives exactly rank r's draws — which every batch checks. Nothing example- or corpus-sized travels in
 ``train_loop_config``; the documents an example needs are read by row from the
 memory-mapped document table (``tables.DocumentTable``).
 
@@ -31,6 +31,9 @@ from clara_ray.training.batches import draws
 from clara_ray.training.tables import read_table
 
 PLAN = "train"  # the dataset's name in TorchTrainer(datasets=...)
+# Steps of one rank in a block: few blocks (a Ray task and a coordinator round trip
+# each; one block per step cost ~0.3 s a step on 2 cores), small ones (a few KB).
+STEPS_PER_BLOCK = 25
 
 
 @functools.lru_cache(maxsize=4)
@@ -45,15 +48,26 @@ def _draw_rows(batch: dict[str, np.ndarray], table_path: str, num_items: int, ba
     return rows.append_column("step", pa.array(plan["step"])).append_column("rank", pa.array(plan["rank"]))
 
 
+def block_positions(steps: int, batch_size: int, world: int, steps_per_block: int = STEPS_PER_BLOCK) -> list[np.ndarray]:
+    """Draw positions (see ``batches.draws``) block by block: for each run of
+    `steps_per_block` steps, rank 0's draws of those steps, then rank 1's, ..."""
+    blocks = []
+    for first in range(0, steps, steps_per_block):
+        step_index = np.arange(first, min(first + steps_per_block, steps), dtype=np.int64)
+        for rank in range(world):
+            starts = step_index * batch_size * world + rank * batch_size
+            blocks.append((starts[:, None] + np.arange(batch_size, dtype=np.int64)).ravel())
+    return blocks
+
+
 def draw_plan(table_path: str, steps: int, batch_size: int, world: int, seed: int) -> ray.data.Dataset:
-    """The stage's draws of the examples in `table_path` as a Ray Dataset of
-    steps * world blocks of `batch_size` rows (step, rank, example columns)."""
+    """The stage's draws of the examples in `table_path` as a Ray Dataset of blocks
+    of one rank's micro-batches (step, rank, example columns; see module doc)."""
     num_items = _table(str(table_path)).num_rows
     draws(np.zeros(1, dtype=np.int64), num_items, batch_size, world, seed)  # too few examples: say so here
-    # One block of draw positions per step and rank, made here: a read task would need a
-    # CPU, and while training holds every CPU of a small cluster it would never start.
-    positions = np.arange(steps * world * batch_size, dtype=np.int64).reshape(steps * world, batch_size)
-    return ray.data.from_numpy(list(positions)).map_batches(
+    # Draw positions made here: a read task would need a CPU, and while training
+    # holds every CPU of a small cluster it would never start.
+    plan = ray.data.from_numpy(block_positions(steps, batch_size, world)).map_batches(
         _draw_rows,
         batch_size=None,  # one block in, the same block out
         batch_format="numpy",
@@ -64,6 +78,8 @@ def draw_plan(table_path: str, steps: int, batch_size: int, world: int, seed: in
         num_cpus=0,
         concurrency=2,
     )
+    plan.context.enable_progress_bars = False  # the training loops print their own progress
+    return plan
 
 
 def data_config() -> DataConfig:

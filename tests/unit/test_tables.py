@@ -67,3 +67,16 @@ def test_a_step_reads_the_same_texts_from_the_table_as_from_a_list(tmp_path):
     for _ in range(20):
         assert [table[i] for i in _distractors(example, len(table), 4, 0.5, a)] == [
             texts[i] for i in _distractors(example, len(texts), 4, 0.5, b)]
+
+
+@pytest.mark.parametrize("steps,batch_size,world,per_block", [(60, 4, 2, 25), (7, 3, 3, 2), (5, 2, 1, 25)])
+def test_plan_blocks_hold_one_ranks_steps_in_order_and_cover_every_draw_once(steps, batch_size, world, per_block):
+    from clara_ray.training.data import block_positions
+
+    blocks = block_positions(steps, batch_size, world, per_block)
+    assert sorted(np.concatenate(blocks).tolist()) == list(range(steps * batch_size * world))
+    for i, block in enumerate(blocks):
+        plan = draws(block, 1000, batch_size, world, 0)
+        assert set(plan["rank"].tolist()) == {i % world}  # dealt in turn, block i goes to rank i % world
+        assert plan["step"].tolist() == sorted(plan["step"].tolist())
+        assert np.all(np.bincount(plan["step"])[plan["step"]] == batch_size)  # whole micro-batches
