@@ -64,7 +64,7 @@ class SourceRun:
 
     @classmethod
     def open(cls, directory: Path, overrides: list[str]) -> SourceRun:
-        directory = Path(directory)
+        directory = Path(directory).resolve()  # trials run in other working directories
         if not (directory / "config.yaml").exists():
             raise FileNotFoundError(f"{directory} is not a run directory (no config.yaml): pass --from-run runs/<name>")
         config = load_config(directory / "config.yaml", overrides)
@@ -190,11 +190,12 @@ def run_sweep(source: SourceRun, name: str = "sweep", log=print) -> dict:
 
 
 def _rows(results, config: Config) -> list[dict]:
-    rows = []
+    rows, failed = [], []
     for result in results:
         frame = result.metrics_dataframe
         if frame is None or METRIC not in frame:
-            raise RuntimeError(f"trial {result.path} reported no {METRIC}: {result.error}")
+            failed.append(f"{tune_trial_id(result.path)}: {result.error!r}"[:2000])
+            continue
         last_step = int(frame["step"].max())
         rows.append({
             "trial": tune_trial_id(result.path), **{k: result.config[k] for k in SWEPT},
@@ -204,6 +205,10 @@ def _rows(results, config: Config) -> list[dict]:
             "stopped_early": last_step < config.sweep.steps and result.error is None,
             "error": "" if result.error is None else type(result.error).__name__,
         })
+    if not rows:
+        raise RuntimeError("no trial reported a validation metric:\n" + "\n".join(failed))
+    for line in failed:
+        print(f"[sweep] trial failed before its first report: {line}")
     return sorted(rows, key=lambda r: (-r["best_val_recall_at_1"], -r["best_val_mrr"]))
 
 
