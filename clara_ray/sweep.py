@@ -160,8 +160,9 @@ def run_sweep(source: SourceRun, name: str = "sweep", log=print) -> dict:
         param_space=search_space(config),
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", scheduler=scheduler, num_samples=config.sweep.num_trials,
-            max_concurrent_trials=concurrent,
-            search_alg=tune.search.BasicVariantGenerator(random_state=config.sweep.seed),
+            # On the generator itself: Tune ignores TuneConfig.max_concurrent_trials for a
+            # search generator passed in (it logs a warning and starts every trial).
+            search_alg=tune.search.BasicVariantGenerator(random_state=config.sweep.seed, max_concurrent=concurrent),
         ),
         run_config=tune.RunConfig(name="tune", storage_path=str((out / "tune").resolve()), verbose=1),
     )
