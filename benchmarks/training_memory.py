@@ -90,8 +90,9 @@ def train(work: Path, steps: int, data: dict) -> dict:
 
 
 def _child(role: str, work: Path, *args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", role, str(work), *args], check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--child", role, str(work), *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the {role} process failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
