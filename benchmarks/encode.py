@@ -48,6 +48,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sections import write_section  # noqa: E402  (benchmarks/sections.py)
+
 from clara_ray.cli import start_ray
 from clara_ray.encode import EncodeSettings, encode_corpus
 from clara_ray.memory_shards import memory_table
@@ -285,16 +287,6 @@ def markdown(peak: float, comparisons: list[dict], scale: list[dict], threads: i
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery figure here was printed by the command shown with it.\n"
-    if MARK_BEGIN in text:
-        before, rest = text.split(MARK_BEGIN, 1)
-        text = before + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Long enough that actor start-up and model loading (a few seconds) weigh little.
@@ -327,7 +319,7 @@ def main() -> int:
     section = markdown(peak, comparisons, scale, threads, command.strip())
     print(section)
     if not args.no_write:
-        write_section(REPO / "BENCHMARKS.md", section)
+        write_section(REPO / "BENCHMARKS.md", section, MARK_BEGIN, MARK_END)
     return 0
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sections import write_section  # noqa: E402  (benchmarks/sections.py)
+
 MARK_BEGIN, MARK_END = "<!-- benchmarks/training_memory.py begin -->", "<!-- benchmarks/training_memory.py end -->"
 SMALL = [
     "model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
@@ -131,16 +133,6 @@ def section(results: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    current = path.read_text()
-    if MARK_BEGIN in current:
-        before, rest = current.split(MARK_BEGIN, 1)
-        current = before + text + rest.split(MARK_END, 1)[1]
-    else:
-        current = current.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(current)
-
-
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         role, work = sys.argv[2], Path(sys.argv[3])
@@ -167,7 +159,7 @@ def main() -> int:
     text = section(results, command)
     print(text)
     if not args.no_write:
-        write_section(REPO / "BENCHMARKS.md", text)
+        write_section(REPO / "BENCHMARKS.md", text, MARK_BEGIN, MARK_END)
     return 0
 
 
