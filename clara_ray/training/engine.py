@@ -139,6 +139,17 @@ class TorchUpdater:
         return self.optimizer.param_groups[0]["lr"]
 
 
+def _skip_shared_memory_op(deepspeed) -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op when the
+    process group starts, used only by `inference_all_reduce`, which training never
+    calls. Marking the op unavailable (DeepSpeed keeps the table it reads for edits)
+    saves that build — minutes on a small machine — and its lock file: a worker killed
+    mid-build leaves the lock behind and every later run waited on it for ever."""
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 class DeepSpeedUpdater:
     """A DeepSpeed engine on the process group Ray Train made (ZeRO as configured);
     the same optimizer groups and schedule as `TorchUpdater`."""
@@ -148,6 +159,8 @@ class DeepSpeedUpdater:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
+        if not use_gpu:
+            _skip_shared_memory_op(deepspeed)
         deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
         config = deepspeed_config(micro_batch_size, zero_stage, settings.gradient_clipping, settings.learning_rate, bf16)
         self.engine, _, _, _ = deepspeed.initialize(
