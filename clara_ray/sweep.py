@@ -252,14 +252,25 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def first_temperature(row: dict) -> float:
+        return math.log10(max(row["initial_temperature"], row["temperature"]))
+
+    # One colour scale for both markers (each scatter call would otherwise scale its own).
+    low, high = min(map(first_temperature, rows)), max(map(first_temperature, rows))
     fig, ax = plt.subplots(figsize=(6, 4))
     for stopped, marker, label in ((False, "o", "ran to the end"), (True, "x", "stopped by ASHA")):
         chosen = [r for r in rows if r["stopped_early"] == stopped]
         if chosen:
             points = ax.scatter([r["temperature"] for r in chosen], [r["best_val_recall_at_1"] for r in chosen],
-                                c=[math.log10(max(r["initial_temperature"], r["temperature"])) for r in chosen],
+                                c=[first_temperature(r) for r in chosen], vmin=low, vmax=high,
                                 cmap="viridis", marker=marker, label=label)
     ax.set_xscale("log")
+    # Labels at 1, 2 and 5 of each decade, as plain numbers (matplotlib's minor labels overlap).
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("top-k temperature at the last step (τ)")
     ax.set_ylabel("best validation recall@1")
     fig.colorbar(points, ax=ax, label="log10 τ at the first step")
