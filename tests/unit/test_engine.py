@@ -27,3 +27,42 @@ def test_torch_updater_runs_the_schedule_and_holds_the_gain_group():
         updater.step()
     assert rates == pytest.approx([0.1 * warmup_cosine(u, 20, 4) for u in range(1, 21)])
     assert rates[0] == rates[1] == 0.0 and max(rates) == pytest.approx(0.1, rel=0.05)
+
+
+_DEEPSPEED_ON_CPU = """
+import deepspeed.comm.comm as ds_comm, torch
+from clara_ray.training.engine import DeepSpeedUpdater, OptimiserSettings
+updater = DeepSpeedUpdater(torch.nn.Linear(2, 1), OptimiserSettings(learning_rate=0.1, total_steps=4, warmup_steps=1, gradient_clipping=1.0),
+                           micro_batch_size=1, zero_stage=2, use_gpu=False, bf16=False)
+updater.backward(updater.forward(torch.ones(1, 2)).sum())
+updater.step()
+assert ds_comm.cdb.shm_comm_op is None
+print("ok")
+"""
+
+
+def test_deepspeed_on_cpu_never_waits_on_a_build_lock_a_killed_worker_left(tmp_path, monkeypatch):
+    """DeepSpeed's CPU backend JIT-built an inference-only op under a lock file; a worker
+    killed mid-build left the lock and every later start waited on it for ever. The
+    updater skips that op: it starts beside such a lock and builds nothing."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    extensions = tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    stale = _get_build_directory("deepspeed_shm_comm", verbose=False)  # where DeepSpeed would build it
+    os.makedirs(stale, exist_ok=True)
+    open(os.path.join(stale, "lock"), "w").close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1"}
+    # One process group of one, in a child so that this process stays free of it.
+    done = subprocess.run([sys.executable, "-c", _DEEPSPEED_ON_CPU], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    assert [p.name for p in extensions.rglob("*") if p.is_file()] == ["lock"]  # nothing was built
