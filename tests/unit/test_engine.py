@@ -50,11 +50,12 @@ def test_deepspeed_on_cpu_never_waits_on_a_build_lock_a_killed_worker_left(tmp_p
     import subprocess
     import sys
 
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
     from torch.utils.cpp_extension import _get_build_directory
 
     extensions = tmp_path / "torch_extensions"
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
-    stale = _get_build_directory("deepspeed_shm_comm", verbose=False)  # where DeepSpeed would build it
+    stale = _get_build_directory(ShareMemCommBuilder.NAME, verbose=False)  # where DeepSpeed would build it
     os.makedirs(stale, exist_ok=True)
     open(os.path.join(stale, "lock"), "w").close()
     with socket.socket() as s:
