@@ -371,6 +371,11 @@ class EncodeConfig(_Section):
     num_gpus_per_actor: float = Field(0, ge=0)
     # Parquet files gather at least this many documents (the last may hold fewer).
     rows_per_shard: int = Field(8192, gt=0)
+    # Pad every batch to model.doc_max_len: each document's memory is then the same
+    # bits whichever batch it was encoded in (reproducible indexes and runs); off,
+    # a batch is padded to its longest document, which is faster on corpora of
+    # mostly short documents.
+    pad_to_doc_max_len: bool = True
 
     @model_validator(mode="after")
     def _actor_range(self) -> EncodeConfig:

@@ -63,7 +63,8 @@ SUMMARY = "summary.json"
 class CompressorActor:
     """Ray Data callable class: a batch of good corpus rows -> rows of the shard schema."""
 
-    def __init__(self, model_dir: str, doc_max_len: int, dtype: str = "float32", num_threads: int = 1):
+    def __init__(self, model_dir: str, doc_max_len: int, dtype: str = "float32", num_threads: int = 1,
+                 pad_to_doc_max_len: bool = True):
         from clara_ray.modeling.checkpoint import load_model
         from clara_ray.modeling.clara import Role
 
@@ -83,6 +84,7 @@ class CompressorActor:
         if self.device == "cpu":
             torch.set_num_threads(num_threads)  # the calling thread's OpenMP team starts at its first op
         self.doc_max_len = doc_max_len
+        self.pad_to_doc_max_len = pad_to_doc_max_len
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from clara_ray.modeling.clara import Role
@@ -90,7 +92,7 @@ class CompressorActor:
 
         titles = batch.column("title").to_pylist()
         texts = [document_input(text, title) for text, title in zip(batch.column("text").to_pylist(), titles)]
-        tokens = tokenize_texts(self.tokenizer, texts, self.doc_max_len)
+        tokens = tokenize_texts(self.tokenizer, texts, self.doc_max_len, self.pad_to_doc_max_len)
         with torch.inference_mode():
             memory, _ = self.model.encode(
                 Role.COMPRESSOR, tokens.ids.to(self.device), tokens.mask.to(self.device)
@@ -116,6 +118,10 @@ class EncodeSettings:
     dtype: str = "bfloat16"  # on GPU; CPU actors always compute in float32
     on_bad_row: BadRowPolicy = BadRowPolicy.QUARANTINE
     rows_per_shard: int = 8192
+    # Every batch padded to doc_max_len: a document's memory is then the same bits
+    # whatever batch Ray Data put it in (padded to the batch's longest document,
+    # the matmul shapes change with the batch and so do the last bits).
+    pad_to_doc_max_len: bool = True
 
 
 @dataclass(frozen=True)
@@ -270,6 +276,7 @@ def _encode_good_rows(documents, model_dir, output_dir: Path, settings: EncodeSe
                 "doc_max_len": settings.doc_max_len,
                 "dtype": settings.dtype,
                 "num_threads": max(1, int(settings.num_cpus_per_actor)),
+                "pad_to_doc_max_len": settings.pad_to_doc_max_len,
             },
             batch_size=settings.batch_size,
             batch_format="pyarrow",

@@ -88,6 +88,7 @@ def encode_settings(config: Config) -> EncodeSettings:
         dtype=config.model.dtype.value,
         on_bad_row=config.data.on_bad_row,
         rows_per_shard=encode.rows_per_shard,
+        pad_to_doc_max_len=encode.pad_to_doc_max_len,
     )
 
 

@@ -37,8 +37,8 @@ class Tokenized:
     lengths: tuple[int, ...] = ()  # token counts before cutting
 
 
-def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(r) for r in rows))
+def _pad(rows: list[list[int]], pad_id: int, left: bool, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(r) for r in rows)) if width is None else width
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -50,11 +50,13 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> Tokenized:
-    """Left-padded token ids, cut to the first `max_length` tokens."""
+def tokenize_texts(tokenizer, texts: list[str], max_length: int, pad_to_max_length: bool = False) -> Tokenized:
+    """Left-padded token ids, cut to the first `max_length` tokens; padded to the
+    batch's longest text, or to `max_length` (the same shapes whatever the batch)."""
     rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     truncated = sum(len(r) > max_length for r in rows)
-    ids, mask = _pad([r[:max_length] for r in rows], tokenizer.pad_token_id, left=True)
+    ids, mask = _pad([r[:max_length] for r in rows], tokenizer.pad_token_id, left=True,
+                     width=max_length if pad_to_max_length else None)
     return Tokenized(ids, mask, truncated, tuple(len(r) for r in rows))
 
 
