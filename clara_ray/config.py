@@ -285,6 +285,12 @@ class Stage3Config(_Section):
     # Anneal the top-k temperature geometrically from this value down to
     # `temperature` over the run; null keeps it constant (CLaRa).
     initial_temperature: float | None = Field(0.1, gt=0)
+    # Training picks the k documents by sampling (Gumbel top-k: without replacement,
+    # each draw from softmax(scores / temperature)) instead of taking the k best, so
+    # the generator also reads documents ranked just below the top and its loss
+    # tells the query reasoner which of them help. Evaluation always takes the best.
+    # false = CLaRa's hard top-k.
+    gumbel_top_k: bool = False
     num_candidates: int = Field(64, gt=0)
     # Learning rate of the query reasoner's per-memory-slot retrieval gains
     # (ClaraModel.retrieval_gain, log scale, start 0 = gain 1); 0 keeps CLaRa's plain cosine.

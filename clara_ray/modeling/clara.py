@@ -275,13 +275,14 @@ class ClaraModel(nn.Module):
 
     def _joint(
         self, question_ids, question_mask, candidate_memory, prompt_ids, prompt_mask,
-        target_ids, target_mask, k: int, temperature: float,
+        target_ids, target_mask, k: int, temperature: float, sample: bool = False,
     ):
         """Stage 3: query reasoner scores L candidates, a differentiable top-k picks
-        k of them, the generator answers from the picked memories."""
+        k of them (the best k, or a sample: ``straight_through_topk``), the generator
+        answers from the picked memories."""
         query_memory, _ = self.encode(Role.QUERY_REASONER, question_ids, question_mask)  # (B, n, d)
         scores = retrieval_scores(query_memory, candidate_memory)  # (B, L)
-        weights = straight_through_topk(scores, k, temperature)  # (B, k, L)
+        weights = straight_through_topk(scores, k, temperature, sample)  # (B, k, L)
         selected = select_memory(weights, candidate_memory)  # (B, k, n, d)
         generation = self.generator_loss(selected.flatten(1, 2), prompt_ids, prompt_mask, target_ids, target_mask)
         return {"loss": generation, "generation_loss": generation, "scores": scores.detach()}

@@ -11,13 +11,17 @@ from __future__ import annotations
 import torch
 
 
-def straight_through_topk(scores: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+def straight_through_topk(scores: torch.Tensor, k: int, temperature: float, sample: bool = False) -> torch.Tensor:
     """Selection weights for the top-k of ``scores``.
 
     scores: (B, L) retrieval scores of L candidates per query.
     Returns weights (B, k, L): forward values are one-hot rows picking the
     k best candidates in descending order; gradients are those of the masked
     softmax(scores / temperature) of each slot.
+    sample: perturb the scores by temperature x Gumbel(0, 1) noise (torch's global
+    generator) first, so the k picked are a sample without replacement from
+    softmax(scores / temperature) (Gumbel top-k), and the backward softmaxes are
+    those of the perturbed scores (straight-through Gumbel-softmax).
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be (batch, candidates), got shape {tuple(scores.shape)}")
@@ -27,6 +31,9 @@ def straight_through_topk(scores: torch.Tensor, k: int, temperature: float) -> t
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
+    if sample:
+        uniform = torch.rand_like(scores).clamp(min=torch.finfo(scores.dtype).tiny)
+        scores = scores - temperature * torch.log(-torch.log(uniform))
     chosen = torch.zeros_like(scores, dtype=torch.bool)  # (B, L)
     slots = []
     for _ in range(k):

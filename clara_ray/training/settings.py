@@ -138,6 +138,7 @@ class Stage3Settings:
     top_k: int
     temperature: float  # the last step's
     initial_temperature: float  # the first step's (geometric annealing in between)
+    gumbel_top_k: bool  # sample the k documents (Gumbel top-k) instead of taking the best k
     num_candidates: int
     hold_gains_steps: int  # the gains stay at 1 for steps 1..hold_gains_steps
     anchor_weight: float
@@ -157,6 +158,7 @@ class Stage3Settings:
             top_k=s3.top_k,
             temperature=s3.temperature,
             initial_temperature=s3.initial_temperature or s3.temperature,
+            gumbel_top_k=s3.gumbel_top_k,
             num_candidates=s3.num_candidates,
             hold_gains_steps=round(s3.retrieval_gain_start_fraction * s3.steps) if gains > 0 else 0,
             anchor_weight=s3.anchor_weight,

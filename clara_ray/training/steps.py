@@ -97,7 +97,8 @@ def stage3_step(
     candidate_memory = torch.from_numpy(found.memory.astype(np.float32)).to(device)  # (B, L, n, d)
     clock.lap("search")
     temperature = annealed_temperature(step, settings.steps, settings.initial_temperature, settings.temperature)
-    out = updater.forward(Objective.JOINT, **inputs, candidate_memory=candidate_memory, k=settings.top_k, temperature=temperature)
+    out = updater.forward(Objective.JOINT, **inputs, candidate_memory=candidate_memory, k=settings.top_k, temperature=temperature,
+                          sample=settings.gumbel_top_k)
     anchored = step > settings.anchor_start_step
     with torch.set_grad_enabled(anchored):  # before the pull starts it is only logged
         penalty = anchor.penalty()

@@ -100,8 +100,11 @@ def _driver(local_ray, overrides, log_path):
 
 
 def test_two_pipelines_started_at_once_on_one_cluster_both_finish(local_ray, tmp_path):
+    # One training worker each and no stage 2: the two runs' stages then fit beside
+    # each other on the 4 logical CPUs and really run at the same time.
     logs = [tmp_path / f"{name}.log" for name in ("first", "second")]
-    drivers = [_driver(local_ray, _small_trap_run(tmp_path, name), log) for name, log in zip(("first", "second"), logs)]
+    runs = [[*_small_trap_run(tmp_path, name), "train.num_workers=1", "stage2.enabled=false"] for name in ("first", "second")]
+    drivers = [_driver(local_ray, run, log) for run, log in zip(runs, logs)]
     for driver, log in zip(drivers, logs):
         assert driver.wait(timeout=1200) == 0, log.read_text(errors="replace")[-3000:]
     for name in ("first", "second"):

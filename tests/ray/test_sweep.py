@@ -15,6 +15,10 @@ RUN = [
     "stage1.steps=30", "stage1.report_every=10", "stage1.micro_batch_size_per_worker=4",
     "stage3.steps=2", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4",
     "stage3.top_k=1", "stage3.num_candidates=8", "eval.baselines=[bm25]", "encode.max_actors=1",
+    # One training worker: each trial is a Ray Train run, and on 2 cores starting a
+    # second DeepSpeed worker per trial is most of a trial's time. Two workers are
+    # tested in test_training.py and test_pipeline.py.
+    "train.num_workers=1",
 ]
 # Four trials one at a time, so ASHA's decisions, like the training, are deterministic:
 # a later trial stops at step 4 when its validation MRR is below the earlier ones' median.

@@ -30,6 +30,35 @@ def test_backward_is_masked_softmax_per_slot():
     assert torch.allclose(scores.grad[0], expected, atol=1e-5)
 
 
+def test_sampled_topk_draws_the_first_pick_from_the_softmax_and_never_repeats_a_candidate():
+    scores = torch.tensor([0.30, 0.25, 0.10, 0.0]).repeat(20000, 1)
+    tau = 0.1
+    torch.manual_seed(0)
+    weights = straight_through_topk(scores, k=2, temperature=tau, sample=True)
+    picked = weights.argmax(-1)  # (N, 2)
+    assert torch.allclose(weights, torch.nn.functional.one_hot(picked, 4).float(), atol=1e-6)
+    assert (picked[:, 0] != picked[:, 1]).all()
+    first = torch.bincount(picked[:, 0], minlength=4).float() / len(picked)
+    # 20,000 draws: each share within 0.015 of its probability (over 4 standard errors).
+    assert torch.allclose(first, torch.softmax(scores[0] / tau, dim=0), atol=0.015)
+    # Not the best two every time: the third and fourth candidates are read too.
+    assert (picked >= 2).any(dim=1).float().mean() > 0.2
+
+
+def test_sampled_topk_gradient_is_the_perturbed_softmax_of_the_picked_slot():
+    scores = torch.tensor([[2.0, 1.0, 0.0]], requires_grad=True)
+    torch.manual_seed(3)
+    weights = straight_through_topk(scores, k=1, temperature=0.5, sample=True)
+    torch.manual_seed(3)
+    uniform = torch.rand(1, 3).clamp(min=torch.finfo(torch.float32).tiny)
+    perturbed = (scores.detach() - 0.5 * torch.log(-torch.log(uniform))) / 0.5
+    assert weights[0, 0].argmax() == perturbed.argmax()
+    weights[0, 0, 2].backward()
+    p = torch.softmax(perturbed[0], dim=0)
+    expected = torch.tensor([-p[2] * p[0], -p[2] * p[1], p[2] * (1 - p[2])]) / 0.5
+    assert torch.allclose(scores.grad[0], expected, atol=1e-5)
+
+
 def test_selected_memory_forward_equals_picked_candidates():
     memory = torch.randn(2, 5, 3, 4)
     scores = torch.randn(2, 5)
