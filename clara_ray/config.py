@@ -216,7 +216,7 @@ class ModelConfig(_Section):
 class Stage1Config(_Section):
     """Compressor pretraining: QA + paraphrase from memory tokens, plus MSE alignment."""
 
-    steps: int = Field(1000, gt=0)
+    steps: int = Field(800, gt=0)
     learning_rate: float = Field(1.0e-3, gt=0)
     micro_batch_size_per_worker: int = Field(16, gt=0)
     mse_weight: float = Field(0.1, ge=0)
@@ -277,7 +277,7 @@ class Stage2Config(_Section):
 class Stage3Config(_Section):
     """Joint training of query reasoner and generator through the differentiable top-k."""
 
-    steps: int = Field(600, gt=0)
+    steps: int = Field(400, gt=0)
     learning_rate: float = Field(5.0e-4, gt=0)
     micro_batch_size_per_worker: int = Field(16, gt=0)
     top_k: int = Field(1, ge=1)
@@ -290,7 +290,7 @@ class Stage3Config(_Section):
     # the generator also reads documents ranked just below the top and its loss
     # tells the query reasoner which of them help. Evaluation always takes the best.
     # false = CLaRa's hard top-k.
-    gumbel_top_k: bool = False
+    gumbel_top_k: bool = True
     num_candidates: int = Field(64, gt=0)
     # Learning rate of the query reasoner's per-memory-slot retrieval gains
     # (ClaraModel.retrieval_gain, log scale, start 0 = gain 1); 0 keeps CLaRa's plain cosine.
@@ -333,7 +333,7 @@ class SweepConfig(_Section):
     over the ranges below, ASHA stopping on the validation MRR."""
 
     num_trials: int = Field(6, ge=1)
-    steps: int = Field(300, gt=0)  # stage-3 steps of a trial that is never stopped
+    steps: int = Field(400, gt=0)  # stage-3 steps of a trial that is never stopped (the best config's)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     grace_steps: int = Field(100, gt=0)  # ASHA stops no trial before this step
     reduction_factor: int = Field(2, ge=2)  # ASHA keeps 1 / reduction_factor at each rung
