@@ -20,12 +20,18 @@ RUN = [
     # tested in test_training.py and test_pipeline.py.
     "train.num_workers=1",
 ]
-# Four trials one at a time, so ASHA's decisions, like the training, are deterministic:
-# a later trial stops at step 4 when its validation MRR is below the earlier ones' median.
+# Four trials one at a time, so ASHA's decisions are deterministic, and made by
+# design rather than by how training goes: at a learning rate of 1e-6 the query
+# reasoner does not move in 4 steps, so every trial ranks the validation questions'
+# candidates alike, and a trial that keeps L = 3 candidates has a lower validation
+# MRR than one that keeps 64 (a gold document ranked 4th to 64th counts in the
+# latter only). Sweep seed 1 draws L = 64, 3, 64, 3: ASHA (grace 4, reduction
+# factor 2) stops the second trial at step 4 (below the first) and the fourth
+# (below the median of four).
 SWEEP = [
     "sweep.num_trials=4", "sweep.steps=8", "sweep.grace_steps=4", "sweep.reduction_factor=2",
-    "sweep.max_concurrent_trials=1", "stage3.report_every=4", "sweep.num_candidates=[16, 32]",
-    "sweep.learning_rate=[1.0e-5, 3.0e-2]",
+    "sweep.max_concurrent_trials=1", "stage3.report_every=4", "sweep.num_candidates=[3, 64]",
+    "sweep.learning_rate=[1.0e-6, 2.0e-6]", "sweep.seed=1",
 ]
 
 
@@ -40,6 +46,7 @@ def test_sweep_over_stage3_stops_trials_early_and_writes_a_runnable_best_config(
     assert all(int(r["last_step"]) in (4, 8) for r in rows)
     stopped = [r for r in rows if r["stopped_early"] == "True"]
     assert stopped and summary["stopped_early"] == len(stopped) and all(int(r["last_step"]) == 4 for r in stopped)
+    assert sorted(int(r["num_candidates"]) for r in stopped) == [3, 3]  # ASHA stopped the worse trials
     assert "yes (ASHA)" in (out / "results.md").read_text()
     assert (out / "temperature.png").stat().st_size > 0
     # Validation questions are held out of the stage-3 training questions.
