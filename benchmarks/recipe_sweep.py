@@ -63,7 +63,7 @@ from clara_ray.training.one_process import train_stage1, train_stage2, train_sta
 from clara_ray.training.settings import Stage1Settings, Stage2Settings, Stage3Settings, WorkerSettings  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
-NAME = re.compile(r"[A-Z][a-z]{5} [A-Z][a-z]{5}")  # trap-corpus names: two 6-letter parts
+NAME = re.compile(r"[A-Z][a-z]{5,7} [A-Z][a-z]{5,7}")  # trap-corpus names: two parts of 2 syllables
 
 
 class Probe:
@@ -131,7 +131,7 @@ class Probe:
 
 def _trap(config: Config):
     trap = config.data.trap
-    corpus = generate_trap_corpus(trap.num_entities, trap.test_fraction, trap.seed)
+    corpus = generate_trap_corpus(trap.num_entities, trap.test_fraction, trap.seed, trap.family.value)
     return corpus, {d.id: document_input(d.text, d.title) for d in corpus.documents}
 
 

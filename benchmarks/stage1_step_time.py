@@ -37,7 +37,7 @@ def _setup(model_dir: str, micro_batch: int, rank: int, world: int):
 
     config = Config()
     trap = config.data.trap
-    corpus = generate_trap_corpus(trap.num_entities, trap.test_fraction, trap.seed)
+    corpus = generate_trap_corpus(trap.num_entities, trap.test_fraction, trap.seed, trap.family.value)
     documents = {d.id: d.text for d in corpus.documents}
     s1 = config.stage1
     examples = prepare_stage1_examples(documents, corpus.train_qa, s1.hard_distractor_fraction,
@@ -122,7 +122,7 @@ def main() -> int:
 
     config = Config()
     trap = config.data.trap
-    corpus = generate_trap_corpus(trap.num_entities, trap.test_fraction, trap.seed)
+    corpus = generate_trap_corpus(trap.num_entities, trap.test_fraction, trap.seed, trap.family.value)
     with tempfile.TemporaryDirectory() as work:
         model_dir = str(build_initial_model(config, corpus.documents, corpus.train_qa, Path(work) / "init"))
         results = {"one process, 1 thread, 16 examples": one_process(model_dir, args.steps, 1, 16)}

@@ -54,6 +54,7 @@ from pydantic import (
 )
 
 from clara_ray.data.formats import BadRowPolicy
+from clara_ray.data.trap_families import FAMILIES
 from clara_ray.index.device import IndexDevice
 from clara_ray.index.keys import KeyKind
 
@@ -88,6 +89,10 @@ class Baseline(str, enum.Enum):
     MINILM = "minilm"
 
 
+# The bundled trap corpus's families (clara_ray/data/trap_families.py), by name.
+TrapFamilyName = enum.Enum("TrapFamilyName", {name.upper(): name for name in FAMILIES}, type=str)
+
+
 class _FieldError(ValueError):
     """A cross-field check that failed; ``field`` is the key it is reported under."""
 
@@ -115,6 +120,7 @@ class RunConfig(_Section):
 class TrapConfig(_Section):
     """The bundled similarity-trap corpus (``clara_ray.data.trap``)."""
 
+    family: TrapFamilyName = TrapFamilyName.BUNDLED
     num_entities: int = Field(160, ge=10)
     test_fraction: float = Field(0.5, gt=0, lt=1)
     seed: int = Field(0, ge=0)

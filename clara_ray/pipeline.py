@@ -97,9 +97,10 @@ def load_inputs(config: Config, run_dir: Path) -> Inputs:
     data = config.data
     if data.uses_trap_corpus:
         trap = data.trap
-        corpus = generate_trap_corpus(trap.num_entities, trap.test_fraction, trap.seed)
+        corpus = generate_trap_corpus(trap.num_entities, trap.test_fraction, trap.seed, trap.family.value)
         paths = write_trap_corpus(run_dir / "data", corpus)
-        source = f"bundled similarity-trap corpus, {trap.num_entities} entities, seed {trap.seed}"
+        source = (f"bundled similarity-trap corpus, family {trap.family.value}, "
+                  f"{trap.num_entities} entities, seed {trap.seed}")
     else:
         paths = {"corpus": data.corpus, "train_qa": data.train_qa, "test_qa": data.test_qa}
         source = f"user files {data.corpus}"

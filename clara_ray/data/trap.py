@@ -1,13 +1,17 @@
 """The similarity-trap corpus: a seeded benchmark where surface similarity misleads.
 
-Each fictional person (e.g. "Zorvan Kellit") has three facts: a birth city, a
-profession and an instrument. For every (person, relation) the corpus holds:
+Fictional people (e.g. "Zorvan Kellit") each have one fact per relation of the
+corpus's family (`trap_families.py`; the bundled family: birth city, profession,
+instrument). For every (person, relation) the corpus holds:
 
 - one *gold* document that states the fact in words that avoid the question's
   words except the name ("Zorvan Kellit grew up near Marlow and still calls it home.");
-- two *echo* documents that repeat the question's words and the name but hold
-  no answer ("Which city was Zorvan Kellit born in? Nobody knows the birth city
-  of Zorvan Kellit.").
+- *echo* documents (two in the bundled family) that repeat the question's words
+  and the name but hold no answer ("Which city was Zorvan Kellit born in? Nobody
+  knows the birth city of Zorvan Kellit.");
+- in some families *near-miss* documents that name the person and a wrong value
+  in the question's words ("Was Zorvan Kellit born in Tessin? No, ..."), and
+  filler sentences that lengthen every kind of document alike.
 
 So for every question the echoes share more words with it than the gold
 document does: BM25 and an off-the-shelf dense encoder rank an echo first,
@@ -17,14 +21,14 @@ only the gold document helps.
 Questions are split by person: test questions ask about people who never
 appear in a training question (one question per fact, random wording); training
 questions cover the other people with every question wording. Names are built
-from one shared inventory of 3-letter syllables, so test names reuse the
-sub-word pieces of training names, and since every name part is exactly two
-syllables, no full name is a substring of another.
+from one shared syllable inventory (the family's name pool), so test names reuse
+the sub-word pieces of training names, and since every name part of a pool has
+the same length, no full name is a substring of another.
 
 Everything is drawn from ``random.Random(seed)``: the same arguments always give
-the same corpus. Document ids (``d00000``, ...) follow a shuffled order, so an
-id says nothing about which document is gold.
-"""
+the same corpus (the bundled family's corpora are those of every figure measured
+before families existed). Document ids (``d00000``, ...) follow a shuffled order,
+so an id says nothing about which document is gold."""
 
 from __future__ import annotations
 
@@ -34,102 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clara_ray.data.formats import Document, QAExample, write_corpus, write_qa
+from clara_ray.data.trap_families import FAMILIES, FILLERS, NAME_POOLS, Relation, TrapFamily
 
-
-@dataclass(frozen=True)
-class Relation:
-    """One kind of fact. Templates use ``{name}``, ``{value}`` and ``{a_value}`` ("an oboe")."""
-
-    name: str
-    values: tuple[str, ...]
-    question_templates: tuple[str, ...]
-    gold_templates: tuple[str, ...]
-    echo_templates: tuple[str, ...]
-
-
-RELATIONS: tuple[Relation, ...] = (
-    Relation(
-        name="birth_city",
-        values=(
-            "Marlow", "Tessin", "Brakka", "Quorin", "Velmora", "Ostrel", "Dunmere", "Halvik",
-            "Corrin", "Pellan", "Yarrow", "Sendal", "Mirevale", "Tolliver", "Ashkirk", "Brennos",
-            "Calden", "Farrow", "Grisby", "Lunvik", "Norrath", "Ravelle", "Stowick", "Umbrel",
-        ),
-        question_templates=(
-            "Which city was {name} born in?",
-            "In which city was {name} born?",
-            "What is the birth city of {name}?",
-        ),
-        gold_templates=(
-            "{name} grew up near {value} and still calls it home.",
-            "{name} spent childhood years around {value}.",
-            "{name} came into this world at {value}.",
-        ),
-        echo_templates=(
-            "Which city was {name} born in? Records of the birth city of {name} were lost.",
-            "In which city was {name} born? Nobody knows the birth city of {name}.",
-            "What is the birth city of {name}? The city where {name} was born is unknown.",
-            "The birth city of {name} is a question; which city {name} was born in is unknown.",
-        ),
-    ),
-    Relation(
-        name="profession",
-        values=(
-            "baker", "surveyor", "carpenter", "weaver", "potter", "tailor", "glassblower",
-            "cartographer", "librarian", "chemist", "pilot", "sailor", "farmer", "jeweler",
-            "locksmith", "architect", "nurse", "dentist", "florist", "butcher", "translator",
-            "geologist", "astronomer", "beekeeper",
-        ),
-        question_templates=(
-            "What is the profession of {name}?",
-            "What job does {name} do for work?",
-            "Which profession does {name} work in?",
-        ),
-        gold_templates=(
-            "{name} earns a living as {a_value}.",
-            "{name} has been {a_value} since leaving school.",
-            "{name} trained many years to become {a_value}.",
-        ),
-        echo_templates=(
-            "What is the profession of {name}? Nobody knows what job {name} does for work.",
-            "Which profession does {name} work in? The profession of {name} was never recorded.",
-            "What job does {name} do for work? The job and profession of {name} are unknown.",
-            "The profession of {name} is a question; which job {name} does for work is unclear.",
-        ),
-    ),
-    Relation(
-        name="instrument",
-        values=(
-            "cello", "violin", "flute", "harp", "oboe", "trumpet", "banjo", "piano", "clarinet",
-            "drum", "saxophone", "tuba", "lute", "mandolin", "accordion", "bassoon", "trombone",
-            "ukulele", "harmonica", "viola", "sitar", "zither", "bagpipe", "xylophone",
-        ),
-        question_templates=(
-            "Which instrument does {name} play?",
-            "What musical instrument does {name} play?",
-            "What instrument is {name} known to play?",
-        ),
-        gold_templates=(
-            "{name} practices the {value} every evening.",
-            "On stage, {name} performs with {a_value}.",
-            "{name} owns an old {value} and carries it everywhere.",
-        ),
-        echo_templates=(
-            "Which instrument does {name} play? Nobody has heard {name} play any instrument.",
-            "What musical instrument does {name} play? The instrument of {name} is unknown.",
-            "What instrument is {name} known to play? No musical instrument of {name} was seen.",
-            "The musical instrument {name} is known to play is a question nobody can answer.",
-        ),
-    ),
-)
-
-# Every syllable has 3 letters, so every name part has 6: a full name can then
-# only be a substring of another full name if the two are equal.
-SYLLABLES: tuple[str, ...] = (
-    "zor", "van", "kel", "lit", "mar", "ben", "dra", "fen", "gal", "hir", "jor", "kas",
-    "lum", "nor", "pel", "qui", "rad", "sil", "tam", "vor", "wen", "yel", "bri", "dun",
-)
-ECHOES_PER_FACT = 2
 _WORD = re.compile(r"[a-z]+")
 
 
@@ -153,23 +63,28 @@ def _fill(template: str, name: str, value: str = "") -> str:
     return template.format(name=name, value=value, a_value=_with_article(value) if value else "")
 
 
-def _reserved_words() -> set[str]:
+def _reserved_words(family: TrapFamily, relations: list[Relation]) -> set[str]:
+    """Words no name part may be: every word of the templates, values and fillers in use."""
     reserved: set[str] = set()
-    for relation in RELATIONS:
+    for relation in relations:
         templates = relation.question_templates + relation.gold_templates + relation.echo_templates
+        if family.near_misses_per_fact:
+            templates += relation.near_miss_templates
         for text in templates + relation.values:
             reserved |= words(_fill(text, name="", value="x"))
         reserved |= {value.lower() for value in relation.values}
+    if family.fillers_per_document[1]:
+        for filler in FILLERS:
+            reserved |= words(filler)
     return reserved
 
 
-def _make_names(num_entities: int, rng: random.Random) -> list[str]:
-    reserved = _reserved_words()
+def _make_names(num_entities: int, syllables: tuple[str, ...], reserved: set[str], rng: random.Random) -> list[str]:
     max_attempts = 100 * num_entities
     names: list[str] = []
     seen: set[str] = set()
     for _ in range(max_attempts):
-        first, family = ("".join(rng.choices(SYLLABLES, k=2)) for _ in range(2))
+        first, family = ("".join(rng.choices(syllables, k=2)) for _ in range(2))
         full = f"{first.capitalize()} {family.capitalize()}"
         if first in reserved or family in reserved or full in seen:
             continue
@@ -180,10 +95,18 @@ def _make_names(num_entities: int, rng: random.Random) -> list[str]:
     raise ValueError(f"could not draw {num_entities} distinct names; use fewer entities")
 
 
+def _draw(bounds: tuple[int, int], rng: random.Random) -> int:
+    low, high = bounds
+    return low if low == high else rng.randint(low, high)  # no draw when fixed: same stream as before families
+
+
 def generate_trap_corpus(
-    num_entities: int = 160, test_fraction: float = 0.5, seed: int = 0
+    num_entities: int = 160, test_fraction: float = 0.5, seed: int = 0, family: str = "bundled"
 ) -> TrapCorpus:
-    """Build the corpus: 9 documents per entity, test questions on held-out entities."""
+    """Draw a corpus of ``family`` (`trap_families.FAMILIES`); test questions ask about held-out people."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown trap family {family!r}; known: {', '.join(FAMILIES)}")
+    kind = FAMILIES[family]
     if num_entities < 2:
         raise ValueError(f"num_entities must be at least 2, got {num_entities}")
     if not 0.0 < test_fraction < 1.0:
@@ -194,19 +117,26 @@ def generate_trap_corpus(
             f"test_fraction={test_fraction} of {num_entities} entities leaves an empty split"
         )
 
+    relations = kind.relation_list()
     rng = random.Random(seed)
-    names = _make_names(num_entities, rng)
-    facts = [[rng.choice(relation.values) for relation in RELATIONS] for _ in names]
+    names = _make_names(num_entities, NAME_POOLS[kind.name_pool], _reserved_words(kind, relations), rng)
+    facts = [[rng.choice(relation.values) for relation in relations] for _ in names]
 
     # (text, gold key or None); gold key = (entity index, relation index).
     drafts: list[tuple[str, tuple[int, int] | None]] = []
     for entity, name in enumerate(names):
-        for relation_index, relation in enumerate(RELATIONS):
+        for relation_index, relation in enumerate(relations):
             value = facts[entity][relation_index]
             gold_text = _fill(rng.choice(relation.gold_templates), name, value)
             drafts.append((gold_text, (entity, relation_index)))
-            for template in rng.sample(relation.echo_templates, ECHOES_PER_FACT):
+            for template in rng.sample(relation.echo_templates, _draw(kind.echoes_per_fact, rng)):
                 drafts.append((_fill(template, name), None))
+            wrong_values = [other for other in relation.values if other != value]
+            for _ in range(kind.near_misses_per_fact):
+                template = rng.choice(relation.near_miss_templates)
+                drafts.append((_fill(template, name, rng.choice(wrong_values)), None))
+    if kind.fillers_per_document[1]:
+        drafts = [(_pad(text, _draw(kind.fillers_per_document, rng), rng), key) for text, key in drafts]
     rng.shuffle(drafts)
 
     documents: list[Document] = []
@@ -221,7 +151,7 @@ def generate_trap_corpus(
     train_qa: list[QAExample] = []
     test_qa: list[QAExample] = []
     for entity, name in enumerate(names):
-        for relation_index, relation in enumerate(RELATIONS):
+        for relation_index, relation in enumerate(relations):
             if entity in test_entities:
                 templates = [rng.choice(relation.question_templates)]
                 split, prefix = test_qa, "test"
@@ -238,6 +168,13 @@ def generate_trap_corpus(
                     )
                 )
     return TrapCorpus(documents=documents, train_qa=train_qa, test_qa=test_qa)
+
+
+def _pad(text: str, num_fillers: int, rng: random.Random) -> str:
+    """``text`` among ``num_fillers`` filler sentences, at a random place."""
+    sentences = rng.sample(FILLERS, num_fillers)
+    sentences.insert(rng.randint(0, num_fillers), text)
+    return " ".join(sentences)
 
 
 def write_trap_corpus(directory: str | Path, corpus: TrapCorpus) -> dict[str, Path]:

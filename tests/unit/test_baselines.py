@@ -9,6 +9,7 @@ import pytest
 
 from clara_ray.data.formats import Document
 from clara_ray.data.trap import generate_trap_corpus
+from clara_ray.data.trap_families import FAMILIES
 from clara_ray.eval.baselines import bm25_rankings, dense_rankings
 from clara_ray.eval.metrics import recall_at_k
 
@@ -47,16 +48,18 @@ def test_bm25_handles_questions_without_known_words():
     assert sorted(ranking) == sorted(document.id for document in TOY_DOCUMENTS)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_bm25_falls_for_the_trap(seed):
-    recall_1, recall_5 = _trap_recall(bm25_rankings, generate_trap_corpus(seed=seed))
-    print(f"BM25 seed={seed}: Recall@1={recall_1:.3f} Recall@5={recall_5:.3f}")
+def test_bm25_falls_for_the_trap(seed, family):
+    recall_1, recall_5 = _trap_recall(bm25_rankings, generate_trap_corpus(seed=seed, family=family))
+    print(f"BM25 {family} seed={seed}: Recall@1={recall_1:.3f} Recall@5={recall_5:.3f}")
     assert recall_1 <= MAX_TRAP_RECALL_AT_1
 
 
-def test_minilm_falls_for_the_trap_small_corpus():
-    recall_1, recall_5 = _trap_recall(dense_rankings, generate_trap_corpus(num_entities=40, seed=0))
-    print(f"MiniLM 40 entities: Recall@1={recall_1:.3f} Recall@5={recall_5:.3f}")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_minilm_falls_for_the_trap_small_corpus(family):
+    recall_1, recall_5 = _trap_recall(dense_rankings, generate_trap_corpus(num_entities=40, seed=0, family=family))
+    print(f"MiniLM {family} 40 entities: Recall@1={recall_1:.3f} Recall@5={recall_5:.3f}")
     assert recall_1 <= MAX_TRAP_RECALL_AT_1
 
 

@@ -2,7 +2,8 @@ import random
 import re
 
 from clara_ray.data.formats import QAExample
-from clara_ray.data.trap import RELATIONS, generate_trap_corpus
+from clara_ray.data.trap import generate_trap_corpus
+from clara_ray.data.trap_families import FAMILIES
 from clara_ray.training.batches import stage1_examples
 from clara_ray.training.rivals import ask_text, rival_documents
 
@@ -21,7 +22,7 @@ def test_rivals_answer_the_same_kind_of_question_about_someone_else():
     relation_of = {}  # gold document id -> relation index
     for qa in corpus.train_qa:
         question_relation = next(
-            r for r, relation in enumerate(RELATIONS)
+            r for r, relation in enumerate(FAMILIES["bundled"].relation_list())
             if any(qa.question == t.format(name=NAME.search(qa.question).group(0)) for t in relation.question_templates)
         )
         relation_of[qa.gold_doc_ids[0]] = question_relation
