@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clara_ray.config import Config, load_config  # noqa: E402
+from clara_ray.data.lengths import choose_lengths  # noqa: E402
 from clara_ray.data.trap import generate_trap_corpus  # noqa: E402
 from clara_ray.eval.evaluate import generate_answers, query_reasoner_rankings, score  # noqa: E402
 from clara_ray.modeling.checkpoint import load_model, save_model  # noqa: E402
@@ -144,14 +145,16 @@ def run_one(args) -> None:
     log: dict = {"config": config.to_dict(), "overrides": args.overrides, "device": str(device), "curve": []}
     corpus, documents = _trap(config)
     train, test = corpus.train_qa, corpus.test_qa
-    worker = WorkerSettings.from_config(config)
     if args.stage1_dir:
         model, tokenizer, _ = load_model(args.stage1_dir)
         model.to(device)
+        config = config.with_lengths(choose_lengths(config.model, tokenizer, corpus.documents, train, test).lengths)
+        worker = WorkerSettings.from_config(config)
     else:
         with tempfile.TemporaryDirectory() as init_dir:
-            build_initial_model(config, corpus.documents, train, Path(init_dir), test)
+            config = build_initial_model(config, corpus.documents, train, Path(init_dir), test).config
             model, tokenizer, manifest = load_model(init_dir)
+        worker = WorkerSettings.from_config(config)
         model.to(device)
         s1 = config.stage1
         examples = prepare_stage1_examples(
@@ -203,6 +206,8 @@ def probe(model_dir: Path, config_path: Path | None, overrides: list[str]) -> No
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     corpus, documents = _trap(config)
     model, tokenizer, _ = load_model(model_dir)
+    config = config.with_lengths(choose_lengths(config.model, tokenizer, corpus.documents, corpus.train_qa,
+                                                corpus.test_qa).lengths)
     diagnostics = Probe(model.to(device), tokenizer, documents, config, device)
     gold_ids = sorted({q.gold_doc_ids[0] for q in corpus.train_qa + corpus.test_qa})
     result = {"person_match": diagnostics.person_match(corpus.test_qa, gold_ids),

@@ -124,7 +124,7 @@ def main() -> int:
     trap = config.data.trap
     corpus = generate_trap_corpus(trap.num_entities, trap.test_fraction, trap.seed, trap.family.value)
     with tempfile.TemporaryDirectory() as work:
-        model_dir = str(build_initial_model(config, corpus.documents, corpus.train_qa, Path(work) / "init"))
+        model_dir = str(build_initial_model(config, corpus.documents, corpus.train_qa, Path(work) / "init").model_dir)
         results = {"one process, 1 thread, 16 examples": one_process(model_dir, args.steps, 1, 16)}
         start_ray(None, dashboard=True)
         results["Ray Train, 2 workers x 1 thread x 16 examples"] = ray_train(

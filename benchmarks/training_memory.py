@@ -56,7 +56,7 @@ def prepare(work: Path, documents: int, steps: int) -> dict:
     config = load_config(None, [*SMALL, f"stage1.steps={steps}"])
     corpus = generate_trap_corpus(num_entities=math.ceil(documents / 9), seed=0)
     started = time.perf_counter()
-    build_initial_model(config, corpus.documents, corpus.train_qa, work / "init")
+    config = build_initial_model(config, corpus.documents, corpus.train_qa, work / "init").config
     data = write_training_data(config, {d.id: d.text for d in corpus.documents}, corpus.train_qa, work)
     return {"documents": len(corpus.documents), "train_questions": len(corpus.train_qa),
             "seconds": time.perf_counter() - started, "peak_mib": _peak_mib(),

@@ -19,7 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-from clara_ray.config import ConfigError, load_config
+from clara_ray.config import AUTO, ConfigError, load_config
+from clara_ray.errors import UserError
 from clara_ray.data.corpus_rows import CorpusFormat
 
 # Passed to every Ray worker: no hub access, quiet tokenizers.
@@ -78,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     encode.add_argument("--output", required=True, help="memory-shard directory; rerun with the same one to resume")
     encode.add_argument("--input", required=True, nargs="+", help="corpus files or directories (local or s3://, gs://)")
     encode.add_argument("--format", choices=[f.value for f in CorpusFormat], help="corpus format (default: from the extension)")
-    encode.add_argument("--config", help="YAML config; encode.*, model.doc_max_len and data.on_bad_row apply")
+    encode.add_argument("--config", help="YAML config; encode.*, model.doc_max_len (auto: the model's) and data.on_bad_row apply")
     encode.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     encode.add_argument("overrides", nargs="*", help="config overrides, dotted.key=value")
     return parser
@@ -90,6 +91,8 @@ def run_encode(args: argparse.Namespace, config) -> int:
     from clara_ray.pipeline import encode_settings
 
     model_manifest = json.loads((Path(args.model_dir) / "clara.json").read_text())
+    if config.model.doc_max_len == AUTO:  # the model's own: one memory vector per compression_rate tokens
+        config = config.with_lengths({"doc_max_len": model_manifest["num_memory_tokens"] * config.model.compression_rate})
     if model_manifest["num_memory_tokens"] != config.model.num_memory_tokens:
         print(
             f"clara-ray: the model has {model_manifest['num_memory_tokens']} memory tokens but the config gives "
@@ -112,7 +115,7 @@ def run_sweep_command(args: argparse.Namespace, connect) -> int:
         source = SourceRun.open(Path(args.from_run), list(args.overrides))
         connect()
         summary = run_sweep(source, args.name)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (UserError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"clara-ray: {error}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
@@ -138,12 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         start_ray(args.address, dashboard=False)
         return run_encode(args, config)
 
-    from clara_ray.pipeline import run_pipeline
+    from clara_ray.pipeline import check_data_files, run_pipeline
 
-    start_ray(args.address)
     try:
+        check_data_files(config)  # before Ray starts
+        start_ray(args.address)
         summary = run_pipeline(config)
-    except FileExistsError as error:  # a run directory of another run: the user's choice to make
+    except (UserError, FileExistsError) as error:  # the user's data, config or run directory
         print(f"clara-ray: {error}", file=sys.stderr)
         return 2
     print(json.dumps({"run": summary["run"], "report": summary["run_dir"] + "/report.md", **summary["results"]}))

@@ -41,7 +41,7 @@ import enum
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, get_origin
+from typing import Annotated, Any, Literal, get_origin
 
 import yaml
 from pydantic import (
@@ -55,6 +55,7 @@ from pydantic import (
 
 from clara_ray.data.formats import BadRowPolicy
 from clara_ray.data.trap_families import FAMILIES
+from clara_ray.errors import UserError
 from clara_ray.index.device import IndexDevice
 from clara_ray.index.keys import KeyKind
 
@@ -63,7 +64,7 @@ TINY_BACKBONE = "tiny"
 NonEmptyStr = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file, override or value that cannot be used; the message says which and why."""
 
 
@@ -126,11 +127,19 @@ class TrapConfig(_Section):
     seed: int = Field(0, ge=0)
 
 
+class LongAnswerPolicy(str, enum.Enum):
+    """What happens to a QA row whose answer needs more than ``model.answer_max_len`` tokens."""
+
+    QUARANTINE = "quarantine"  # set aside with its reason, like a bad row
+    TRUNCATE = "truncate"      # kept: trained on the answer's first tokens, generated up to the limit
+
+
 class DataConfig(_Section):
     corpus: Path | None = None
     train_qa: Path | None = None
     test_qa: Path | None = None
     on_bad_row: BadRowPolicy = BadRowPolicy.QUARANTINE
+    on_long_answer: LongAnswerPolicy = LongAnswerPolicy.QUARANTINE
     trap: TrapConfig = TrapConfig()
 
     @model_validator(mode="after")
@@ -183,15 +192,27 @@ class LoraConfig(_Section):
     target_modules: tuple[NonEmptyStr, ...] = Field(DEFAULT_LORA_TARGETS, min_length=1)
 
 
+AUTO = "auto"
+# A token length, or "auto": picked from the data when the run starts (clara_ray/data/lengths.py).
+TokenLength = Annotated[int, Field(gt=0)] | Literal["auto"]
+LENGTH_KEYS = ("doc_max_len", "question_max_len", "answer_max_len", "reconstruction_max_len")
+
+
 class ModelConfig(_Section):
     backbone: NonEmptyStr = TINY_BACKBONE
     dtype: DType = DType.FLOAT32
     tiny: TinyModelConfig = TinyModelConfig()
-    doc_max_len: int = Field(32, gt=0)
+    doc_max_len: TokenLength = AUTO
     compression_rate: int = Field(16, gt=0)
-    question_max_len: int = Field(32, gt=0)
-    answer_max_len: int = Field(12, gt=0)
-    reconstruction_max_len: int = Field(40, gt=0)
+    question_max_len: TokenLength = AUTO
+    answer_max_len: TokenLength = AUTO
+    reconstruction_max_len: TokenLength = AUTO
+    # Auto lengths: documents and answers at this quantile of their token counts
+    # (documents rounded up to compression_rate, answers to 4), questions at their
+    # longest, reconstruction = doc_max_len + 8; none above max_auto_len.
+    length_coverage: float = Field(0.98, gt=0, le=1)
+    max_auto_len: int = Field(512, gt=0)
+    truncation_warning: float = Field(0.05, ge=0, le=1)  # warn when more than this share is cut
     lora: LoraConfig = LoraConfig()
     # Full-parameter stage-1 training: a from-scratch tiny model has no language
     # to keep, so LoRA alone would leave it unable to read its own memory tokens.
@@ -199,7 +220,7 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _compression_divides_length(self) -> ModelConfig:
-        if self.doc_max_len % self.compression_rate:
+        if self.doc_max_len != AUTO and self.doc_max_len % self.compression_rate:
             raise _FieldError(
                 "doc_max_len",
                 f"must be divisible by compression_rate (got doc_max_len={self.doc_max_len}, "
@@ -212,7 +233,13 @@ class ModelConfig(_Section):
         return self.backbone == TINY_BACKBONE
 
     @property
+    def lengths_known(self) -> bool:
+        return all(getattr(self, key) != AUTO for key in LENGTH_KEYS)
+
+    @property
     def num_memory_tokens(self) -> int:
+        if self.doc_max_len == AUTO:
+            raise ConfigError("model.doc_max_len is auto: the memory-token count is known once the data has been read")
         return self.doc_max_len // self.compression_rate
 
 
@@ -487,7 +514,7 @@ class Config(_Section):
     def _index_factory_fits_tiny_keys(self) -> Config:
         # Only the tiny model's key width is known before a model loads; others are checked
         # when the index is built, before any work.
-        if self.model.is_tiny:
+        if self.model.is_tiny and self.model.doc_max_len != AUTO:
             from clara_ray.index.keys import key_dim
             from clara_ray.index.shard import check_factory
 
@@ -497,6 +524,12 @@ class Config(_Section):
             except ValueError as error:
                 raise _FieldError("index.factory", str(error)) from None
         return self
+
+    def with_lengths(self, lengths: Mapping[str, int]) -> Config:
+        """This config with (some of) the model's token lengths set (``LENGTH_KEYS``), e.g. those picked from the data."""
+        tree = self.to_dict()
+        tree["model"].update({key: int(lengths[key]) for key in LENGTH_KEYS if key in lengths})
+        return config_from_dict(tree, "lengths picked from the data")  # every check again, now on numbers
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict (enums as their values, paths as strings)."""

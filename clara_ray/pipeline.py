@@ -41,12 +41,15 @@ from clara_ray.data.formats import (
     Document,
     LoadResult,
     QAExample,
+    QuarantinedRow,
     read_corpus,
     read_qa,
     write_quarantine,
 )
 from clara_ray.data.trap import generate_trap_corpus, write_trap_corpus
+from clara_ray.data.lengths import LengthReport, choose_lengths
 from clara_ray.encode import EncodeSettings, encode_corpus
+from clara_ray.errors import DataError
 from clara_ray.eval import baselines
 from clara_ray.eval.evaluate import Scores, generate_answers, query_reasoner_rankings, score
 from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_index_actor
@@ -92,6 +95,17 @@ def encode_settings(config: Config) -> EncodeSettings:
     )
 
 
+def check_data_files(config: Config) -> None:
+    """Each user file the config names exists (checked before Ray starts)."""
+    data = config.data
+    if data.uses_trap_corpus:
+        return
+    for key in ("corpus", "train_qa", "test_qa"):
+        path = Path(getattr(data, key))
+        if not path.is_file():
+            raise DataError(f"data.{key}: {'not a file' if path.exists() else 'no such file'}: {path}")
+
+
 def load_inputs(config: Config, run_dir: Path) -> Inputs:
     """Read (and for the trap corpus, first write) the three files, quarantining bad rows."""
     data = config.data
@@ -102,6 +116,7 @@ def load_inputs(config: Config, run_dir: Path) -> Inputs:
         source = (f"bundled similarity-trap corpus, family {trap.family.value}, "
                   f"{trap.num_entities} entities, seed {trap.seed}")
     else:
+        check_data_files(config)
         paths = {"corpus": data.corpus, "train_qa": data.train_qa, "test_qa": data.test_qa}
         source = f"user files {data.corpus}"
     inputs = Inputs(
@@ -112,12 +127,42 @@ def load_inputs(config: Config, run_dir: Path) -> Inputs:
         Path(paths["corpus"]),
     )
     for name in ("corpus", "train_qa", "test_qa"):
+        if not getattr(inputs, name).records:
+            result = getattr(inputs, name)
+            raise DataError(f"{name} ({paths[name]}): no valid row of {result.num_input_rows}"
+                            + (f"; first reason: {result.quarantined[0].reason}" if result.quarantined else ""))
+    return inputs
+
+
+def _file_stamps(config: Config) -> dict[str, list] | None:
+    """Path, size and modification time of each user file (None for the bundled corpus, which the config fixes)."""
+    if config.data.uses_trap_corpus:
+        return None
+    stamps = {}
+    for key in ("corpus", "train_qa", "test_qa"):
+        path = Path(getattr(config.data, key)).resolve()
+        stat = path.stat()
+        stamps[key] = [str(path), stat.st_size, stat.st_mtime_ns]
+    return stamps
+
+
+def set_aside(inputs: Inputs, long_answers: dict[str, list[dict]]) -> Inputs:
+    """`inputs` with the QA rows whose answers did not fit moved to the quarantined rows."""
+    def moved(result: LoadResult[QAExample], rows: list[dict]) -> LoadResult[QAExample]:
+        reasons = {row["id"]: row["reason"] for row in rows}
+        kept = [q for q in result.records if q.id not in reasons]
+        extra = [QuarantinedRow(None, reasons[q.id], json.dumps(vars(q))) for q in result.records if q.id in reasons]
+        return LoadResult(kept, result.quarantined + extra, result.num_input_rows)
+
+    return Inputs(inputs.corpus, moved(inputs.train_qa, long_answers["train_qa"]),
+                  moved(inputs.test_qa, long_answers["test_qa"]), inputs.source, inputs.corpus_path)
+
+
+def write_quarantines(inputs: Inputs, run_dir: Path) -> None:
+    for name in ("corpus", "train_qa", "test_qa"):
         result = getattr(inputs, name)
         if result.quarantined:
             write_quarantine(run_dir / "data" / f"{name}.quarantine.jsonl", result.quarantined)
-    if not inputs.corpus.records or not inputs.train_qa.records or not inputs.test_qa.records:
-        raise ValueError("corpus, training QA and test QA must each keep at least one valid row")
-    return inputs
 
 
 def _load_for_eval(model_dir: Path):
@@ -226,15 +271,43 @@ def run_pipeline(config: Config, log=print) -> dict:
 
     log(f"[pipeline] run directory {run_dir}")
     inputs = load_inputs(config, run_dir)
+    init_dir = run_dir / "models" / "init"
+    init = _done(run_dir, "init")
+    files = _file_stamps(config)
+    if init is not None and init.get("files", files) != files:
+        raise DataError(f"the data files changed since the run in {run_dir} started: pick another run.name "
+                        f"(or delete that directory) to start over on the new data")
+    if init is None:
+        initial = build_initial_model(config, inputs.corpus.records, inputs.train_qa.records, init_dir,
+                                      inputs.test_qa.records)
+        init = _mark_done(run_dir, "init", {
+            "model_dir": str(init_dir), "lengths": initial.lengths.as_dict(), "files": files,
+            "long_answers": {name: [{"id": q.id, "reason": reason} for q, reason in rows]
+                             for name, rows in initial.long_answers.items()},
+        })
+    if "lengths" in init:
+        lengths = LengthReport.from_dict(init["lengths"])
+    else:  # a run begun before lengths were picked from the data: the same choice again
+        from transformers import AutoTokenizer
+
+        lengths = choose_lengths(config.model, AutoTokenizer.from_pretrained(init_dir / "tokenizer"),
+                                 inputs.corpus.records, inputs.train_qa.records, inputs.test_qa.records)
+        init = {**init, "long_answers": {"train_qa": [], "test_qa": []}}
+    config = config.with_lengths(lengths.lengths)
+    inputs = set_aside(inputs, init["long_answers"])
+    write_quarantines(inputs, run_dir)
     documents, train_qa, test_qa = inputs.corpus.records, inputs.train_qa.records, inputs.test_qa.records
     log(
         f"[pipeline] data: {len(documents)} documents, {len(train_qa)} training and {len(test_qa)} test "
         f"questions ({sum(len(r.quarantined) for r in (inputs.corpus, inputs.train_qa, inputs.test_qa))} rows quarantined)"
     )
-    init_dir = run_dir / "models" / "init"
-    if _done(run_dir, "init") is None:
-        build_initial_model(config, documents, train_qa, init_dir, test_qa)
-        _mark_done(run_dir, "init", {"model_dir": str(init_dir)})
+    for line in lengths.lines():
+        log(f"[pipeline] {line}")
+    for warning in lengths.warnings(config.model.truncation_warning):
+        log(f"[pipeline] WARNING: {warning}")
+    if not train_qa or not test_qa:
+        raise DataError(f"no {'training' if not train_qa else 'test'} question has an answer that fits "
+                        f"model.answer_max_len={config.model.answer_max_len}; raise it or set it to auto")
     phase("data and initial model")
 
     written = _done(run_dir, "training_data")
@@ -307,6 +380,7 @@ def run_pipeline(config: Config, log=print) -> dict:
         "run_dir": str(run_dir),
         "top_k": config.stage3.top_k,
         "doc_max_len": config.model.doc_max_len,
+        "lengths": lengths.as_dict(),
         "results": results,
         "data": {
             "corpus": inputs.source,

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from clara_ray.data.lengths import LengthReport
+
 
 def plot_training(stage1_history: list[dict], stage3_history: list[dict], path: Path) -> Path:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -69,8 +71,12 @@ def write_report(run_dir: Path, summary: dict, stage1_history: list[dict], stage
         lines.append(f"| {name} | {counts['input']} | {counts['used']} | {counts['quarantined']} |")
     lines += [
         "",
-        (f"Encoded documents: {data['num_encoded']} ({data['num_truncated']} truncated at "
-        f"{summary['doc_max_len']} tokens)."),
+        (f"Encoded documents: {data['num_encoded']}, of which **{data['num_truncated']} "
+        f"({data['num_truncated'] / max(1, data['num_encoded']):.1%}) were truncated** at {summary['doc_max_len']} tokens."),
+        "",
+        "## Token lengths",
+        "",
+        *[f"- {line}" for line in LengthReport.from_dict(summary["lengths"]).lines()],
         "",
         "## Timing",
         "",

@@ -76,6 +76,8 @@ class SourceRun:
                 f"{directory} has no finished stage 1 with an encoded corpus: run "
                 f"`clara-ray demo --config {directory / 'config.yaml'}` at least until it has encoded the corpus"
             )
+        if not config.model.lengths_known:  # picked from the data when the run started
+            config = config.with_lengths(json.loads((steps / "init.json").read_text())["lengths"])
         model_dir = Path(json.loads((steps / f"{stage}.json").read_text())["model_dir"])
         written = json.loads((steps / "training_data.json").read_text())
         data = TrainingData(**{k: None if v is None else Path(v) for k, v in written.items()})

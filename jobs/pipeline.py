@@ -30,12 +30,14 @@ def main() -> int:
 
     import ray
 
-    from clara_ray.pipeline import run_pipeline
+    from clara_ray.errors import UserError
+    from clara_ray.pipeline import check_data_files, run_pipeline
 
-    ray.init(runtime_env={"env_vars": WORKER_ENV})
     try:
+        check_data_files(config)
+        ray.init(runtime_env={"env_vars": WORKER_ENV})
         summary = run_pipeline(config)
-    except FileExistsError as error:  # a run directory of another run
+    except (UserError, FileExistsError) as error:  # the user's data, config or run directory
         print(error, file=sys.stderr)
         return 2
     print(json.dumps({"run": summary["run"], **summary["results"]}))

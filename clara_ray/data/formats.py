@@ -38,7 +38,9 @@ Rules shared by both formats:
 
 Quarantine JSONL (written by ``write_quarantine``): one object per set-aside row,
 ``{"line_number": 12, "reason": "missing field 'text'", "raw": "<the line>"}``,
-where ``raw`` is the line decoded with undecodable bytes replaced by U+FFFD.
+where ``raw`` is the line decoded with undecodable bytes replaced by U+FFFD. A QA row
+set aside after reading because its answer does not fit ``model.answer_max_len``
+(clara_ray/data/lengths.py) has ``line_number`` null and the parsed row as ``raw``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
+
+from clara_ray.errors import DataError
 
 
 class _HasId(Protocol):
@@ -79,7 +83,7 @@ class BadRowPolicy(enum.Enum):
     FAIL = "fail"
 
 
-class BadInputError(ValueError):
+class BadInputError(DataError):
     """A row of a user file is invalid; the message names file, line and reason."""
 
     def __init__(self, path: Path, line_number: int, reason: str):
@@ -87,14 +91,14 @@ class BadInputError(ValueError):
         self.line_number = line_number
         self.reason = reason
         super().__init__(
-            f"{path}, line {line_number}: {reason}. Fix the row, or load with "
-            f"on_bad_row=BadRowPolicy.QUARANTINE to set bad rows aside."
+            f"{path}, line {line_number}: {reason}. Fix the row, or set data.on_bad_row=quarantine "
+            f"to set bad rows aside."
         )
 
 
 @dataclass(frozen=True)
 class QuarantinedRow:
-    line_number: int
+    line_number: int | None  # None: a valid row set aside later (its answer too long); raw is then the row read
     reason: str
     raw: str
 

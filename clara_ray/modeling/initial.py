@@ -1,49 +1,49 @@
 """The untrained model a run starts from (models/init), Ray-free.
 
-    init_dir = build_initial_model(config, documents, train_qa, run_dir / "models" / "init", test_qa)
+    initial = build_initial_model(config, documents, train_qa, run_dir / "models" / "init", test_qa)
+    config, train_qa, test_qa = initial.config, initial.train_qa, initial.test_qa
 
 The tiny preset trains its tokenizer on the corpus and training questions and
 builds a small Llama from a config; any other `model.backbone` is loaded with
-``from_pretrained``. Either way the three LoRA roles start fresh.
+``from_pretrained``. Either way the three LoRA roles start fresh. With the
+tokenizer in hand, the token lengths left ``auto`` are picked from the data
+(clara_ray/data/lengths.py) and QA rows whose answers do not fit are set aside
+(or kept and cut, ``data.on_long_answer``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from clara_ray.config import Config, ConfigError
+from clara_ray.config import Config, LongAnswerPolicy
 from clara_ray.data.formats import Document, QAExample
+from clara_ray.data.lengths import LengthReport, choose_lengths, fit_answers
 from clara_ray.modeling.backbone import build_tiny, load_pretrained, train_tokenizer
 from clara_ray.modeling.checkpoint import save_model
 from clara_ray.modeling.clara import ClaraModel, LoraSettings
-from clara_ray.modeling.text import RECONSTRUCTION_PROMPT, answer_target, document_input, question_prompt
+from clara_ray.modeling.text import RECONSTRUCTION_PROMPT, document_input, question_prompt
 
 
-def check_answer_lengths(tokenizer, train_qa: list[QAExample], test_qa: list[QAExample], answer_max_len: int) -> None:
-    """Answers (+ EOS) must fit `model.answer_max_len` tokens: a longer training
-    answer would be cut, and a longer test answer could never be generated whole."""
-    def tokens(answer: str) -> int:
-        return len(tokenizer(answer_target(answer), add_special_tokens=False)["input_ids"]) + 1
-
-    needed = [tokens(qa.answers[0]) for qa in train_qa] + [min(tokens(a) for a in qa.answers) for qa in test_qa]
-    too_long = [n for n in needed if n > answer_max_len]
-    if too_long:
-        raise ConfigError(
-            f"model.answer_max_len: {len(too_long)} of {len(needed)} answers need more than "
-            f"{answer_max_len} tokens with this tokenizer (longest {max(too_long)}, end-of-answer "
-            f"token included); raise model.answer_max_len to at least {max(too_long)}"
-        )
+@dataclass(frozen=True)
+class InitialModel:
+    model_dir: Path
+    config: Config  # with the token lengths picked from the data
+    lengths: LengthReport
+    train_qa: list[QAExample]  # the rows that go on (answers that fit, or all when cut by policy)
+    test_qa: list[QAExample]
+    long_answers: dict[str, list[tuple[QAExample, str]]]  # "train_qa" / "test_qa" -> (row, reason) set aside
 
 
 def build_initial_model(
     config: Config, documents: list[Document], train_qa: list[QAExample], directory: Path,
     test_qa: list[QAExample] = (),
-) -> Path:
+) -> InitialModel:
     """models/init: the tiny model (tokenizer trained on the corpus and training
-    questions) or a pretrained base loaded with from_pretrained, with fresh adapters.
-    Fails before any training when an answer does not fit `model.answer_max_len`."""
+    questions) or a pretrained base loaded with from_pretrained, with fresh adapters,
+    built with the lengths `choose_lengths` gives for this data."""
     model_config = config.model
     lora = LoraSettings(
         model_config.lora.r, model_config.lora.alpha, model_config.lora.dropout, tuple(model_config.lora.target_modules)
@@ -51,8 +51,20 @@ def build_initial_model(
     if model_config.is_tiny:
         texts = [document_input(d.text, d.title) for d in documents] + [question_prompt(q.question) for q in train_qa]
         texts.append(RECONSTRUCTION_PROMPT)
-        tokenizer = train_tokenizer(texts, model_config.tiny.vocab_size)
-        check_answer_lengths(tokenizer, train_qa, test_qa, model_config.answer_max_len)
+        tokenizer, backbone = train_tokenizer(texts, model_config.tiny.vocab_size), None
+    else:
+        backbone, tokenizer = load_pretrained(model_config.backbone, getattr(torch, model_config.dtype.value))
+    lengths = choose_lengths(model_config, tokenizer, documents, train_qa, test_qa)
+    config = config.with_lengths(lengths.lengths)
+    model_config = config.model
+    kept, long_answers = {}, {}
+    for name, qa in (("train_qa", train_qa), ("test_qa", test_qa)):
+        fits, too_long = fit_answers(tokenizer, qa, model_config.answer_max_len, training=name == "train_qa")
+        if config.data.on_long_answer == LongAnswerPolicy.TRUNCATE:
+            fits, too_long = list(qa), []
+        kept[name], long_answers[name] = fits, too_long
+
+    if backbone is None:
         tiny = model_config.tiny
         backbone = build_tiny(
             tokenizer, tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.intermediate_size,
@@ -62,8 +74,8 @@ def build_initial_model(
         )
         torch.manual_seed(config.run.seed)
         model = ClaraModel(backbone, model_config.num_memory_tokens, lora)
-        return save_model(model, tokenizer, directory, backbone_ref="tiny", save_backbone=True)
-    backbone, tokenizer = load_pretrained(model_config.backbone, getattr(torch, model_config.dtype.value))
-    check_answer_lengths(tokenizer, train_qa, test_qa, model_config.answer_max_len)
-    model = ClaraModel(backbone, model_config.num_memory_tokens, lora)
-    return save_model(model, tokenizer, directory, backbone_ref=model_config.backbone, save_backbone=False)
+        model_dir = save_model(model, tokenizer, directory, backbone_ref="tiny", save_backbone=True)
+    else:
+        model = ClaraModel(backbone, model_config.num_memory_tokens, lora)
+        model_dir = save_model(model, tokenizer, directory, backbone_ref=model_config.backbone, save_backbone=False)
+    return InitialModel(model_dir, config, lengths, kept["train_qa"], kept["test_qa"], long_answers)

@@ -22,13 +22,14 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from clara_ray.config import Config
+from clara_ray.errors import DataError
 from clara_ray.training.batches import QuestionBatch, prepare_stage1_examples, prepare_stage2_examples
 from clara_ray.training.candidates import CandidateSource
 from clara_ray.training.checkpoints import MODEL_DIR, read_trainer_state
 from clara_ray.training.data import PLAN, data_config, draw_plan
 from clara_ray.training.loops import stage1_loop, stage2_loop, stage3_loop
 from clara_ray.training.settings import Stage1Settings, Stage2Settings, Stage3Settings, WorkerSettings
-from clara_ray.training.tables import DOCUMENTS, write_documents, write_examples, write_questions
+from clara_ray.training.tables import DOCUMENTS, read_table, write_documents, write_examples, write_questions
 from clara_ray.training.validation import split_validation
 
 
@@ -61,8 +62,14 @@ def write_training_data(config: Config, documents: dict[str, str], train_qa, run
         documents, train_qa, s1.hard_distractor_fraction, s1.hard_distractor_pool, s1.rival_pool, config.run.seed
     )
     stage2 = prepare_stage2_examples(documents, train_qa, config.stage2.num_documents) if config.stage2.enabled else None
+    workers = config.train.num_workers
+    _check_fills("stage1", len(stage1), s1.micro_batch_size_per_worker, workers, "stage-1 examples")
+    if stage2 is not None:
+        _check_fills("stage2", len(stage2), config.stage2.micro_batch_size_per_worker, workers, "training questions")
     questions, validation = write_stage3_questions(QuestionBatch.from_qa(train_qa), config.stage3.validation_fraction,
                                                    config.run.seed, data)
+    _check_fills("stage3", read_table(questions).num_rows, config.stage3.micro_batch_size_per_worker, workers,
+                 "training questions" + (" (less the validation share)" if validation else ""))
     return TrainingData(
         write_documents(data / DOCUMENTS, documents),
         write_examples(data / "stage1_examples.arrow", stage1),
@@ -70,6 +77,15 @@ def write_training_data(config: Config, documents: dict[str, str], train_qa, run
         questions,
         validation,
     )
+
+
+def _check_fills(stage: str, count: int, micro_batch: int, workers: int, what: str) -> None:
+    """A step draws micro_batch examples on each worker: fewer examples than one step takes is the data's problem."""
+    if count < micro_batch * workers:
+        raise DataError(
+            f"{stage}: {count} {what} cannot fill one step of {micro_batch} per worker on {workers} workers "
+            f"({stage}.micro_batch_size_per_worker x train.num_workers); add training questions or lower those settings"
+        )
 
 
 def write_stage3_questions(questions: QuestionBatch, validation_fraction: float, seed: int,

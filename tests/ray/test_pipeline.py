@@ -31,8 +31,11 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
     train += [json.dumps({"question": f"What is {n}'s job?", "answers": [j], "gold_doc_ids": [f"j{i}"]})
               for i, (n, _, j) in enumerate(people[:4])]
     train.append('{"question": "no answers", "answers": []}')
+    long_answer = "a baker who also works as a smith in Marlow and in Tessin every summer"
+    train.append(json.dumps({"question": "What does Ann Berg do?", "answers": [long_answer], "gold_doc_ids": ["j0"]}))
     test = [json.dumps({"question": f"Where did {n} grow up?", "answers": [c], "gold_doc_ids": [f"c{i + 4}"]})
             for i, (n, c, _) in enumerate(people[4:])]
+    test.append(json.dumps({"question": "What does Ed Holt do?", "answers": [long_answer], "gold_doc_ids": ["j4"]}))
     for name, lines in (("corpus", corpus), ("train", train), ("test", test)):
         _write(tmp_path / f"{name}.jsonl", lines)
 
@@ -44,22 +47,32 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
         "stage1.steps=4", "stage1.report_every=2", "stage1.micro_batch_size_per_worker=2",
         "stage3.steps=4", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=2",
         "stage3.top_k=2", "stage3.num_candidates=4", "eval.baselines=[bm25]", "encode.max_actors=1",
+        "model.answer_max_len=8",  # given, so the long answers are set aside (auto would fit them)
     ])
     summary = run_pipeline(config, log=lambda message: None)
 
     files = summary["data"]["files"]
     assert files["corpus"] == {"input": 17, "used": 12, "quarantined": 5}
-    assert files["train_qa"] == {"input": 9, "used": 8, "quarantined": 1}
+    assert files["train_qa"] == {"input": 10, "used": 8, "quarantined": 2}
+    assert files["test_qa"] == {"input": 3, "used": 2, "quarantined": 1}
     assert summary["data"]["num_encoded"] == 12
     run_dir = tmp_path / "runs" / "user"
     quarantine = [json.loads(line) for line in (run_dir / "data" / "corpus.quarantine.jsonl").read_text().splitlines()]
     assert len(quarantine) == 5 and all(row["reason"] for row in quarantine)
+    for name in ("train_qa", "test_qa"):
+        rows = [json.loads(line) for line in (run_dir / "data" / f"{name}.quarantine.jsonl").read_text().splitlines()]
+        (long,) = [row for row in rows if "model.answer_max_len is 8" in row["reason"]]
+        assert long["line_number"] is None and long_answer in long["raw"]
+    lengths = summary["lengths"]
+    assert lengths["answer_max_len"] == 8 and "answer_max_len" not in lengths["picked"]
+    assert lengths["doc_max_len"] % 16 == 0 and "doc_max_len" in lengths["picked"]
     assert set(summary["results"]) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
     for scores in summary["results"].values():
         assert set(scores) == {"recall@1", "recall@5", "em", "f1"}
         assert all(0.0 <= value <= 1.0 for value in scores.values())
     report = (run_dir / "report.md").read_text()
-    assert "| corpus | 17 | 12 | 5 |" in report
+    assert "| corpus | 17 | 12 | 5 |" in report and "| train_qa | 10 | 8 | 2 |" in report
+    assert "model.answer_max_len = 8 [set]" in report and "model.doc_max_len = 32 [auto (q0.98" in report
     assert (run_dir / "training.png").stat().st_size > 0
     assert (run_dir / "models" / "stage3" / "adapters.safetensors").exists()
 

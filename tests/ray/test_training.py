@@ -27,7 +27,8 @@ def _stage1(tmp_path: Path, loop=None):
     """(config, StageResult) of a small two-worker stage 1 whose run directory is `tmp_path`."""
     config = load_config(None, STAGE1)
     corpus = generate_trap_corpus(num_entities=12, seed=3)
-    init_dir = build_initial_model(config, corpus.documents, corpus.train_qa, tmp_path / "init")
+    initial = build_initial_model(config, corpus.documents, corpus.train_qa, tmp_path / "init")
+    init_dir, config = initial.model_dir, initial.config
     documents = {d.id: d.text for d in corpus.documents}
     data = write_training_data(config, documents, corpus.train_qa, tmp_path)
     extra = {} if loop is None else {"loop": loop}

@@ -115,15 +115,3 @@ def test_qa_context_size_varies_between_min_and_top_k():
     assert batch["doc_ids"].shape[0] == int(sizes.sum())
     with pytest.raises(ValueError, match="min_context_docs"):
         stage1_batch(examples, TEXTS, 3, 2, tokenizer, Lengths(64, 16, 6, 30), random.Random(0), min_context_docs=4)
-
-
-def test_answers_longer_than_answer_max_len_are_refused():
-    from clara_ray.config import ConfigError
-    from clara_ray.modeling.initial import check_answer_lengths
-
-    _, tokenizer = make_model()
-    qa = [QAExample("q1", "Which job?", ["baker"], ["a"])]
-    needed = len(tokenizer(" baker", add_special_tokens=False)["input_ids"]) + 1
-    check_answer_lengths(tokenizer, qa, qa, needed)
-    with pytest.raises(ConfigError, match=f"raise model.answer_max_len to at least {needed}"):
-        check_answer_lengths(tokenizer, qa, [], needed - 1)

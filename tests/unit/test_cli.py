@@ -1,3 +1,5 @@
+import pytest
+
 from clara_ray.cli import main
 
 
@@ -25,3 +27,48 @@ def test_sweep_from_a_missing_or_unfinished_run_says_what_to_do(tmp_path, capsys
     assert "until it has encoded the corpus" in capsys.readouterr().err
     assert main(["sweep", "--from-run", str(tmp_path / "early"), "sweep.temperature=[0.1, 0.01]"]) == 2
     assert "sweep.temperature" in capsys.readouterr().err
+
+
+def _user_files(tmp_path, num_train: int):
+    import json
+
+    corpus = [{"id": f"d{i}", "text": f"Person {i} grew up in town {i}."} for i in range(40)]
+    train = [{"question": f"Where did person {i} grow up?", "answers": [f"town {i}"]} for i in range(num_train)]
+    test = [{"question": "Where did person 39 grow up?", "answers": ["town 39"]}]
+    for name, rows in (("corpus", corpus), ("train", train), ("test", test)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return ["--corpus", str(tmp_path / "corpus.jsonl"), "--train-qa", str(tmp_path / "train.jsonl"),
+            "--test-qa", str(tmp_path / "test.jsonl"), f"run.output_dir={tmp_path / 'runs'}"]
+
+
+def test_a_missing_data_file_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import clara_ray.cli
+
+    monkeypatch.setattr(clara_ray.cli, "start_ray", lambda *args, **kwargs: pytest.fail("Ray started"))
+    args = _user_files(tmp_path, 40)
+    args[1] = str(tmp_path / "missing.jsonl")
+    assert main(["demo", *args]) == 2
+    err = capsys.readouterr().err
+    assert err == f"clara-ray: data.corpus: no such file: {tmp_path / 'missing.jsonl'}\n"
+
+
+def test_too_few_training_questions_is_one_line_not_a_worker_traceback(tmp_path, capsys, monkeypatch):
+    import clara_ray.cli
+
+    monkeypatch.setattr(clara_ray.cli, "start_ray", lambda *args, **kwargs: None)  # fails before any Ray work
+    assert main(["demo", *_user_files(tmp_path, 1)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("clara-ray: stage") and "cannot fill one step of 16 per worker on 2 workers" in err
+
+
+def test_a_rerun_on_changed_data_files_is_refused(tmp_path, capsys, monkeypatch):
+    import clara_ray.cli
+
+    monkeypatch.setattr(clara_ray.cli, "start_ray", lambda *args, **kwargs: None)
+    args = _user_files(tmp_path, 1)
+    assert main(["demo", *args]) == 2  # too few questions; the run directory keeps its first step
+    assert "cannot fill" in capsys.readouterr().err
+    _user_files(tmp_path, 40)  # the user adds questions and reruns the same command
+    assert main(["demo", *args]) == 2
+    assert "the data files changed since the run" in capsys.readouterr().err

@@ -29,7 +29,7 @@ def test_presets_exist():
 def test_every_preset_loads_and_round_trips(path):
     config = load_config(path)
     assert isinstance(config, Config)
-    assert config.model.doc_max_len % config.model.compression_rate == 0
+    assert config.model.doc_max_len == "auto" or config.model.doc_max_len % config.model.compression_rate == 0
     assert config_from_dict(config.to_dict()) == config
 
 
@@ -41,7 +41,10 @@ def test_defaults():
     config = load_config(None)
     assert config.model.backbone == "tiny" and config.model.is_tiny
     assert config.model.dtype is DType.FLOAT32
-    assert config.model.num_memory_tokens == 2
+    assert config.model.doc_max_len == config.model.answer_max_len == "auto"  # picked from the data
+    with pytest.raises(ConfigError, match="known once the data has been read"):
+        config.model.num_memory_tokens
+    assert config.with_lengths({"doc_max_len": 32}).model.num_memory_tokens == 2
     assert config.data.on_bad_row is BadRowPolicy.QUARANTINE
     assert config.data.uses_trap_corpus
     assert config.eval.baselines == (Baseline.BM25, Baseline.MINILM)
@@ -165,13 +168,20 @@ def test_unknown_key_in_override():
         (["index.num_shards=0"], "index.num_shards: must be >= 1"),
         (["index.refine_k_factor=0.5"], "index.refine_k_factor: must be >= 1"),
         # the tiny model's key is 2 memory tokens x 256 = 512 dims: PQ96 does not divide it
-        (["index.factory=IVF64,PQ96"], "index.factory: index.factory='IVF64,PQ96' is not a FAISS index over 512-dim"),
-        (["index.factory=Bogus"], "index.factory:"),
+        (["model.doc_max_len=32", "index.factory=IVF64,PQ96"], "index.factory: index.factory='IVF64,PQ96' is not a FAISS index over 512-dim"),
+        (["model.doc_max_len=32", "index.factory=Bogus"], "index.factory:"),
         (["train.zero_stage=3"], "stage3.anchor_weight: needs train.zero_stage 0, 1 or 2"),
     ],
 )
 def test_invalid_values(overrides, expected):
     assert expected in _error(None, overrides)
+
+
+def test_lengths_picked_from_the_data_are_checked_like_given_ones():
+    config = load_config(None, ["index.factory=IVF64,PQ96"])  # doc_max_len auto: key width unknown yet
+    with pytest.raises(ConfigError, match="is not a FAISS index over 512-dim"):
+        config.with_lengths({"doc_max_len": 32})
+    assert config.with_lengths({"doc_max_len": 48}).model.num_memory_tokens == 3  # 768 dims: PQ96 divides it
 
 
 def test_every_problem_is_reported():

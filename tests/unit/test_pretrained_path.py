@@ -22,7 +22,8 @@ def test_backbone_from_a_pretrained_directory_is_referenced_not_copied(tmp_path)
     tokenizer.save_pretrained(tmp_path / "hf")
 
     config = load_config(None, [f"model.backbone={tmp_path / 'hf'}", "model.train_backbone_in_stage1=false"])
-    model_dir = build_initial_model(config, corpus.documents, corpus.train_qa, tmp_path / "init")
+    initial = build_initial_model(config, corpus.documents, corpus.train_qa, tmp_path / "init")
+    model_dir, config = initial.model_dir, initial.config
 
     manifest = json.loads((model_dir / "clara.json").read_text())
     assert manifest["backbone"] == str(tmp_path / "hf")
