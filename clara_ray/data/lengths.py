@@ -104,9 +104,11 @@ class LengthReport:
                                   ("question_max_len", self.questions, "questions are cut"),
                                   ("answer_max_len", self.answers, "answers do not fit")):
             if spread.share_over > threshold:
+                advice = ("raise model.max_auto_len or model.length_coverage" if key in self.picked
+                          else "raise it, or set it to auto")
                 warnings.append(
-                    f"{spread.share_over:.0%} of {what} at model.{key}={getattr(self, key)} tokens "
-                    f"(longest {spread.longest}); raise it, or set it to auto"
+                    f"{spread.share_over:.1%} of {what} at model.{key}={getattr(self, key)} tokens "
+                    f"(longest {spread.longest}); {advice}"
                 )
         return warnings
 
