@@ -2,6 +2,7 @@
 
     config = load_config("jobs/configs/tiny.yaml", ["stage3.temperature=0.05"])
     config.stage3.temperature          # 0.05
+    config = config.with_lengths(initial.lengths.lengths)   # token lengths left "auto", picked from the data
     config.model.num_memory_tokens     # doc_max_len // compression_rate
 
 Sections and what reads them (defaults are the tiny CPU demo, written out in
@@ -10,8 +11,9 @@ Sections and what reads them (defaults are the tiny CPU demo, written out in
 - ``run``: run name, output directory, global seed.
 - ``data``: user corpus and QA files (JSON Lines, see ``clara_ray.data.formats``)
   or, when all three are null, the bundled similarity-trap corpus.
-- ``model``: backbone (``"tiny"`` or a local path / hub id), dtype, lengths,
-  compression rate, LoRA settings.
+- ``model``: backbone (``"tiny"`` or a local path / hub id), dtype, token lengths
+  (a number, or ``auto``: picked from the data when a run starts,
+  ``clara_ray.data.lengths``), compression rate, LoRA settings.
 - ``stage1`` / ``stage2`` / ``stage3``: compressor pretraining, instruction tuning, joint training.
 - ``encode`` / ``index``: corpus encoding with Ray Data and the sharded FAISS index.
 - ``train``: Ray Train workers and DeepSpeed.

@@ -145,5 +145,9 @@ class MetricWindow:
 def progress_line(stage: str, step: int, total_steps: int, metrics: dict, elapsed: float, first_step: int = 1) -> str:
     """`elapsed` seconds since `first_step` began (a resumed run starts after 1)."""
     eta = elapsed / (step - first_step + 1) * (total_steps - step)
+    gains = [v for k, v in metrics.items() if k.startswith("retrieval_gain_")]
+    if len(gains) > 4:  # one per memory vector: their range says enough in a progress line
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("retrieval_gain_")}
+        metrics[f"retrieval_gains(x{len(gains)}) min"], metrics["max"] = min(gains), max(gains)
     shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("step", "stage"))
     return f"[{stage}] step {step}/{total_steps} {shown} | {elapsed:.0f}s elapsed, eta {eta:.0f}s"
