@@ -85,20 +85,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def encoding_config(config, num_memory_tokens: int):
+    """`config` with the document length the model was trained for: an ``auto``
+    doc_max_len becomes the model's (one memory vector per compression_rate tokens);
+    a given one must agree with it."""
+    if config.model.doc_max_len == AUTO:
+        config = config.with_lengths({"doc_max_len": num_memory_tokens * config.model.compression_rate})
+    if num_memory_tokens != config.model.num_memory_tokens:
+        raise ConfigError(
+            f"the model has {num_memory_tokens} memory tokens but the config gives {config.model.num_memory_tokens} "
+            f"(model.doc_max_len / model.compression_rate); use the config it was trained with, or doc_max_len auto"
+        )
+    return config
+
+
 def run_encode(args: argparse.Namespace, config) -> int:
     """The `encode` command (also what jobs/encode_corpus.py runs)."""
     from clara_ray.encode import encode_corpus
     from clara_ray.pipeline import encode_settings
 
     model_manifest = json.loads((Path(args.model_dir) / "clara.json").read_text())
-    if config.model.doc_max_len == AUTO:  # the model's own: one memory vector per compression_rate tokens
-        config = config.with_lengths({"doc_max_len": model_manifest["num_memory_tokens"] * config.model.compression_rate})
-    if model_manifest["num_memory_tokens"] != config.model.num_memory_tokens:
-        print(
-            f"clara-ray: the model has {model_manifest['num_memory_tokens']} memory tokens but the config gives "
-            f"{config.model.num_memory_tokens} (model.doc_max_len / model.compression_rate); use the config it was trained with",
-            file=sys.stderr,
-        )
+    try:
+        config = encoding_config(config, model_manifest["num_memory_tokens"])
+    except ConfigError as error:
+        print(f"clara-ray: {error}", file=sys.stderr)
         return 2
     corpus_format = CorpusFormat(args.format) if args.format else None
     summary = encode_corpus(args.input, args.model_dir, args.output, encode_settings(config), corpus_format)

@@ -290,7 +290,7 @@ def run_pipeline(config: Config, log=print) -> dict:
     else:  # a run begun before lengths were picked from the data: the same choice again
         from transformers import AutoTokenizer
 
-        lengths = choose_lengths(config.model, AutoTokenizer.from_pretrained(init_dir / "tokenizer"),
+        lengths = choose_lengths(config.model, AutoTokenizer.from_pretrained(Path(init["model_dir"]) / "tokenizer"),
                                  inputs.corpus.records, inputs.train_qa.records, inputs.test_qa.records)
         init = {**init, "long_answers": {"train_qa": [], "test_qa": []}}
     config = config.with_lengths(lengths.lengths)

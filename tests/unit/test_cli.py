@@ -72,3 +72,13 @@ def test_a_rerun_on_changed_data_files_is_refused(tmp_path, capsys, monkeypatch)
     _user_files(tmp_path, 40)  # the user adds questions and reruns the same command
     assert main(["demo", *args]) == 2
     assert "the data files changed since the run" in capsys.readouterr().err
+
+
+def test_encoding_takes_the_models_document_length_unless_one_is_given():
+    from clara_ray.cli import encoding_config
+    from clara_ray.config import ConfigError, load_config
+
+    assert encoding_config(load_config(None), num_memory_tokens=3).model.doc_max_len == 48
+    assert encoding_config(load_config(None, ["model.doc_max_len=32"]), 2).model.doc_max_len == 32
+    with pytest.raises(ConfigError, match="the model has 3 memory tokens but the config gives 2"):
+        encoding_config(load_config(None, ["model.doc_max_len=32"]), 3)
