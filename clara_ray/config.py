@@ -327,6 +327,17 @@ class Stage3Config(_Section):
     # false = CLaRa's hard top-k.
     gumbel_top_k: bool = True
     num_candidates: int = Field(64, gt=0)
+    # Loss distillation (0 = off): this many candidates per question, drawn from
+    # softmax(scores / distillation_temperature), are each read alone by the generator
+    # (no gradient); the query reasoner's softmax over them is pulled towards
+    # softmax(-their losses), weight distillation_weight, beside the top-k loss.
+    # It starts after distillation_start_fraction of the steps: before retrieval has
+    # taken off the drawn candidates are echoes and other people's documents, and the
+    # least confidently wrong of those (an echo) would be taught as the best.
+    distillation_candidates: int = Field(0, ge=0)
+    distillation_weight: float = Field(1.0, ge=0)
+    distillation_temperature: float = Field(0.1, gt=0)
+    distillation_start_fraction: float = Field(0.5, ge=0, lt=1)
     # Learning rate of the query reasoner's per-memory-slot retrieval gains
     # (ClaraModel.retrieval_gain, log scale, start 0 = gain 1); 0 keeps CLaRa's plain cosine.
     retrieval_gain_learning_rate: float = Field(0.1, ge=0)

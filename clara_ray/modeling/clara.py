@@ -33,6 +33,15 @@ class Role(str, enum.Enum):
     GENERATOR = "generator"
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """Stage 3's loss distillation (``ClaraModel._loss_distillation``); candidates 0 = off."""
+
+    candidates: int
+    weight: float
+    temperature: float
+
+
 class Objective(str, enum.Enum):
     COMPRESSOR_PRETRAINING = "compressor_pretraining"  # stage 1
     JOINT = "joint"  # stage 3
@@ -196,7 +205,19 @@ class ClaraModel(nn.Module):
     def generator_loss(
         self, memory, prompt_ids, prompt_mask, target_ids, target_mask, memory_mask=None
     ) -> torch.Tensor:
-        """Next-token loss on the target given memory (B, M, d) and a prompt."""
+        """Next-token loss on the target given memory (B, M, d) and a prompt (mean over all target tokens)."""
+        logits, labels = self._target_logits(memory, prompt_ids, prompt_mask, target_ids, target_mask, memory_mask)
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    def generator_losses(self, memory, prompt_ids, prompt_mask, target_ids, target_mask) -> torch.Tensor:
+        """(B,) next-token loss of each example, the mean over its own target tokens."""
+        logits, labels = self._target_logits(memory, prompt_ids, prompt_mask, target_ids, target_mask)
+        per_token = nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view(labels.shape)
+        return per_token.sum(1) / (labels != IGNORE_INDEX).sum(1).clamp(min=1)
+
+    def _target_logits(self, memory, prompt_ids, prompt_mask, target_ids, target_mask, memory_mask=None):
         self.use(Role.GENERATOR)
         context_embeds, context_mask = self._generator_embeddings(memory, prompt_ids, prompt_mask, memory_mask)
         target_embeds = self.lm.get_input_embeddings()(target_ids)
@@ -209,8 +230,7 @@ class ClaraModel(nn.Module):
         context_length = context_embeds.shape[1]
         predicting = hidden[:, context_length - 1 : -1]  # (B, A, d)
         logits = self.lm_head(predicting).float()  # (B, A, V)
-        labels = target_ids.masked_fill(target_mask == 0, IGNORE_INDEX)
-        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return logits, target_ids.masked_fill(target_mask == 0, IGNORE_INDEX)
 
     @torch.no_grad()
     def generate(
@@ -276,13 +296,44 @@ class ClaraModel(nn.Module):
     def _joint(
         self, question_ids, question_mask, candidate_memory, prompt_ids, prompt_mask,
         target_ids, target_mask, k: int, temperature: float, sample: bool = False,
+        distillation: Distillation | None = None,
     ):
         """Stage 3: query reasoner scores L candidates, a differentiable top-k picks
         k of them (the best k, or a sample: ``straight_through_topk``), the generator
-        answers from the picked memories."""
+        answers from the picked memories. With `distillation`, the generator also
+        answers from each of a few sampled candidates alone, and the query reasoner's
+        softmax over those is pulled towards softmax(-loss) (``_loss_distillation``)."""
         query_memory, _ = self.encode(Role.QUERY_REASONER, question_ids, question_mask)  # (B, n, d)
         scores = retrieval_scores(query_memory, candidate_memory)  # (B, L)
         weights = straight_through_topk(scores, k, temperature, sample)  # (B, k, L)
         selected = select_memory(weights, candidate_memory)  # (B, k, n, d)
         generation = self.generator_loss(selected.flatten(1, 2), prompt_ids, prompt_mask, target_ids, target_mask)
-        return {"loss": generation, "generation_loss": generation, "scores": scores.detach()}
+        out = {"loss": generation, "generation_loss": generation, "scores": scores.detach()}
+        if distillation is not None and distillation.candidates > 0:
+            distilled = self._loss_distillation(scores, candidate_memory, prompt_ids, prompt_mask, target_ids,
+                                                target_mask, distillation)
+            out.update(loss=generation + distillation.weight * distilled, distillation_loss=distilled)
+        return out
+
+    def _loss_distillation(self, scores, candidate_memory, prompt_ids, prompt_mask, target_ids, target_mask,
+                           distillation: Distillation) -> torch.Tensor:
+        """Cross-entropy from softmax(-generator loss) to softmax(scores / temperature) over
+        `distillation.candidates` candidates per question drawn without replacement from
+        softmax(scores / temperature) (Gumbel top-k). The generator's losses are measured
+        (no gradient) with each drawn candidate as its only document, so the query reasoner
+        learns which of them, read alone, answers best: the right person's document, not
+        only the right relation's."""
+        batch, num_candidates = scores.shape
+        s = min(distillation.candidates, num_candidates)
+        tau = distillation.temperature
+        with torch.no_grad():
+            uniform = torch.rand_like(scores).clamp(min=torch.finfo(scores.dtype).tiny)
+            drawn = (scores - tau * torch.log(-torch.log(uniform))).topk(s, dim=-1).indices  # (B, s)
+            index = drawn[:, :, None, None].expand(-1, -1, *candidate_memory.shape[2:])
+            memory = candidate_memory.gather(1, index)  # (B, s, n, d)
+            repeat = lambda t: t.repeat_interleave(s, dim=0)  # noqa: E731
+            losses = self.generator_losses(memory.flatten(0, 1), repeat(prompt_ids), repeat(prompt_mask),
+                                           repeat(target_ids), repeat(target_mask)).view(batch, s)
+            target = torch.softmax(-losses, dim=-1)
+        log_q = torch.log_softmax(scores.gather(1, drawn) / tau, dim=-1)
+        return -(target * log_q).sum(-1).mean()

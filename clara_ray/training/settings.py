@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clara_ray.config import Config, DType, ReconstructionOrder
+from clara_ray.modeling.clara import Distillation
 from clara_ray.training.batches import Lengths
 from clara_ray.training.engine import OptimiserSettings
 
@@ -140,6 +141,8 @@ class Stage3Settings:
     initial_temperature: float  # the first step's (geometric annealing in between)
     gumbel_top_k: bool  # sample the k documents (Gumbel top-k) instead of taking the best k
     num_candidates: int
+    distillation: Distillation  # candidates 0 = off
+    distillation_start_step: int  # distillation counts after this step
     hold_gains_steps: int  # the gains stay at 1 for steps 1..hold_gains_steps
     anchor_weight: float
     anchor_start_step: int  # the pull back to the start counts after this step
@@ -160,6 +163,8 @@ class Stage3Settings:
             initial_temperature=s3.initial_temperature or s3.temperature,
             gumbel_top_k=s3.gumbel_top_k,
             num_candidates=s3.num_candidates,
+            distillation=Distillation(s3.distillation_candidates, s3.distillation_weight, s3.distillation_temperature),
+            distillation_start_step=round(s3.distillation_start_fraction * s3.steps),
             hold_gains_steps=round(s3.retrieval_gain_start_fraction * s3.steps) if gains > 0 else 0,
             anchor_weight=s3.anchor_weight,
             anchor_start_step=round(s3.anchor_start_fraction * s3.steps),

@@ -98,7 +98,8 @@ def stage3_step(
     clock.lap("search")
     temperature = annealed_temperature(step, settings.steps, settings.initial_temperature, settings.temperature)
     out = updater.forward(Objective.JOINT, **inputs, candidate_memory=candidate_memory, k=settings.top_k, temperature=temperature,
-                          sample=settings.gumbel_top_k)
+                          sample=settings.gumbel_top_k,
+                          distillation=settings.distillation if step > settings.distillation_start_step else None)
     anchored = step > settings.anchor_start_step
     with torch.set_grad_enabled(anchored):  # before the pull starts it is only logged
         penalty = anchor.penalty()
@@ -108,6 +109,7 @@ def stage3_step(
     clock.lap("backward")
     tokens = int(sum(inputs[k].sum() for k in ("question_mask", "prompt_mask", "target_mask")))
     metrics = {"loss": out["loss"].item(), "temperature": temperature, "tokens": tokens,
+               **({"distillation_loss": out["distillation_loss"].item()} if "distillation_loss" in out else {}),
                "seconds_step": sum(clock.seconds.values()), **clock.seconds}
     if batch.gold_doc_ids is not None:
         top1 = out["scores"].argmax(-1).cpu().numpy()

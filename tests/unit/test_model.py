@@ -211,3 +211,45 @@ def test_parameter_anchor_pulls_trainable_parameters_but_not_gains_back_to_their
     penalty.backward()
     assert torch.allclose(moved.grad, torch.full_like(moved, 1.0))  # d/dp (p - p0)^2 = 2 * 0.5
     assert gain.grad is None and frozen.grad is None
+
+
+def test_loss_distillation_raises_the_score_of_the_candidate_the_generator_answers_best_from():
+    from clara_ray.modeling.clara import Distillation
+    from clara_ray.modeling.text import question_prompt, tokenize_targets, tokenize_texts
+
+    model, tokenizer = make_model()
+    prompts = tokenize_texts(tokenizer, [question_prompt("Which city was Zorvan Kellit born in?")] * 2, 32)
+    targets = tokenize_targets(tokenizer, [" Marlow"] * 2, 8)
+    candidate_memory = torch.randn(2, 4, model.num_memory_tokens, model.hidden_size)
+    # The generator's own losses, per candidate read alone (what distillation measures):
+    with torch.no_grad():
+        per_candidate = torch.stack([
+            model.generator_losses(candidate_memory[:, j], prompts.ids, prompts.mask, targets.ids, targets.mask)
+            for j in range(4)
+        ], dim=1)  # (2, 4)
+    assert per_candidate.shape == (2, 4) and torch.isfinite(per_candidate).all()
+    scores = torch.zeros(2, 4, requires_grad=True)  # every candidate drawn: the outcome does not depend on the draw
+    loss = model._loss_distillation(scores, candidate_memory, prompts.ids, prompts.mask, targets.ids, targets.mask,
+                                    Distillation(candidates=4, weight=1.0, temperature=0.1))
+    loss.backward()
+    # d loss / d score = (softmax(scores / tau) - softmax(-losses)) / tau: the best-answering candidate goes up most.
+    expected = (torch.full((2, 4), 0.25) - torch.softmax(-per_candidate, dim=-1)) / 0.1 / 2
+    torch.testing.assert_close(scores.grad, expected, rtol=1e-4, atol=1e-5)
+    assert (scores.grad.argmin(-1) == per_candidate.argmin(-1)).all()
+    assert not any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())  # losses: no gradient
+
+
+def test_generator_losses_are_per_example_means_that_average_to_the_batch_loss_when_lengths_match():
+    from clara_ray.modeling.text import question_prompt, tokenize_targets, tokenize_texts
+
+    model, tokenizer = make_model()
+    prompts = tokenize_texts(tokenizer, [question_prompt("Which city?"), question_prompt("What job?")], 32)
+    targets = tokenize_targets(tokenizer, [" Marlow", " baker"], 8)
+    memory = torch.randn(2, model.num_memory_tokens, model.hidden_size)
+    with torch.no_grad():
+        each = model.generator_losses(memory, prompts.ids, prompts.mask, targets.ids, targets.mask)
+        both = model.generator_loss(memory, prompts.ids, prompts.mask, targets.ids, targets.mask)
+        first = model.generator_loss(memory[:1], prompts.ids[:1], prompts.mask[:1], targets.ids[:1], targets.mask[:1])
+    torch.testing.assert_close(each[0], first)
+    if targets.mask[0].sum() == targets.mask[1].sum():
+        torch.testing.assert_close(each.mean(), both)
