@@ -39,7 +39,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from clara_ray.config import Config, config_from_dict, load_config
+from clara_ray.config import LENGTH_KEYS, Config, config_from_dict, load_config
 from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_index_actor
 from clara_ray.index.versions import IndexSettings
 from clara_ray.memory_shards import MANIFEST as MEMORY_MANIFEST
@@ -56,7 +56,8 @@ class SourceRun:
     """What a sweep takes from a finished run directory."""
 
     directory: Path
-    config: Config
+    config: Config  # the run's, with its token lengths as picked from the data
+    written_lengths: dict  # model.*_max_len as the run's config.yaml gives them (numbers or "auto")
     model_dir: Path  # the model stage 3 starts from (stage 2's if the run had one)
     memory_dir: Path
     data: TrainingData
@@ -68,6 +69,7 @@ class SourceRun:
         if not (directory / "config.yaml").exists():
             raise FileNotFoundError(f"{directory} is not a run directory (no config.yaml): pass --from-run runs/<name>")
         config = load_config(directory / "config.yaml", overrides)
+        written_lengths = {key: getattr(config.model, key) for key in LENGTH_KEYS}
         steps = directory / "steps"
         stage = next((s for s in ("stage2", "stage1") if (steps / f"{s}.json").exists()), None)
         memory_dir = directory / "memory"
@@ -82,7 +84,7 @@ class SourceRun:
         written = json.loads((steps / "training_data.json").read_text())
         data = TrainingData(**{k: None if v is None else Path(v) for k, v in written.items()})
         questions = questions_from_rows(read_table(data.stage3_questions).to_pylist())
-        return cls(directory, config, model_dir, memory_dir, data, questions)
+        return cls(directory, config, written_lengths, model_dir, memory_dir, data, questions)
 
 
 def search_space(config: Config) -> dict:
@@ -176,6 +178,7 @@ def run_sweep(source: SourceRun, name: str = "sweep", log=print) -> dict:
     best_config = trial_config(config, best, config.sweep.steps, 0.0)
     tree = best_config.to_dict()
     tree["run"]["name"] = f"{config.run.name}-{name}-best"
+    tree["model"].update(source.written_lengths)  # "auto" stays auto: the demo picks the same from the same data
     best_path = out / "best.yaml"
     best_path.write_text(
         f"# Best of {len(rows)} trials of `clara-ray sweep --from-run {source.directory}` (validation recall@1 "
