@@ -252,26 +252,10 @@ def _stage(run_dir: Path, name: str, train, log) -> StageResult:
     return result
 
 
-def run_pipeline(config: Config, log=print) -> dict:
-    """Run every phase on the connected Ray cluster; returns the summary also written to metrics.json.
-
-    Rerun the same command after a killed driver: finished steps (steps/<name>.json)
-    are skipped, a training stage goes on from its last checkpoint and the encoding
-    from the shards it had written."""
-    run_dir = _open_run_dir(config, log)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def phase(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[name] = now - clock
-        clock = now
-        log(f"[pipeline] {name} done in {seconds[name]:.1f}s")
-
-    log(f"[pipeline] run directory {run_dir}")
-    inputs = load_inputs(config, run_dir)
-    init_dir = run_dir / "models" / "init"
+def _initial_step(config: Config, inputs: Inputs, run_dir: Path, init_dir: Path) -> tuple[Config, Inputs, LengthReport]:
+    """The init step: the untrained model, the token lengths picked from the data, and the
+    QA rows whose answers do not fit set aside (steps/init.json; a rerun reads them back).
+    Returns the config with those lengths and the inputs without those rows."""
     init = _done(run_dir, "init")
     files = _file_stamps(config)
     if init is not None and init.get("files", files) != files:
@@ -296,6 +280,29 @@ def run_pipeline(config: Config, log=print) -> dict:
     config = config.with_lengths(lengths.lengths)
     inputs = set_aside(inputs, init["long_answers"])
     write_quarantines(inputs, run_dir)
+    return config, inputs, lengths
+
+
+def run_pipeline(config: Config, log=print) -> dict:
+    """Run every phase on the connected Ray cluster; returns the summary also written to metrics.json.
+
+    Rerun the same command after a killed driver: finished steps (steps/<name>.json)
+    are skipped, a training stage goes on from its last checkpoint and the encoding
+    from the shards it had written."""
+    run_dir = _open_run_dir(config, log)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = now - clock
+        clock = now
+        log(f"[pipeline] {name} done in {seconds[name]:.1f}s")
+
+    log(f"[pipeline] run directory {run_dir}")
+    init_dir = run_dir / "models" / "init"
+    config, inputs, lengths = _initial_step(config, load_inputs(config, run_dir), run_dir, init_dir)
     documents, train_qa, test_qa = inputs.corpus.records, inputs.train_qa.records, inputs.test_qa.records
     log(
         f"[pipeline] data: {len(documents)} documents, {len(train_qa)} training and {len(test_qa)} test "
