@@ -337,6 +337,9 @@ class Stage3Config(_Section):
     distillation_candidates: int = Field(0, ge=0)
     distillation_weight: float = Field(1.0, ge=0)
     distillation_temperature: float = Field(0.1, gt=0)
+    # Of the target softmax(-loss / T): at 1 a document read at 0.2 nats per token gets only
+    # 2.2x the weight of one read at 1.0 (another person's), a nearly flat target.
+    distillation_target_temperature: float = Field(0.1, gt=0)
     distillation_start_fraction: float = Field(0.5, ge=0, lt=1)
     # Learning rate of the query reasoner's per-memory-slot retrieval gains
     # (ClaraModel.retrieval_gain, log scale, start 0 = gain 1); 0 keeps CLaRa's plain cosine.

@@ -39,7 +39,8 @@ class Distillation:
 
     candidates: int
     weight: float
-    temperature: float
+    temperature: float  # of the query reasoner's softmax over the drawn candidates
+    target_temperature: float = 1.0  # of softmax(-loss / target_temperature), the target
 
 
 class Objective(str, enum.Enum):
@@ -317,7 +318,7 @@ class ClaraModel(nn.Module):
 
     def _loss_distillation(self, scores, candidate_memory, prompt_ids, prompt_mask, target_ids, target_mask,
                            distillation: Distillation) -> torch.Tensor:
-        """Cross-entropy from softmax(-generator loss) to softmax(scores / temperature) over
+        """Cross-entropy from softmax(-generator loss / target_temperature) to softmax(scores / temperature) over
         `distillation.candidates` candidates per question drawn without replacement from
         softmax(scores / temperature) (Gumbel top-k). The generator's losses are measured
         (no gradient) with each drawn candidate as its only document, so the query reasoner
@@ -334,6 +335,6 @@ class ClaraModel(nn.Module):
             repeat = lambda t: t.repeat_interleave(s, dim=0)  # noqa: E731
             losses = self.generator_losses(memory.flatten(0, 1), repeat(prompt_ids), repeat(prompt_mask),
                                            repeat(target_ids), repeat(target_mask)).view(batch, s)
-            target = torch.softmax(-losses, dim=-1)
+            target = torch.softmax(-losses / distillation.target_temperature, dim=-1)
         log_q = torch.log_softmax(scores.gather(1, drawn) / tau, dim=-1)
         return -(target * log_q).sum(-1).mean()
