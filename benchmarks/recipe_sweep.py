@@ -4,6 +4,7 @@
     python benchmarks/recipe_sweep.py sweep JOBS --parallel 16 --results DIR                  # many runs
     python benchmarks/recipe_sweep.py summary DIR
     python benchmarks/recipe_sweep.py probe runs/demo/models/stage1       # diagnostics of a demo's model
+    python benchmarks/recipe_sweep.py mistakes runs/demo/models/stage3    # where wrong top-1 documents go
 
 A run reads the same config as `clara-ray demo` (``--config``, default
 jobs/configs/tiny.yaml, plus ``key=value`` overrides) and runs stage 1 -> (stage 2)
@@ -215,6 +216,30 @@ def probe(model_dir: Path, config_path: Path | None, overrides: list[str]) -> No
     print(json.dumps(result))
 
 
+def mistakes(model_dir: Path, config_path: Path | None, overrides: list[str]) -> None:
+    """Recall@1 per question wording and where wrong top-1 documents go (other / same person,
+    gold-style / echo), on every third training question and on the test questions."""
+    config = load_config(config_path, overrides)
+    corpus, documents = _trap(config)
+    model, tokenizer, _ = load_model(model_dir)
+    config = config.with_lengths(choose_lengths(config.model, tokenizer, corpus.documents, corpus.train_qa,
+                                                corpus.test_qa).lengths)
+    probe = Probe(model, tokenizer, documents, config, torch.device("cpu"))
+    gold = {q.gold_doc_ids[0] for q in corpus.train_qa + corpus.test_qa}
+    for split, qa in (("train", corpus.train_qa[::3]), ("test", corpus.test_qa)):
+        right, total, kinds = defaultdict(int), defaultdict(int), defaultdict(int)
+        for q, ranking in zip(qa, probe._rankings(qa)):
+            wording = " ".join(w for w in q.question.split() if w.islower())
+            total[wording] += 1
+            if ranking[0] == q.gold_doc_ids[0]:
+                right[wording] += 1
+                continue
+            person = "same person" if NAME.search(q.question).group(0) in documents[ranking[0]] else "other person"
+            kinds[f"{person} {'gold' if ranking[0] in gold else 'echo'}"] += 1
+        print(json.dumps({"split": split, "recall@1": {k: f"{right[k]}/{total[k]}" for k in total},
+                          "wrong top-1": dict(kinds)}))
+
+
 def sweep(jobs_file: Path, parallel: int, results: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
     lines = [line.split() for line in jobs_file.read_text().splitlines() if line.strip() and not line.startswith("#")]
@@ -269,6 +294,10 @@ def main() -> None:
     inspect.add_argument("model_dir", type=Path)
     inspect.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     inspect.add_argument("overrides", nargs="*")
+    wrong = commands.add_parser("mistakes", help="where a trained model's wrong top-1 documents go")
+    wrong.add_argument("model_dir", type=Path)
+    wrong.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    wrong.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.command == "one":
         run_one(args)
@@ -276,6 +305,8 @@ def main() -> None:
         sweep(args.jobs, args.parallel, args.results)
     elif args.command == "probe":
         probe(args.model_dir, args.config, args.overrides)
+    elif args.command == "mistakes":
+        mistakes(args.model_dir, args.config, args.overrides)
     else:
         summary(args.results)
 

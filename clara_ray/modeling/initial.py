@@ -59,10 +59,11 @@ def build_initial_model(
     model_config = config.model
     kept, long_answers = {}, {}
     for name, qa in (("train_qa", train_qa), ("test_qa", test_qa)):
-        fits, too_long = fit_answers(tokenizer, qa, model_config.answer_max_len, training=name == "train_qa")
         if config.data.on_long_answer == LongAnswerPolicy.TRUNCATE:
-            fits, too_long = list(qa), []
-        kept[name], long_answers[name] = fits, too_long
+            kept[name], long_answers[name] = list(qa), []
+        else:
+            kept[name], long_answers[name] = fit_answers(tokenizer, qa, model_config.answer_max_len,
+                                                         training=name == "train_qa")
 
     if backbone is None:
         tiny = model_config.tiny
