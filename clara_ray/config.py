@@ -199,6 +199,23 @@ AUTO = "auto"
 TokenLength = Annotated[int, Field(gt=0)] | Literal["auto"]
 LENGTH_KEYS = ("doc_max_len", "question_max_len", "answer_max_len", "reconstruction_max_len")
 
+# A stage's length: a number of optimizer steps, or "<n> epochs" (passes over the
+# stage's examples), turned into steps once the training data is written
+# (clara_ray.training.stages.steps_for_data).
+EPOCHS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*epochs?\s*$")
+StepCount = Annotated[int, Field(gt=0)] | Annotated[str, StringConstraints(pattern=EPOCHS.pattern)]
+STEP_STAGES = ("stage1", "stage2", "stage3")
+
+
+def epochs_of(steps: int | str) -> float | None:
+    """The number of epochs of a step count given as "<n> epochs"; None for a plain step count."""
+    if isinstance(steps, int):
+        return None
+    epochs = float(EPOCHS.match(steps).group(1))
+    if epochs <= 0:
+        raise ConfigError(f"a step count of {steps!r} trains nothing: give more than 0 epochs")
+    return epochs
+
 
 class ModelConfig(_Section):
     backbone: NonEmptyStr = TINY_BACKBONE
@@ -251,7 +268,9 @@ class ModelConfig(_Section):
 class Stage1Config(_Section):
     """Compressor pretraining: QA + paraphrase from memory tokens, plus MSE alignment."""
 
-    steps: int = Field(800, gt=0)
+    # Steps, or "<n> epochs" over the stage-1 examples (one QA example per training
+    # question, one reconstruction example per document).
+    steps: StepCount = 800
     learning_rate: float = Field(1.0e-3, gt=0)
     micro_batch_size_per_worker: int = Field(16, gt=0)
     mse_weight: float = Field(0.1, ge=0)
@@ -297,7 +316,7 @@ class Stage2Config(_Section):
     is the one that encodes."""
 
     enabled: bool = False
-    steps: int = Field(300, gt=0)
+    steps: StepCount = 300  # or "<n> epochs" over the training questions
     learning_rate: float = Field(1.0e-4, gt=0)
     micro_batch_size_per_worker: int = Field(16, gt=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
@@ -312,7 +331,7 @@ class Stage2Config(_Section):
 class Stage3Config(_Section):
     """Joint training of query reasoner and generator through the differentiable top-k."""
 
-    steps: int = Field(400, gt=0)
+    steps: StepCount = 400  # or "<n> epochs" over the training questions (less any validation split)
     learning_rate: float = Field(5.0e-4, gt=0)
     micro_batch_size_per_worker: int = Field(16, gt=0)
     top_k: int = Field(1, ge=1)
@@ -547,6 +566,13 @@ class Config(_Section):
         tree["model"].update({key: int(lengths[key]) for key in LENGTH_KEYS if key in lengths})
         return config_from_dict(tree, "lengths picked from the data")  # every check again, now on numbers
 
+    def with_steps(self, steps: Mapping[str, int]) -> Config:
+        """This config with (some of) the stages' step counts set, e.g. those turned from epochs into steps."""
+        tree = self.to_dict()
+        for stage, count in steps.items():
+            tree[stage]["steps"] = int(count)
+        return config_from_dict(tree, "step counts from the data")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict (enums as their values, paths as strings)."""
         return self.model_dump(mode="json")
@@ -615,7 +641,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "dict") -> Config:
     try:
         return Config.model_validate(dict(data))
     except ValidationError as error:
-        problems = [_describe(item) for item in error.errors()]
+        problems = _problems(error.errors())
         lines = "\n".join(f"  {problem}" for problem in problems)
         raise ConfigError(f"invalid config ({source}):\n{lines}") from None
 
@@ -708,6 +734,38 @@ def _section_at(location: Sequence[str | int]) -> type[BaseModel] | None:
             return None
         section = _section_type(section, part)
     return section
+
+
+def _union_expectation(location: Sequence[str | int]) -> str | None:
+    """What a field typed as one of the unions below accepts, in words."""
+    section = _section_at(location[:-1])
+    name = location[-1]
+    if section is None or not isinstance(name, str) or name not in section.model_fields:
+        return None
+    annotation = section.model_fields[name].annotation
+    if annotation == StepCount:
+        return "must be a number of steps > 0 or '<n> epochs'"
+    if annotation == TokenLength:
+        return "must be a number of tokens > 0 or auto"
+    return None
+
+
+def _problems(errors: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per problem; a value that fits no member of a union (a step count, a token
+    length) is one problem, not one per member."""
+    problems, seen = [], set()
+    for item in errors:
+        location = list(item["loc"])
+        for cut in range(len(location) - 1, 0, -1):
+            expected = _union_expectation(location[:cut])
+            if expected is not None:
+                if tuple(location[:cut]) not in seen:
+                    seen.add(tuple(location[:cut]))
+                    problems.append(f"{_dotted(location[:cut])}: {expected} (got {item['input']!r})")
+                break
+        else:
+            problems.append(_describe(item))
+    return problems
 
 
 def _describe(item: Mapping[str, Any]) -> str:

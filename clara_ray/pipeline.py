@@ -66,6 +66,7 @@ from clara_ray.training.stages import (
     run_stage1,
     run_stage2,
     run_stage3,
+    steps_for_data,
     write_training_data,
 )
 
@@ -323,6 +324,10 @@ def run_pipeline(config: Config, log=print) -> dict:
         _mark_done(run_dir, "training_data", {k: None if v is None else str(v) for k, v in vars(data).items()})
     else:
         data = TrainingData(**{k: None if v is None else Path(v) for k, v in written.items()})
+    steps = steps_for_data(config, data)
+    config = config.with_steps({stage: count for stage, (count, _) in steps.items()})
+    for stage, (count, how) in steps.items():
+        log(f"[pipeline] {stage}.steps = {count} ({how})")
     phase("training data")
 
     stage1 = _stage(run_dir, "stage1", lambda: run_stage1(config, data, init_dir, run_dir), log)

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clara_ray.config import Config, DType, ReconstructionOrder
+from clara_ray.config import Config, ConfigError, DType, ReconstructionOrder
 from clara_ray.modeling.clara import Distillation
 from clara_ray.training.batches import Lengths
 from clara_ray.training.engine import OptimiserSettings
+
+
+def _steps(config: Config, stage: str) -> int:
+    steps = getattr(config, stage).steps
+    if not isinstance(steps, int):
+        raise ConfigError(f"{stage}.steps is {steps!r}: epochs become a step count when the training data is "
+                          f"written (clara_ray.training.stages.steps_for_data), before a stage's settings are made")
+    return steps
 
 
 @dataclass(frozen=True)
@@ -70,15 +78,16 @@ class Stage1Settings:
     @classmethod
     def from_config(cls, config: Config) -> Stage1Settings:
         s1 = config.stage1
+        steps = _steps(config, "stage1")
         return cls(
-            steps=s1.steps,
+            steps=steps,
             micro_batch_size=s1.micro_batch_size_per_worker,
-            optimiser=_optimiser(s1.steps, s1.learning_rate, s1.warmup_fraction, config.train.gradient_clipping),
+            optimiser=_optimiser(steps, s1.learning_rate, s1.warmup_fraction, config.train.gradient_clipping),
             mse_weight=s1.mse_weight,
             reconstruction_order=s1.reconstruction_order,
             counterfactual_rate=s1.counterfactual_rate,
             hard_distractor_fraction=s1.hard_distractor_fraction,
-            rival_steps=round(s1.rival_steps_fraction * s1.steps),
+            rival_steps=round(s1.rival_steps_fraction * steps),
             min_context_docs=s1.min_context_docs,
             max_context_docs=s1.max_context_docs,
             train_backbone=config.model.train_backbone_in_stage1,
@@ -118,10 +127,11 @@ class Stage2Settings:
     @classmethod
     def from_config(cls, config: Config) -> Stage2Settings:
         s2 = config.stage2
+        steps = _steps(config, "stage2")
         return cls(
-            steps=s2.steps,
+            steps=steps,
             micro_batch_size=s2.micro_batch_size_per_worker,
-            optimiser=_optimiser(s2.steps, s2.learning_rate, s2.warmup_fraction, config.train.gradient_clipping),
+            optimiser=_optimiser(steps, s2.learning_rate, s2.warmup_fraction, config.train.gradient_clipping),
             num_documents=s2.num_documents,
             train_compressor=s2.train_compressor,
             report_every=s2.report_every,
@@ -154,10 +164,11 @@ class Stage3Settings:
     def from_config(cls, config: Config) -> Stage3Settings:
         s3 = config.stage3
         gains = s3.retrieval_gain_learning_rate
+        steps = _steps(config, "stage3")
         return cls(
-            steps=s3.steps,
+            steps=steps,
             micro_batch_size=s3.micro_batch_size_per_worker,
-            optimiser=_optimiser(s3.steps, s3.learning_rate, s3.warmup_fraction, config.train.gradient_clipping, gains),
+            optimiser=_optimiser(steps, s3.learning_rate, s3.warmup_fraction, config.train.gradient_clipping, gains),
             top_k=s3.top_k,
             temperature=s3.temperature,
             initial_temperature=s3.initial_temperature or s3.temperature,
@@ -165,10 +176,10 @@ class Stage3Settings:
             num_candidates=s3.num_candidates,
             distillation=Distillation(s3.distillation_candidates, s3.distillation_weight, s3.distillation_temperature,
                                       s3.distillation_target_temperature),
-            distillation_start_step=round(s3.distillation_start_fraction * s3.steps),
-            hold_gains_steps=round(s3.retrieval_gain_start_fraction * s3.steps) if gains > 0 else 0,
+            distillation_start_step=round(s3.distillation_start_fraction * steps),
+            hold_gains_steps=round(s3.retrieval_gain_start_fraction * steps) if gains > 0 else 0,
             anchor_weight=s3.anchor_weight,
-            anchor_start_step=round(s3.anchor_start_fraction * s3.steps),
+            anchor_start_step=round(s3.anchor_start_fraction * steps),
             train_generator=s3.train_generator,
             report_every=s3.report_every,
             checkpoint_every=s3.checkpoint_every,

@@ -45,11 +45,12 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
         "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
         "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300",
         "stage1.steps=4", "stage1.report_every=2", "stage1.micro_batch_size_per_worker=2",
-        "stage3.steps=4", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=2",
+        "stage3.steps=2 epochs", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=2",
         "stage3.top_k=2", "stage3.num_candidates=4", "eval.baselines=[bm25]", "encode.max_actors=1",
         "model.answer_max_len=8",  # given, so the long answers are set aside (auto would fit them)
     ])
-    summary = run_pipeline(config, log=lambda message: None)
+    messages = []
+    summary = run_pipeline(config, log=messages.append)
 
     files = summary["data"]["files"]
     assert files["corpus"] == {"input": 17, "used": 12, "quarantined": 5}
@@ -75,6 +76,9 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
     assert "model.answer_max_len = 8 [set]" in report and "model.doc_max_len = 32 [auto (q0.98" in report
     assert (run_dir / "training.png").stat().st_size > 0
     assert (run_dir / "models" / "stage3" / "adapters.safetensors").exists()
+    # the 8 training questions that fit, 2 per worker on 2 workers, twice over
+    assert "[pipeline] stage3.steps = 4 (2 epochs of 8 training questions, 4 per step)" in messages
+    assert json.loads((run_dir / "steps" / "stage3.json").read_text())["history"][-1]["step"] == 4
 
 
 _DRIVER = """

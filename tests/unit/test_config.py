@@ -11,10 +11,13 @@ from clara_ray.config import (
     Config,
     ConfigError,
     DType,
+    epochs_of,
     config_from_dict,
     load_config,
 )
 from clara_ray.data.formats import BadRowPolicy
+from clara_ray.training.settings import Stage1Settings
+from clara_ray.training.tables import read_table
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 PRESETS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -158,6 +161,8 @@ def test_unknown_key_in_override():
         (["run.name=my run"], "run.name: must match"),
         (["eval.baselines=[bm25, colbert]"], "eval.baselines[1]: must be one of"),
         (["stage1.steps=many"], "stage1.steps:"),
+        (["stage3.steps=2 apples"], "stage3.steps: must be a number of steps > 0 or '<n> epochs' (got '2 apples')"),
+        (["model.question_max_len=-1"], "model.question_max_len: must be a number of tokens > 0 or auto (got -1)"),
         (["model.lora.target_modules=[]"], "model.lora.target_modules:"),
         (["stage1.min_context_docs=6"], "stage1.min_context_docs: must be at most max_context_docs (got 6 > 5)"),
         (["stage1.hard_distractor_fraction=1.5"], "stage1.hard_distractor_fraction: must be <= 1"),
@@ -182,6 +187,18 @@ def test_lengths_picked_from_the_data_are_checked_like_given_ones():
     with pytest.raises(ConfigError, match="is not a FAISS index over 512-dim"):
         config.with_lengths({"doc_max_len": 32})
     assert config.with_lengths({"doc_max_len": 48}).model.num_memory_tokens == 3  # 768 dims: PQ96 divides it
+
+
+def test_steps_in_epochs():
+    config = load_config(None, ["stage1.steps=2 epochs", "stage3.steps=0.5epoch", "stage2.steps=7"])
+    assert (epochs_of(config.stage1.steps), epochs_of(config.stage3.steps), epochs_of(config.stage2.steps)) == (2.0, 0.5, None)
+    with pytest.raises(ConfigError, match="give more than 0 epochs"):
+        epochs_of(load_config(None, ["stage3.steps=0 epochs"]).stage3.steps)
+    with pytest.raises(ConfigError, match="stage1.steps is '2 epochs': epochs become a step count"):
+        Stage1Settings.from_config(config)
+    resolved = config.with_steps({"stage1": 30, "stage3": 4})
+    assert (resolved.stage1.steps, resolved.stage3.steps) == (30, 4)
+    assert Stage1Settings.from_config(resolved).steps == 30
 
 
 def test_every_problem_is_reported():
@@ -229,3 +246,21 @@ def test_config_is_frozen():
     config = Config()
     with pytest.raises(ValueError):
         config.stage3.top_k = 2  # type: ignore[misc]
+
+
+def test_steps_for_data_turns_epochs_into_steps(tmp_path):
+    from clara_ray.data.trap import generate_trap_corpus
+    from clara_ray.training.stages import steps_for_data, write_training_data
+
+    corpus = generate_trap_corpus(num_entities=12, seed=3)  # 108 documents, 54 training questions
+    config = load_config(None, ["stage1.steps=2 epochs", "stage1.micro_batch_size_per_worker=4",
+                                "stage3.steps=1.5 epochs", "stage3.micro_batch_size_per_worker=4",
+                                "stage3.validation_fraction=0.2"])
+    data = write_training_data(config, {d.id: d.text for d in corpus.documents}, corpus.train_qa, tmp_path)
+    steps = steps_for_data(config, data)
+    # stage 1: one QA example per training question and one reconstruction example per document
+    assert steps["stage1"] == (41, "2 epochs of 162 stage-1 examples, 8 per step")  # ceil(2 x 162 / 8)
+    count = len(corpus.train_qa) - len(read_table(data.stage3_validation))
+    assert steps["stage3"] == (-(-3 * count // 16), f"1.5 epochs of {count} training questions, 8 per step")
+    assert set(steps) == {"stage1", "stage3"}  # stage 2 is off
+    assert load_config(None, []).stage1.steps == 800 and steps_for_data(load_config(None, []), data) == {}
