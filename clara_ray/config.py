@@ -374,6 +374,13 @@ class Stage3Config(_Section):
     # The pull starts after this fraction of the steps: from the first step it slows
     # the take-off of retrieval.
     anchor_start_fraction: float = Field(0.5, ge=0, lt=1)
+    # The query reasoner starts as the compressor, whose lower layers encode the name
+    # in every document, asked about in a training question or not. An L2 pull of the
+    # LoRA matrices of all but its top `anchor_free_top_layers` decoder layers back to
+    # that start, from the first step, keeps that encoding while the top layers learn
+    # what the generator's loss asks. 0 = off (CLaRa). Needs train.zero_stage 0-2.
+    lower_anchor_weight: float = Field(1.0e-2, ge=0)
+    anchor_free_top_layers: int = Field(1, ge=1)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     # The generator's adapter trains alongside the query reasoner (CLaRa); off
     # leaves the stage-1 generator as it is, so only retrieval can lower the loss.
@@ -537,12 +544,13 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _anchor_needs_whole_parameters(self) -> Config:
-        if self.stage3.anchor_weight > 0 and self.train.zero_stage == 3:
-            raise _FieldError(
-                "stage3.anchor_weight",
-                "needs train.zero_stage 0, 1 or 2 (ZeRO-3 shards the parameters it pulls); "
-                "set it to 0 or lower the ZeRO stage",
-            )
+        for key in ("anchor_weight", "lower_anchor_weight"):
+            if getattr(self.stage3, key) > 0 and self.train.zero_stage == 3:
+                raise _FieldError(
+                    f"stage3.{key}",
+                    "needs train.zero_stage 0, 1 or 2 (ZeRO-3 shards the parameters it pulls); "
+                    "set it to 0 or lower the ZeRO stage",
+                )
         return self
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -73,34 +74,55 @@ def parameter_groups(model, gain_learning_rate: float | None = None) -> list[dic
     return groups
 
 
+_LAYER = re.compile(r"\.layers\.(\d+)\.")  # a decoder layer's index in a parameter name (Llama, Mistral, Qwen)
+
+
 class ParameterAnchor:
     """Squared L2 distance of a ClaraModel's trainable parameters, the retrieval gains
     excepted (they have their own rate and are meant to move), from where they
     started: their values when this was made, or those saved in the model directory
     `start` (a run resumed from a checkpoint still measures from the stage's start).
-    Stage 3's `anchor_weight` multiplies it into the loss. Always 0 for weight 0,
-    with nothing copied. Needs whole parameters on this rank: ZeRO 0-2 (the config
-    rejects ZeRO-3 with an anchor)."""
 
-    def __init__(self, model, weight: float, start: str | os.PathLike | None = None):
+    `penalty` covers them all (stage 3's `anchor_weight`); `lower_penalty` only the
+    LoRA matrices of the decoder layers below the top `free_top_layers` (stage 3's
+    `lower_anchor_weight`). Both are 0 with nothing copied when their weights are 0.
+    Needs whole parameters on this rank: ZeRO 0-2 (the config rejects ZeRO-3 with an
+    anchor)."""
+
+    def __init__(self, model, weight: float, start: str | os.PathLike | None = None, lower_weight: float = 0.0,
+                 free_top_layers: int = 1):
         gains = {id(p) for p in model.retrieval_gain_parameters().values()}
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in gains] if weight > 0 else []
-        self.params = [p for _, p in named]
+        wanted = weight > 0 or lower_weight > 0
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in gains] if wanted else []
+        self.params = [p for _, p in named] if weight > 0 else []
+        depth = model.lm.get_base_model().config.num_hidden_layers
+        lower = [("lora_" in n and (m := _LAYER.search(n)) is not None and int(m.group(1)) < depth - free_top_layers)
+                 for n, _ in named]
         if start is None:
-            self.start = [p.detach().clone() for p in self.params]
+            starts = [p.detach().clone() for _, p in named]
         else:
             from safetensors.torch import load_file
 
             from clara_ray.modeling.checkpoint import ADAPTERS
 
             saved = load_file(os.path.join(start, ADAPTERS))
-            self.start = [saved[n].to(p.device, p.dtype) for n, p in named]
+            starts = [saved[n].to(p.device, p.dtype) for n, p in named]
+        self.start = starts if weight > 0 else []
+        self.lower_params = [p for (_, p), low in zip(named, lower) if low] if lower_weight > 0 else []
+        self.lower_start = [s for s, low in zip(starts, lower) if low] if lower_weight > 0 else []
 
     def penalty(self) -> torch.Tensor:
-        total = torch.zeros((), device=self.params[0].device if self.params else None)
-        for param, start in zip(self.params, self.start):
-            total = total + (param.float() - start.float()).pow(2).sum()
-        return total
+        return _distance(self.params, self.start)
+
+    def lower_penalty(self) -> torch.Tensor:
+        return _distance(self.lower_params, self.lower_start)
+
+
+def _distance(params: list[torch.Tensor], starts: list[torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros((), device=params[0].device if params else None)
+    for param, start in zip(params, starts):
+        total = total + (param.float() - start.float()).pow(2).sum()
+    return total
 
 
 def hold_last_group(optimizer: torch.optim.Optimizer) -> None:

@@ -240,7 +240,8 @@ def stage3_loop(run: dict):
                          _validation(w, run.get("validation_path"), candidates, settings, worker))
     save = _saver(w, "stage3", settings.steps, reporter, False, index_version=lambda: getattr(candidates, "version", None))
     # The pull back to the start measures from where stage 3 started, not from the checkpoint.
-    anchor = ParameterAnchor(w.updater.module, settings.anchor_weight, start=run["model_dir"] if w.resumed else None)
+    anchor = ParameterAnchor(w.updater.module, settings.anchor_weight, start=run["model_dir"] if w.resumed else None,
+                             lower_weight=settings.lower_anchor_weight, free_top_layers=settings.anchor_free_top_layers)
     for step, rows in rank_batches(settings.micro_batch_size, w.rank, start):
         batch = questions_from_rows(rows)
         learning_rate = w.updater.learning_rate()

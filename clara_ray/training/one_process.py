@@ -93,7 +93,8 @@ def train_stage3(
     model.train()
     settings = dataclasses.replace(settings, micro_batch_size=settings.micro_batch_size * workers)
     updater = TorchUpdater(model, settings.optimiser)
-    anchor = ParameterAnchor(model, settings.anchor_weight)
+    anchor = ParameterAnchor(model, settings.anchor_weight, lower_weight=settings.lower_anchor_weight,
+                             free_top_layers=settings.anchor_free_top_layers)
     window, history, started = MetricWindow(settings.report_every, settings.steps), [], time.perf_counter()
     for step, batch in stage3_batches(questions, settings.micro_batch_size, settings.steps, worker.seed):
         learning_rate = updater.learning_rate()

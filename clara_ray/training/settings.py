@@ -156,6 +156,8 @@ class Stage3Settings:
     hold_gains_steps: int  # the gains stay at 1 for steps 1..hold_gains_steps
     anchor_weight: float
     anchor_start_step: int  # the pull back to the start counts after this step
+    lower_anchor_weight: float  # the pull of the lower layers' LoRA, from the first step
+    anchor_free_top_layers: int
     train_generator: bool
     report_every: int
     checkpoint_every: int
@@ -180,6 +182,8 @@ class Stage3Settings:
             hold_gains_steps=round(s3.retrieval_gain_start_fraction * steps) if gains > 0 else 0,
             anchor_weight=s3.anchor_weight,
             anchor_start_step=round(s3.anchor_start_fraction * steps),
+            lower_anchor_weight=s3.lower_anchor_weight,
+            anchor_free_top_layers=s3.anchor_free_top_layers,
             train_generator=s3.train_generator,
             report_every=s3.report_every,
             checkpoint_every=s3.checkpoint_every,

@@ -103,8 +103,10 @@ def stage3_step(
     anchored = step > settings.anchor_start_step
     with torch.set_grad_enabled(anchored):  # before the pull starts it is only logged
         penalty = anchor.penalty()
+    lower = anchor.lower_penalty()
     clock.lap("forward")
-    updater.backward(out["loss"] + settings.anchor_weight * penalty if anchored else out["loss"])
+    loss = out["loss"] + settings.lower_anchor_weight * lower
+    updater.backward(loss + settings.anchor_weight * penalty if anchored else loss)
     updater.step(hold_gains=step <= settings.hold_gains_steps)
     clock.lap("backward")
     tokens = int(sum(inputs[k].sum() for k in ("question_mask", "prompt_mask", "target_mask")))
@@ -118,6 +120,8 @@ def stage3_step(
         metrics["gold_in_candidates"] = float(np.mean([any(d in gold[j] for d in found.doc_ids[j]) for j in range(len(gold))]))
     if anchor.params:
         metrics["anchor_distance"] = penalty.detach().sqrt().item()
+    if anchor.lower_params:
+        metrics["lower_anchor_distance"] = lower.detach().sqrt().item()
     gains = model.retrieval_gain[Role.QUERY_REASONER.value].weight.detach().exp().flatten().tolist()  # empty under ZeRO-3
     metrics.update({f"retrieval_gain_{slot}": gain for slot, gain in enumerate(gains)})
     return metrics

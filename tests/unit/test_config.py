@@ -176,6 +176,7 @@ def test_unknown_key_in_override():
         (["model.doc_max_len=32", "index.factory=IVF64,PQ96"], "index.factory: index.factory='IVF64,PQ96' is not a FAISS index over 512-dim"),
         (["model.doc_max_len=32", "index.factory=Bogus"], "index.factory:"),
         (["train.zero_stage=3"], "stage3.anchor_weight: needs train.zero_stage 0, 1 or 2"),
+        (["train.zero_stage=3", "stage3.anchor_weight=0"], "stage3.lower_anchor_weight: needs train.zero_stage 0, 1"),
     ],
 )
 def test_invalid_values(overrides, expected):

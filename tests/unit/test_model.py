@@ -253,3 +253,23 @@ def test_generator_losses_are_per_example_means_that_average_to_the_batch_loss_w
     torch.testing.assert_close(each[0], first)
     if targets.mask[0].sum() == targets.mask[1].sum():
         torch.testing.assert_close(each.mean(), both)
+
+
+def test_lower_anchor_pulls_only_the_lora_below_the_free_top_layers():
+    from clara_ray.training.engine import ParameterAnchor
+
+    model, _ = make_model()  # 2 decoder layers
+    model.set_trainable([Role.QUERY_REASONER], backbone=False)
+    assert ParameterAnchor(model, 1e-3).lower_params == []  # lower weight 0: nothing copied
+    anchor = ParameterAnchor(model, 0.0, lower_weight=1e-2, free_top_layers=1)
+    assert anchor.params == [] and anchor.penalty().item() == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    lower = [names[id(p)] for p in anchor.lower_params]
+    assert lower and all(".layers.0." in n and "lora_" in n and ".query_reasoner." in n for n in lower)
+    top = next(p for n, p in model.role_parameters(Role.QUERY_REASONER).items() if ".layers.1." in n)
+    low = anchor.lower_params[0]
+    with torch.no_grad():
+        top.add_(1.0)
+        low.add_(0.5)
+    assert anchor.lower_penalty().item() == pytest.approx(0.25 * low.numel())  # the top layer moves freely
+    assert ParameterAnchor(model, 0.0, lower_weight=1e-2, free_top_layers=2).lower_params == []

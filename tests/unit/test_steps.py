@@ -87,13 +87,15 @@ def test_stage3_step_trains_only_the_query_reasoner_from_any_candidate_source():
     batch = QuestionBatch(["q0", "q1"], ["Which city was Zorvan Kellit born in?", "What does Quipel Silhir own?"],
                           ["Marlow", "cello"], [("d0",), ("d2",)])
     sources = [ExactSearch(doc_ids, memory), FixedCandidates({"q0": doc_ids[:4], "q1": doc_ids[2:]}, doc_ids, memory)]
-    anchor = ParameterAnchor(model, settings.anchor_weight)
+    anchor = ParameterAnchor(model, settings.anchor_weight, lower_weight=settings.lower_anchor_weight,
+                             free_top_layers=settings.anchor_free_top_layers)
     gain = model.retrieval_gain[Role.QUERY_REASONER.value].weight
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for step in range(1, 5):
         metrics = stage3_step(updater, tokenizer, batch, sources[step % 2], settings, LENGTHS, step, anchor)
         assert np.isfinite(metrics["loss"]) and 0 <= metrics["train_recall_at_1"] <= 1
         assert {"seconds_query", "seconds_search", "seconds_forward", "seconds_backward"} <= set(metrics)
+        assert metrics["lower_anchor_distance"] >= 0  # the default pull of the lower layers
     changed = _changed(model, before)
     assert changed and changed <= set(model.role_parameters(Role.QUERY_REASONER))
     assert torch.equal(gain, before["retrieval_gain.query_reasoner.weight"])  # held for 90% of the steps
