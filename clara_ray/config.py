@@ -204,7 +204,6 @@ LENGTH_KEYS = ("doc_max_len", "question_max_len", "answer_max_len", "reconstruct
 # (clara_ray.training.stages.steps_for_data).
 EPOCHS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*epochs?\s*$")
 StepCount = Annotated[int, Field(gt=0)] | Annotated[str, StringConstraints(pattern=EPOCHS.pattern)]
-STEP_STAGES = ("stage1", "stage2", "stage3")
 
 
 def epochs_of(steps: int | str) -> float | None:

@@ -92,12 +92,11 @@ class ParameterAnchor:
     def __init__(self, model, weight: float, start: str | os.PathLike | None = None, lower_weight: float = 0.0,
                  free_top_layers: int = 1):
         gains = {id(p) for p in model.retrieval_gain_parameters().values()}
-        wanted = weight > 0 or lower_weight > 0
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in gains] if wanted else []
-        self.params = [p for _, p in named] if weight > 0 else []
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in gains]
         depth = model.lm.get_base_model().config.num_hidden_layers
-        lower = [("lora_" in n and (m := _LAYER.search(n)) is not None and int(m.group(1)) < depth - free_top_layers)
-                 for n, _ in named]
+        lower = {n for n, _ in trainable if "lora_" in n and (m := _LAYER.search(n)) is not None
+                 and int(m.group(1)) < depth - free_top_layers} if lower_weight > 0 else set()
+        named = trainable if weight > 0 else [(n, p) for n, p in trainable if n in lower]  # only what is pulled
         if start is None:
             starts = [p.detach().clone() for _, p in named]
         else:
@@ -107,9 +106,9 @@ class ParameterAnchor:
 
             saved = load_file(os.path.join(start, ADAPTERS))
             starts = [saved[n].to(p.device, p.dtype) for n, p in named]
-        self.start = starts if weight > 0 else []
-        self.lower_params = [p for (_, p), low in zip(named, lower) if low] if lower_weight > 0 else []
-        self.lower_start = [s for s, low in zip(starts, lower) if low] if lower_weight > 0 else []
+        self.params, self.start = ([p for _, p in named], starts) if weight > 0 else ([], [])
+        pulled = [(p, s) for (n, p), s in zip(named, starts) if n in lower]
+        self.lower_params, self.lower_start = [p for p, _ in pulled], [s for _, s in pulled]
 
     def penalty(self) -> torch.Tensor:
         return _distance(self.params, self.start)
