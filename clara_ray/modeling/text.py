@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-RECONSTRUCTION_PROMPT = "Repeat the document:"
+RECONSTRUCTION_INSTRUCTION = "Repeat the document:"
 
 
 def document_input(text: str, title: str | None) -> str:
@@ -21,12 +21,44 @@ def document_input(text: str, title: str | None) -> str:
     return f"{title}\n{text}" if title else text
 
 
-def question_prompt(question: str) -> str:
-    return f"Question: {question}\nAnswer:"
+class Prompts:
+    """How the generator's prompts and targets are written for one tokenizer.
 
+    The generator reads [memory | prompt] and is trained to continue with the
+    target. A tokenizer with a chat template (an instruct model's) gets each prompt
+    as one user turn through that template, generation prompt included, and
+    answers without a leading space (the assistant turn starts on a new line); the
+    target's EOS is the tokenizer's, which for such models ends the turn. Without
+    one (the tiny preset's tokenizer, base models), plain "Question: ...\nAnswer:".
+    Training, length picking and evaluation all write prompts through this class,
+    so they agree for any model.
+    """
 
-def answer_target(answer: str) -> str:
-    return f" {answer.strip()}"
+    def __init__(self, tokenizer=None):
+        """`tokenizer` None: the plain format (e.g. before the tiny tokenizer exists)."""
+        self._chat = tokenizer if getattr(tokenizer, "chat_template", None) else None
+
+    @property
+    def chat(self) -> bool:
+        return self._chat is not None
+
+    def _user_turn(self, content: str) -> str:
+        text = self._chat.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                              add_generation_prompt=True)
+        bos = self._chat.bos_token
+        # The generator's sequence starts with memory vectors, not with this text.
+        return text[len(bos):] if bos and text.startswith(bos) else text
+
+    def question(self, question: str) -> str:
+        if self.chat:
+            return self._user_turn(f"Question: {question}")
+        return f"Question: {question}\nAnswer:"
+
+    def reconstruction(self) -> str:
+        return self._user_turn(RECONSTRUCTION_INSTRUCTION) if self.chat else RECONSTRUCTION_INSTRUCTION
+
+    def answer(self, answer: str) -> str:
+        return answer.strip() if self.chat else f" {answer.strip()}"
 
 
 @dataclass(frozen=True)

@@ -47,13 +47,7 @@ from clara_ray.eval.baselines import bm25_rankings
 
 if TYPE_CHECKING:
     from clara_ray.training.settings import Stage1Settings, Stage2Settings
-from clara_ray.modeling.text import (
-    RECONSTRUCTION_PROMPT,
-    answer_target,
-    question_prompt,
-    tokenize_targets,
-    tokenize_texts,
-)
+from clara_ray.modeling.text import Prompts, tokenize_targets, tokenize_texts
 
 
 def reconstruction_target(document: str, order: ReconstructionOrder) -> str:
@@ -291,10 +285,11 @@ def stage1_batch(
     if not 1 <= min_context_docs <= num_context_docs:
         raise ValueError(f"min_context_docs must be in [1, {num_context_docs}], got {min_context_docs}")
     doc_texts, doc_slots, prompts, targets = [], [], [], []
+    formats = Prompts(tokenizer)
     for example in examples:
         if example.question is None:
             context = [documents[example.document]]
-            prompts.append(RECONSTRUCTION_PROMPT)
+            prompts.append(formats.reconstruction())
             targets.append(reconstruction_target(context[0], reconstruction_order))
         else:
             document, answer = documents[example.document], example.answer
@@ -303,8 +298,8 @@ def stage1_batch(
             size = rng.randint(min_context_docs, num_context_docs)
             context = [documents[i] for i in _distractors(example, len(documents), size - 1, hard_fraction, rng)]
             context.insert(rng.randrange(size), document)
-            prompts.append(question_prompt(example.question))
-            targets.append(answer_target(answer))
+            prompts.append(formats.question(example.question))
+            targets.append(formats.answer(answer))
         doc_slots.append(len(context))
         doc_texts.extend(context)
 
@@ -350,8 +345,9 @@ def _distractors(
 def stage3_batch(questions: list[str], answers: list[str], tokenizer, lengths: Lengths) -> dict[str, torch.Tensor]:
     """Question tokens (query reasoner input), generator prompt and answer target."""
     question = tokenize_texts(tokenizer, questions, lengths.question)
-    prompt = tokenize_texts(tokenizer, [question_prompt(q) for q in questions], lengths.question)
-    target = tokenize_targets(tokenizer, [answer_target(a) for a in answers], lengths.answer)
+    formats = Prompts(tokenizer)
+    prompt = tokenize_texts(tokenizer, [formats.question(q) for q in questions], lengths.question)
+    target = tokenize_targets(tokenizer, [formats.answer(a) for a in answers], lengths.answer)
     return {
         "question_ids": question.ids,
         "question_mask": question.mask,

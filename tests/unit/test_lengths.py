@@ -8,12 +8,12 @@ from clara_ray.data.lengths import LengthReport, choose_lengths, fit_answers
 from clara_ray.data.trap import generate_trap_corpus
 from clara_ray.modeling.backbone import train_tokenizer
 from clara_ray.modeling.initial import build_initial_model
-from clara_ray.modeling.text import document_input, question_prompt
+from clara_ray.modeling.text import Prompts, document_input
 
 
 def _tokenizer(documents, qa, vocab_size=600):
     return train_tokenizer([document_input(d.text, d.title) for d in documents]
-                           + [question_prompt(q.question) for q in qa], vocab_size)
+                           + [Prompts().question(q.question) for q in qa], vocab_size)
 
 
 @pytest.fixture(scope="module")

@@ -215,10 +215,10 @@ def test_parameter_anchor_pulls_trainable_parameters_but_not_gains_back_to_their
 
 def test_loss_distillation_raises_the_score_of_the_candidate_the_generator_answers_best_from():
     from clara_ray.modeling.clara import Distillation
-    from clara_ray.modeling.text import question_prompt, tokenize_targets, tokenize_texts
+    from clara_ray.modeling.text import Prompts, tokenize_targets, tokenize_texts
 
     model, tokenizer = make_model()
-    prompts = tokenize_texts(tokenizer, [question_prompt("Which city was Zorvan Kellit born in?")] * 2, 32)
+    prompts = tokenize_texts(tokenizer, [Prompts(tokenizer).question("Which city was Zorvan Kellit born in?")] * 2, 32)
     targets = tokenize_targets(tokenizer, [" Marlow"] * 2, 8)
     candidate_memory = torch.randn(2, 4, model.num_memory_tokens, model.hidden_size)
     # The generator's own losses, per candidate read alone (what distillation measures):
@@ -240,10 +240,10 @@ def test_loss_distillation_raises_the_score_of_the_candidate_the_generator_answe
 
 
 def test_generator_losses_are_per_example_means_that_average_to_the_batch_loss_when_lengths_match():
-    from clara_ray.modeling.text import question_prompt, tokenize_targets, tokenize_texts
+    from clara_ray.modeling.text import Prompts, tokenize_targets, tokenize_texts
 
     model, tokenizer = make_model()
-    prompts = tokenize_texts(tokenizer, [question_prompt("Which city?"), question_prompt("What job?")], 32)
+    prompts = tokenize_texts(tokenizer, [Prompts(tokenizer).question("Which city?"), Prompts(tokenizer).question("What job?")], 32)
     targets = tokenize_targets(tokenizer, [" Marlow", " baker"], 8)
     memory = torch.randn(2, model.num_memory_tokens, model.hidden_size)
     with torch.no_grad():
