@@ -7,8 +7,9 @@ All figures come from one run on one machine, measured side by side:
 1. GEMM peak: the best of several large fp32 `torch.matmul`s on the same threads,
    measured before and after the runs (the higher one counts: a busy moment at
    either end must not make the fractions look better).
-2. For the tiny preset and a ~100M-parameter config (random weights; speed does
-   not depend on them): documents/s of
+2. For the tiny preset (random weights; speed does not depend on them) and a real
+   pretrained LM, the bundled SmolLM2-135M-Instruct (`model.backbone=smollm2-135m`,
+   referenced by the model directory as a run's models are): documents/s of
    (a) a plain single-process loop with no Ray running: load the model, read the
        JSONL -> tokenize -> compressor (LoRA merged, as in the actor) -> fp16
        rows -> Parquet, same model, batch size and threads;
@@ -53,7 +54,7 @@ from sections import write_section  # noqa: E402  (benchmarks/sections.py)
 from clara_ray.cli import start_ray
 from clara_ray.encode import EncodeSettings, encode_corpus
 from clara_ray.memory_shards import memory_table
-from clara_ray.modeling.backbone import build_tiny, train_tokenizer
+from clara_ray.modeling.backbone import build_tiny, load_pretrained, train_tokenizer
 from clara_ray.modeling.checkpoint import load_model, save_model
 from clara_ray.modeling.clara import ClaraModel, LoraSettings, Role
 from clara_ray.modeling.text import tokenize_texts
@@ -64,22 +65,28 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    name: str
+class TinyShape:
     hidden_size: int
     num_layers: int
     num_heads: int
     intermediate_size: int
     vocab_size: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    backbone: str  # "tiny" (built from `tiny`) or a model.backbone reference
     doc_max_len: int
     num_memory_tokens: int
     lora_r: int
     batch_size: int
     words_per_doc: int
+    tiny: TinyShape | None = None
 
 
-TINY = ModelSpec("tiny preset", 256, 4, 4, 512, 600, 32, 4, 32, 128, 20)
-BASE_100M = ModelSpec("~100M params", 768, 12, 12, 2048, 8000, 128, 8, 16, 32, 100)
+TINY = ModelSpec("tiny preset", "tiny", 32, 4, 32, 128, 20, TinyShape(256, 4, 4, 512, 600))
+REAL_LM = ModelSpec("SmolLM2-135M-Instruct", "smollm2-135m", 128, 8, 16, 32, 100)
 
 
 def synthetic_documents(count: int, words_per_doc: int, seed: int = 0) -> list[str]:
@@ -97,12 +104,17 @@ def write_corpus(path: Path, texts: list[str]) -> Path:
 
 
 def build_model(spec: ModelSpec, directory: Path) -> tuple[Path, int]:
-    tokenizer = train_tokenizer(synthetic_documents(2000, spec.words_per_doc, seed=1), spec.vocab_size)
-    backbone = build_tiny(tokenizer, spec.hidden_size, spec.num_layers, spec.num_heads, spec.intermediate_size,
-                          max_positions=spec.doc_max_len + spec.num_memory_tokens + 8, seed=0)
+    if spec.tiny is None:  # a pretrained base, referenced by the saved model as in a run
+        backbone, tokenizer = load_pretrained(spec.backbone)
+    else:
+        shape = spec.tiny
+        tokenizer = train_tokenizer(synthetic_documents(2000, spec.words_per_doc, seed=1), shape.vocab_size)
+        backbone = build_tiny(tokenizer, shape.hidden_size, shape.num_layers, shape.num_heads, shape.intermediate_size,
+                              max_positions=spec.doc_max_len + spec.num_memory_tokens + 8, seed=0)
     model = ClaraModel(backbone, spec.num_memory_tokens, LoraSettings(spec.lora_r, 2 * spec.lora_r, 0.0, LORA_TARGETS))
     parameters = sum(p.numel() for p in model.parameters())
-    return save_model(model, tokenizer, directory, backbone_ref="tiny", save_backbone=True), parameters
+    saved = save_model(model, tokenizer, directory, backbone_ref=spec.backbone, save_backbone=spec.tiny is not None)
+    return saved, parameters
 
 
 def gemm_peak(threads: int, size: int = 4096, repeats: int = 5) -> float:
@@ -189,17 +201,17 @@ def ray_pipeline(model_dir: Path, spec: ModelSpec, corpus: Path, output: Path, t
 
 def compare(spec: ModelSpec, num_docs: int, rounds: int, work: Path, threads: int) -> dict:
     """The side-by-side comparison: `rounds` alternating loop / Ray runs over the same corpus."""
-    model_dir, parameters = build_model(spec, work / f"model-{spec.num_layers}-{spec.hidden_size}")
+    model_dir, parameters = build_model(spec, work / f"model-{spec.backbone}")
     texts = synthetic_documents(num_docs, spec.words_per_doc)
-    corpus = write_corpus(work / f"corpus-{spec.hidden_size}-{num_docs}.jsonl", texts)
+    corpus = write_corpus(work / f"corpus-{spec.backbone}-{num_docs}.jsonl", texts)
     flops = flops_per_document(model_dir, spec, texts)
     loop_rates, ray_rates, job_rates = [], [], []
     for round_index in range(rounds):
         def loop():
-            loop_rates.append(plain_loop(model_dir, spec, corpus, work / f"loop-{spec.hidden_size}", threads))
+            loop_rates.append(plain_loop(model_dir, spec, corpus, work / f"loop-{spec.backbone}", threads))
 
         def pipeline():
-            output = work / f"ray-{spec.hidden_size}-{round_index}"
+            output = work / f"ray-{spec.backbone}-{round_index}"
             summary, _ = ray_pipeline(model_dir, spec, corpus, output, threads)
             ray_rates.append(summary.documents_per_second)
             job_rates.append(num_docs / summary.total_seconds)
@@ -291,7 +303,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Long enough that actor start-up and model loading (a few seconds) weigh little.
     parser.add_argument("--tiny-docs", type=int, default=60000, help="documents per round, tiny-preset comparison (0: skip)")
-    parser.add_argument("--big-docs", type=int, default=800, help="documents per round, ~100M comparison (0: skip)")
+    parser.add_argument("--big-docs", type=int, default=800, help="documents per round, SmolLM2-135M comparison (0: skip)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating loop / Ray rounds per comparison")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
@@ -304,7 +316,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         comparisons = []
-        for spec, count in ((TINY, args.tiny_docs), (BASE_100M, args.big_docs)):
+        for spec, count in ((TINY, args.tiny_docs), (REAL_LM, args.big_docs)):
             if count == 0:
                 continue
             comparisons.append(compare(spec, count, args.rounds, work, threads))

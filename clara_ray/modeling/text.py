@@ -43,11 +43,10 @@ class Prompts:
         return self._chat is not None
 
     def _user_turn(self, content: str) -> str:
-        text = self._chat.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+        # Exactly the template's text (its default system turn included, if it has one):
+        # the generator reads it after the memory vectors.
+        return self._chat.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                               add_generation_prompt=True)
-        bos = self._chat.bos_token
-        # The generator's sequence starts with memory vectors, not with this text.
-        return text[len(bos):] if bos and text.startswith(bos) else text
 
     def question(self, question: str) -> str:
         if self.chat:

@@ -88,7 +88,7 @@ def test_prompts_go_through_the_chat_template_and_answers_end_the_turn(smollm2):
     assert prompts.chat and not Prompts().chat
     text = prompts.question("Which city was Zorvan Kellit born in?")
     assert "<|im_start|>user\nQuestion: Which city was Zorvan Kellit born in?<|im_end|>" in text
-    assert text.endswith("<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
     ids = tokenize_texts(tokenizer, [text], 64).ids[0].tolist()
     assert tokenizer.convert_tokens_to_ids("<|im_start|>") in ids  # special tokens parsed, not spelt out
     target = tokenize_targets(tokenizer, [prompts.answer(" Marlow ")], 8)
