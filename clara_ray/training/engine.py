@@ -133,16 +133,22 @@ def hold_last_group(optimizer: torch.optim.Optimizer) -> None:
 
 class TorchUpdater:
     """One process, plain PyTorch: AdamW over `parameter_groups`, gradient clipping,
-    the schedule. `forward` is the model itself."""
+    the schedule. With `bf16`, the forward pass runs under bf16 autocast (weights and
+    optimizer state stay float32, as DeepSpeed's bf16 keeps fp32 master weights)."""
 
-    def __init__(self, model, settings: OptimiserSettings):
-        self.module = self.forward = model
+    def __init__(self, model, settings: OptimiserSettings, bf16: bool = False):
+        self.module = model
+        self.bf16 = bf16
         self.optimizer = torch.optim.AdamW(
             parameter_groups(model, settings.gain_learning_rate), lr=settings.learning_rate, weight_decay=0.0
         )
         self.scheduler = schedule(self.optimizer, settings)
         self.clipping = settings.gradient_clipping
         self.device = next(model.parameters()).device
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.module(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

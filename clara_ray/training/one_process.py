@@ -6,7 +6,8 @@
 The same batches (``batches.stage1_batches`` / ``stage3_batches``), step functions,
 optimizer groups and schedule as the Ray Train loops (``loops.py``), with
 ``TorchUpdater`` in place of DeepSpeed: for recipe runs (benchmarks/recipe_sweep.py),
-tests, and a GPU machine with nothing but torch. With ``workers=N`` a step takes
+tests, and a GPU machine with nothing but torch (``model.dtype=bfloat16``: bf16
+autocast, float32 weights). With ``workers=N`` a step takes
 the examples that N Ray Train workers take together in that step; the loss is
 then one mean over all of them instead of a mean of N per-worker means.
 """
@@ -49,7 +50,7 @@ def _memory_qa(stage: str, step_function, trainable: list[Role], copy_compressor
     model.set_trainable(trainable, backbone=settings.train_backbone)
     model.train()
     settings = dataclasses.replace(settings, micro_batch_size=settings.micro_batch_size * workers)
-    updater = TorchUpdater(model, settings.optimiser)
+    updater = TorchUpdater(model, settings.optimiser, bf16=worker.bf16)
     window, history, started = MetricWindow(settings.report_every, settings.steps), [], time.perf_counter()
     for step, batch in stage1_batches(
         examples, documents, settings, worker.lengths, tokenizer, model.num_memory_tokens, worker.seed,
@@ -92,7 +93,7 @@ def train_stage3(
     model.set_trainable([Role.QUERY_REASONER] + ([Role.GENERATOR] if settings.train_generator else []), backbone=False)
     model.train()
     settings = dataclasses.replace(settings, micro_batch_size=settings.micro_batch_size * workers)
-    updater = TorchUpdater(model, settings.optimiser)
+    updater = TorchUpdater(model, settings.optimiser, bf16=worker.bf16)
     anchor = ParameterAnchor(model, settings.anchor_weight, lower_weight=settings.lower_anchor_weight,
                              free_top_layers=settings.anchor_free_top_layers)
     window, history, started = MetricWindow(settings.report_every, settings.steps), [], time.perf_counter()

@@ -29,6 +29,20 @@ def test_torch_updater_runs_the_schedule_and_holds_the_gain_group():
     assert rates[0] == rates[1] == 0.0 and max(rates) == pytest.approx(0.1, rel=0.05)
 
 
+def test_torch_updater_in_bf16_computes_in_bf16_and_keeps_float32_weights():
+    model = torch.nn.Linear(4, 2)
+    start = model.weight.detach().clone()
+    settings = OptimiserSettings(learning_rate=0.1, total_steps=4, warmup_steps=0, gradient_clipping=1.0)
+    assert TorchUpdater(model, settings).forward(torch.ones(3, 4)).dtype == torch.float32
+    updater = TorchUpdater(model, settings, bf16=True)
+    for _ in range(3):  # the first two updates run at rate 0
+        out = updater.forward(torch.ones(3, 4))
+        assert out.dtype == torch.bfloat16
+        updater.backward(out.float().sum())
+        updater.step()
+    assert model.weight.dtype == torch.float32 and not torch.equal(model.weight, start)
+
+
 _DEEPSPEED_ON_CPU = """
 import deepspeed.comm.comm as ds_comm, torch
 from clara_ray.training.engine import DeepSpeedUpdater, OptimiserSettings
