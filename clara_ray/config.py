@@ -294,6 +294,11 @@ class Stage1Config(_Section):
     # teach finding the one that answers.
     min_context_docs: int = Field(1, ge=1)
     max_context_docs: int = Field(5, ge=1)
+    # Share of QA examples whose question is given as memory, compressed like the
+    # documents and read after them, instead of as prompt text: the generator then
+    # matches the question's memory against the documents' (the compressor is the
+    # query reasoner's start, so questions and documents learn one encoding of names).
+    question_memory_rate: float = Field(0.0, ge=0, le=1)
     report_every: int = Field(25, gt=0)
     # A checkpoint (weights, optimizer, schedule, data position, random state) every
     # this many steps and after the last; a failed worker costs at most this many.

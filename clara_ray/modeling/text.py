@@ -53,6 +53,11 @@ class Prompts:
             return self._user_turn(f"Question: {question}")
         return f"Question: {question}\nAnswer:"
 
+    def question_in_memory(self) -> str:
+        """The prompt of a QA example whose question is its last memory (stage 1)."""
+        instruction = "Answer the question given last."
+        return self._user_turn(instruction) if self.chat else f"{instruction}\nAnswer:"
+
     def reconstruction(self) -> str:
         return self._user_turn(RECONSTRUCTION_INSTRUCTION) if self.chat else RECONSTRUCTION_INSTRUCTION
 

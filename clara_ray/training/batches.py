@@ -231,7 +231,7 @@ def memory_qa_batch(
     return stage1_batch(
         examples, documents, settings.max_context_docs, num_memory_tokens, tokenizer, lengths, rng,
         settings.reconstruction_order, settings.counterfactual_rate, answers, settings.hard_distractor_fraction,
-        settings.min_context_docs,
+        settings.min_context_docs, settings.question_memory_rate,
     )
 
 
@@ -275,8 +275,12 @@ def stage1_batch(
     answer_pool: list[str] = (),
     hard_fraction: float = 0.0,
     min_context_docs: int | None = None,
+    question_memory_rate: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Model inputs for `ClaraModel(Objective.COMPRESSOR_PRETRAINING, ...)`.
+
+    With probability `question_memory_rate` a QA example's question is compressed
+    too, read as its last memory, and the prompt only says to answer it.
 
     A QA example reads between `min_context_docs` (default: all) and
     `num_context_docs` documents, the count drawn uniformly per example.
@@ -298,7 +302,11 @@ def stage1_batch(
             size = rng.randint(min_context_docs, num_context_docs)
             context = [documents[i] for i in _distractors(example, len(documents), size - 1, hard_fraction, rng)]
             context.insert(rng.randrange(size), document)
-            prompts.append(formats.question(example.question))
+            if question_memory_rate and rng.random() < question_memory_rate:
+                context.append(example.question)
+                prompts.append(formats.question_in_memory())
+            else:
+                prompts.append(formats.question(example.question))
             targets.append(formats.answer(answer))
         doc_slots.append(len(context))
         doc_texts.extend(context)

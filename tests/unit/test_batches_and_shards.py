@@ -115,3 +115,21 @@ def test_qa_context_size_varies_between_min_and_top_k():
     assert batch["doc_ids"].shape[0] == int(sizes.sum())
     with pytest.raises(ValueError, match="min_context_docs"):
         stage1_batch(examples, TEXTS, 3, 2, tokenizer, Lengths(64, 16, 6, 30), random.Random(0), min_context_docs=4)
+
+
+def test_a_question_given_as_memory_is_its_examples_last_memory_and_leaves_the_prompt():
+    _, tokenizer = make_model()
+    examples = [Stage1Example(0), Stage1Example(3, "Which job does Radjor Galdun do?", "baker")] * 20
+    lengths = Lengths(doc=64, question=64, answer=6, reconstruction=30)
+    batch = stage1_batch(examples, TEXTS, 3, 2, tokenizer, lengths, random.Random(0), min_context_docs=1,
+                         question_memory_rate=0.5)
+    texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in batch["doc_ids"]]
+    prompts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in batch["prompt_ids"]]
+    last = {int(g): i for i, g in enumerate(batch["doc_group"])}  # each example's last document row
+    in_memory = [j for j in range(1, len(examples), 2) if texts[last[j]] == examples[j].question]
+    assert 0 < len(in_memory) < 20  # about half of the QA examples
+    for j in range(1, len(examples), 2):
+        asked = examples[j].question in prompts[j]
+        assert asked != (j in in_memory)  # the question is in memory or in the prompt, never both
+        assert batch["memory_mask"][j].sum() // 2 == (batch["doc_group"] == j).sum()
+    assert all(texts[last[j]] == TEXTS[0] for j in range(0, len(examples), 2))  # reconstructions unchanged
