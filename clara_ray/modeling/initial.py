@@ -52,6 +52,8 @@ def build_initial_model(
         plain = Prompts()  # the tiny tokenizer has no chat template
         texts = [document_input(d.text, d.title) for d in documents] + [plain.question(q.question) for q in train_qa]
         texts.append(plain.reconstruction())
+        if config.stage1.question_memory_rate > 0:
+            texts.append(plain.question_in_memory())
         tokenizer, backbone = train_tokenizer(texts, model_config.tiny.vocab_size), None
     else:
         backbone, tokenizer = load_pretrained(model_config.backbone, getattr(torch, model_config.dtype.value))
