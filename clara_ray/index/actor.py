@@ -43,7 +43,8 @@ import psutil
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from clara_ray.index.shard import IndexShard, SearchResult
+from clara_ray.index.shard import IndexShard
+from clara_ray.training.candidates import SearchResult
 from clara_ray.index.versions import (
     IndexSettings,
     build_version,

@@ -32,15 +32,9 @@ import numpy as np
 
 from clara_ray.index.device import IndexDevice, resolve_device
 from clara_ray.index.keys import KeyKind, memory_keys, query_keys
+from clara_ray.training.candidates import SearchResult
 
 INDEX_FILE, DOC_IDS_FILE, MEMORY_FILE, SHARD_FILE = "index.faiss", "doc_ids.npy", "memory.npy", "shard.json"
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    doc_ids: np.ndarray  # (B, L) object array of str
-    scores: np.ndarray  # (B, L) float32, descending
-    memory: np.ndarray  # (B, L, n_mem, d) float16
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,19 @@ exactly with the current query reasoner.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from clara_ray.index.shard import SearchResult
+
+@dataclass(frozen=True)
+class SearchResult:
+    """L candidates per question (here, not with FAISS, so the Ray-free training path needs no faiss)."""
+
+    doc_ids: np.ndarray  # (B, L) object array of str
+    scores: np.ndarray  # (B, L) float32, descending
+    memory: np.ndarray  # (B, L, n_mem, d) float16
 
 
 class CandidateSource(Protocol):
