@@ -151,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         start_ray(args.address, dashboard=False)
         return run_encode(args, config)
 
-    from clara_ray.pipeline import check_data_files, run_pipeline
+    from clara_ray.pipeline import check_inputs, run_pipeline
 
     try:
-        check_data_files(config)  # before Ray starts
+        check_inputs(config)  # before Ray starts
         start_ray(args.address)
         summary = run_pipeline(config)
     except (UserError, FileExistsError) as error:  # the user's data, config or run directory

@@ -56,6 +56,7 @@ from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_
 from clara_ray.index.versions import IndexSettings
 from clara_ray.memory_shards import MANIFEST as MEMORY_MANIFEST
 from clara_ray.memory_shards import read_memory_shards
+from clara_ray.modeling.backbone import resolve_backbone
 from clara_ray.modeling.checkpoint import load_model
 from clara_ray.modeling.initial import build_initial_model
 from clara_ray.modeling.text import document_input
@@ -96,8 +97,11 @@ def encode_settings(config: Config) -> EncodeSettings:
     )
 
 
-def check_data_files(config: Config) -> None:
-    """Each user file the config names exists (checked before Ray starts)."""
+def check_inputs(config: Config) -> None:
+    """The model the config names can be found, and each data file it names exists
+    (checked before Ray starts)."""
+    if not config.model.is_tiny:
+        resolve_backbone(config.model.backbone)  # a missing GGUF file or bundled package: BackboneError
     data = config.data
     if data.uses_trap_corpus:
         return
@@ -117,7 +121,7 @@ def load_inputs(config: Config, run_dir: Path) -> Inputs:
         source = (f"bundled similarity-trap corpus, family {trap.family.value}, "
                   f"{trap.num_entities} entities, seed {trap.seed}")
     else:
-        check_data_files(config)
+        check_inputs(config)
         paths = {"corpus": data.corpus, "train_qa": data.train_qa, "test_qa": data.test_qa}
         source = f"user files {data.corpus}"
     inputs = Inputs(

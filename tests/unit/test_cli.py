@@ -52,6 +52,15 @@ def test_a_missing_data_file_is_one_line_before_ray_starts(tmp_path, capsys, mon
     assert err == f"clara-ray: data.corpus: no such file: {tmp_path / 'missing.jsonl'}\n"
 
 
+def test_a_missing_model_file_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import clara_ray.cli
+
+    monkeypatch.setattr(clara_ray.cli, "start_ray", lambda *args, **kwargs: pytest.fail("Ray started"))
+    missing = tmp_path / "model.gguf"
+    assert main(["demo", f"model.backbone={missing}", f"run.output_dir={tmp_path / 'runs'}"]) == 2
+    assert capsys.readouterr().err == f"clara-ray: model.backbone: no GGUF file at {missing}\n"
+
+
 def test_too_few_training_questions_is_one_line_not_a_worker_traceback(tmp_path, capsys, monkeypatch):
     import clara_ray.cli
 
