@@ -31,10 +31,10 @@ def main() -> int:
     import ray
 
     from clara_ray.errors import UserError
-    from clara_ray.pipeline import check_data_files, run_pipeline
+    from clara_ray.pipeline import check_inputs, run_pipeline
 
     try:
-        check_data_files(config)
+        check_inputs(config)
         ray.init(runtime_env={"env_vars": WORKER_ENV})
         summary = run_pipeline(config)
     except (UserError, FileExistsError) as error:  # the user's data, config or run directory
