@@ -102,6 +102,11 @@ def check_inputs(config: Config) -> None:
     (checked before Ray starts)."""
     if not config.model.is_tiny:
         resolve_backbone(config.model.backbone)  # a missing GGUF file or bundled package: BackboneError
+    check_data_files(config)
+
+
+def check_data_files(config: Config) -> None:
+    """Each user file the config names exists."""
     data = config.data
     if data.uses_trap_corpus:
         return
@@ -121,7 +126,7 @@ def load_inputs(config: Config, run_dir: Path) -> Inputs:
         source = (f"bundled similarity-trap corpus, family {trap.family.value}, "
                   f"{trap.num_entities} entities, seed {trap.seed}")
     else:
-        check_inputs(config)
+        check_data_files(config)
         paths = {"corpus": data.corpus, "train_qa": data.train_qa, "test_qa": data.test_qa}
         source = f"user files {data.corpus}"
     inputs = Inputs(

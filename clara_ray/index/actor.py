@@ -44,7 +44,6 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from clara_ray.index.shard import IndexShard
-from clara_ray.training.candidates import SearchResult
 from clara_ray.index.versions import (
     IndexSettings,
     build_version,
@@ -56,6 +55,7 @@ from clara_ray.index.versions import (
     read_version_manifest,
     version_step,
 )
+from clara_ray.training.candidates import SearchResult
 
 SHARD_START_TIMEOUT_S = 600  # shard actors that cannot start (no free CPUs/GPUs) fail a refresh after this
 

