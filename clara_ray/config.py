@@ -236,6 +236,11 @@ class ModelConfig(_Section):
     # Full-parameter stage-1 training: a from-scratch tiny model has no language
     # to keep, so LoRA alone would leave it unable to read its own memory tokens.
     train_backbone_in_stage1: bool = True
+    # The system turn of chat-template prompts: null keeps the template's own
+    # default (SmolLM2's is 21 of a question prompt's 43 tokens, read in every
+    # training example), a string replaces it ("" = an empty turn). Saved with the
+    # run's tokenizer, so training, evaluation and `ask` write the same prompts.
+    system_prompt: str | None = None
 
     @model_validator(mode="after")
     def _compression_divides_length(self) -> ModelConfig:
@@ -245,6 +250,12 @@ class ModelConfig(_Section):
                 f"must be divisible by compression_rate (got doc_max_len={self.doc_max_len}, "
                 f"compression_rate={self.compression_rate})",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _system_prompt_needs_a_chat_template(self) -> ModelConfig:
+        if self.system_prompt is not None and self.backbone == TINY_BACKBONE:
+            raise _FieldError("system_prompt", "the tiny backbone's tokenizer has no chat template; leave it null")
         return self
 
     @property

@@ -21,10 +21,10 @@ import torch
 from clara_ray.config import Config, LongAnswerPolicy
 from clara_ray.data.formats import Document, QAExample
 from clara_ray.data.lengths import LengthReport, choose_lengths, fit_answers
-from clara_ray.modeling.backbone import build_tiny, load_pretrained, stored_reference, train_tokenizer
+from clara_ray.modeling.backbone import BackboneError, build_tiny, load_pretrained, stored_reference, train_tokenizer
 from clara_ray.modeling.checkpoint import save_model
 from clara_ray.modeling.clara import ClaraModel, LoraSettings
-from clara_ray.modeling.text import Prompts, document_input
+from clara_ray.modeling.text import Prompts, document_input, with_system_turn
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,11 @@ def build_initial_model(
         tokenizer, backbone = train_tokenizer(texts, model_config.tiny.vocab_size), None
     else:
         backbone, tokenizer = load_pretrained(model_config.backbone, getattr(torch, model_config.dtype.value))
+        if model_config.system_prompt is not None:
+            if not getattr(tokenizer, "chat_template", None):
+                raise BackboneError(f"model.system_prompt: {model_config.backbone}'s tokenizer has no chat template "
+                                    "to put a system turn in; leave it null")
+            tokenizer.chat_template = with_system_turn(tokenizer.chat_template, model_config.system_prompt)
     lengths = choose_lengths(model_config, tokenizer, documents, train_qa, test_qa)
     config = config.with_lengths(lengths.lengths)
     model_config = config.model

@@ -8,6 +8,7 @@ position ids skip it), but keeping one convention keeps shapes predictable.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,20 @@ def document_input(text: str, title: str | None) -> str:
     """What the compressor reads for a document: "title\ntext", or the text alone.
     Training and corpus encoding must agree on it."""
     return f"{title}\n{text}" if title else text
+
+
+def with_system_turn(chat_template: str, system: str) -> str:
+    """`chat_template` with `system` as the system turn of every conversation that
+    has none of its own, in place of whatever default the template writes
+    (`system` "" gives an empty one). It works on any template that reads the
+    `messages` variable: the wrapper rebinds that variable before the template runs.
+    """
+    literal = json.dumps(system)  # a valid Jinja string literal
+    return (
+        "{% if not messages or messages[0]['role'] != 'system' %}"
+        f"{{% set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
+        "{% endif %}" + chat_template
+    )
 
 
 class Prompts:

