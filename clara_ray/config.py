@@ -241,6 +241,11 @@ class ModelConfig(_Section):
     # training example), a string replaces it ("" = an empty turn). Saved with the
     # run's tokenizer, so training, evaluation and `ask` write the same prompts.
     system_prompt: str | None = None
+    # Standardise memory vectors (ClaraModel.standardize_memory): subtract the mean
+    # memory of a sample of the corpus and scale to the token embeddings' norm.
+    # null = on for a pretrained backbone (its final hidden states share one
+    # dominant component), off for tiny (trained from scratch, it needs none).
+    standardize_memory: bool | None = None
 
     @model_validator(mode="after")
     def _compression_divides_length(self) -> ModelConfig:
@@ -261,6 +266,10 @@ class ModelConfig(_Section):
     @property
     def is_tiny(self) -> bool:
         return self.backbone == TINY_BACKBONE
+
+    @property
+    def standardizes_memory(self) -> bool:
+        return not self.is_tiny if self.standardize_memory is None else self.standardize_memory
 
     @property
     def lengths_known(self) -> bool:

@@ -31,12 +31,19 @@ MANIFEST = "clara.json"
 ADAPTERS = "adapters.safetensors"
 
 
+# Buffers saved beside the adapters: the memory standardisation (ClaraModel.standardize_memory).
+STANDARDIZATION = ("memory_center", "memory_scale")
+
+
 def _state(model: ClaraModel, names) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if n in names}
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    return {n: tensors[n].detach().to("cpu").contiguous() for n in sorted(names)}
 
 
 def adapter_names(model: ClaraModel) -> set[str]:
-    return {n for n, _ in model.named_parameters() if "lora_" in n or n.startswith(("memory_tokens.", "retrieval_gain."))}
+    """What `save_model` writes to adapters.safetensors: every adapter tensor and the standardisation."""
+    return {n for n, _ in model.named_parameters()
+            if "lora_" in n or n.startswith(("memory_tokens.", "retrieval_gain."))} | set(STANDARDIZATION)
 
 
 def compressor_fingerprint(model: ClaraModel, backbone_ref: str | None = None) -> str:
@@ -45,6 +52,7 @@ def compressor_fingerprint(model: ClaraModel, backbone_ref: str | None = None) -
     weights, so a 7B base is not hashed at every save."""
     digest = hashlib.sha256()
     params = dict(model.role_parameters(Role.COMPRESSOR))
+    params.update({n: b for n, b in model.named_buffers() if n in STANDARDIZATION})
     if backbone_ref is None:
         params.update(model.backbone_parameters())
     else:
@@ -115,8 +123,10 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32):
     )
     model = ClaraModel(backbone, manifest["num_memory_tokens"], lora)
     adapters = load_file(str(directory / ADAPTERS))
-    # Retrieval gains came later: a model directory without them loads with gain 1.
-    missing = {n for n in adapter_names(model) - set(adapters) if not n.startswith("retrieval_gain.")}
+    # Retrieval gains and the standardisation came later: a model directory without
+    # them loads with gain 1 and unstandardised memory.
+    missing = {n for n in adapter_names(model) - set(adapters)
+               if not n.startswith("retrieval_gain.") and n not in STANDARDIZATION}
     if missing:
         raise ValueError(f"{directory / ADAPTERS} lacks {len(missing)} adapter tensors, e.g. {sorted(missing)[:3]}")
     model.load_state_dict(adapters, strict=False)

@@ -93,6 +93,11 @@ class ClaraModel(nn.Module):
         self.retrieval_gain = nn.ModuleDict({Role.QUERY_REASONER.value: nn.Embedding(num_memory_tokens, 1)})
         for embedding in self.retrieval_gain.values():
             nn.init.zeros_(embedding.weight)
+        # Memory standardisation, memory = (last hidden state - center) * scale, the
+        # same for both encoding roles; identity (0, 1) unless `standardize_memory`
+        # set it. Buffers, never trained; saved with the adapters.
+        self.register_buffer("memory_center", torch.zeros(num_memory_tokens, hidden_size))
+        self.register_buffer("memory_scale", torch.ones(()))
         self._trainable: dict[str, bool] = {}
         self.set_trainable(roles=(), backbone=False)
 
@@ -168,6 +173,35 @@ class ClaraModel(nn.Module):
                 else:
                     param.copy_(counterpart)
 
+    @torch.no_grad()
+    def standardize_memory(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Set the memory standardisation from the compressor's memory of sample documents.
+
+        A pretrained LM's final hidden states share one large component. Untrained,
+        SmolLM2-135M's memories of any two documents have a cosine near 0.9, and
+        after 180 stage-1 steps without this 0.9999: the top-1 and the 64th
+        candidate of a question then differ by ~1e-4 in cosine, below the fp16
+        precision memory is stored in, so the differentiable top-k is flat; and the
+        generator reads a near-constant input 20x the norm of its token embeddings
+        (its answer loss came out the same whichever document it was given).
+        Subtracting each slot's mean over the sample and scaling to the token
+        embeddings' median norm fixes both; a from-scratch model, whose every
+        weight trains, does not need it.
+        """
+        self.memory_center.zero_()
+        self.memory_scale.fill_(1.0)
+        memory, _ = self.encode(Role.COMPRESSOR, input_ids, attention_mask)  # (N, n, d)
+        memory = memory.float()
+        center = memory.mean(0)
+        spread = (memory - center).norm(dim=-1).median()
+        embeddings = self.lm.get_input_embeddings().weight.float().norm(dim=-1).median()
+        self.memory_center.copy_(center)
+        self.memory_scale.fill_((embeddings / spread.clamp(min=1e-6)).item())
+
+    @property
+    def memory_standardized(self) -> bool:
+        return bool(self.memory_scale.item() != 1.0 or self.memory_center.any())
+
     # --- the three computations ---------------------------------------------
 
     def encode(self, role: Role, input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -188,11 +222,13 @@ class ClaraModel(nn.Module):
         hidden = self.decoder(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False
         ).last_hidden_state  # (B, T + n_mem, d)
-        memory = hidden[:, -self.num_memory_tokens :]
+        center, scale = self.memory_center.to(hidden.dtype), self.memory_scale.to(hidden.dtype)
+        memory = (hidden[:, -self.num_memory_tokens :] - center) * scale
+        token_states = (hidden[:, : -self.num_memory_tokens] - center.mean(0)) * scale  # same scale, for the MSE
         if role.value in self.retrieval_gain:
             gain = self.retrieval_gain[role.value](slots).exp()  # (n_mem, 1)
             memory = memory * gain.unsqueeze(0).to(memory.dtype)
-        return memory, hidden[:, : -self.num_memory_tokens]
+        return memory, token_states
 
     def _generator_embeddings(self, memory, prompt_ids, prompt_mask, memory_mask=None):
         """[memory | prompt] embeddings and mask. memory: (B, M, d); memory_mask: (B, M) or None."""

@@ -13,6 +13,7 @@ tokenizer in hand, the token lengths left ``auto`` are picked from the data
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,12 @@ from clara_ray.data.lengths import LengthReport, choose_lengths, fit_answers
 from clara_ray.modeling.backbone import BackboneError, build_tiny, load_pretrained, stored_reference, train_tokenizer
 from clara_ray.modeling.checkpoint import save_model
 from clara_ray.modeling.clara import ClaraModel, LoraSettings
-from clara_ray.modeling.text import Prompts, document_input, with_system_turn
+from clara_ray.modeling.text import Prompts, document_input, tokenize_texts, with_system_turn
+
+# Documents whose memory sets the memory standardisation (ClaraModel.standardize_memory):
+# enough for the shared component (it is ~50x the per-document spread), few enough
+# that a 7B base on a driver without a GPU gets through them in minutes.
+STANDARDIZATION_SAMPLE = 32
 
 
 @dataclass(frozen=True)
@@ -83,9 +89,16 @@ def build_initial_model(
         )
         torch.manual_seed(config.run.seed)
         model = ClaraModel(backbone, model_config.num_memory_tokens, lora)
-        model_dir = save_model(model, tokenizer, directory, backbone_ref="tiny", save_backbone=True)
     else:
         model = ClaraModel(backbone, model_config.num_memory_tokens, lora)
+    if model_config.standardizes_memory:
+        sample = random.Random(config.run.seed).sample(documents, min(STANDARDIZATION_SAMPLE, len(documents)))
+        tokens = tokenize_texts(tokenizer, [document_input(d.text, d.title) for d in sample], model_config.doc_max_len,
+                                pad_to_max_length=True)
+        model.standardize_memory(tokens.ids, tokens.mask)
+    if model_config.is_tiny:
+        model_dir = save_model(model, tokenizer, directory, backbone_ref="tiny", save_backbone=True)
+    else:
         model_dir = save_model(model, tokenizer, directory, backbone_ref=stored_reference(model_config.backbone),
                                save_backbone=False)
     return InitialModel(model_dir, config, lengths, kept["train_qa"], kept["test_qa"], long_answers)

@@ -45,7 +45,7 @@ def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tmp_path):
     model, tokenizer = make_model(seed=1)
     torch.manual_seed(0)
     model.set_trainable([Role.COMPRESSOR, Role.GENERATOR], backbone=True)
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    start = {n: t.detach().clone() for n, t in model.state_dict().items()}
     whole = _train(model, tokenizer, settings, 1, 12)
 
     model, tokenizer = make_model(seed=1)

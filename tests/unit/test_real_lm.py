@@ -174,17 +174,48 @@ def test_one_stage3_step_trains_the_query_reasoner_only(smollm2):
     assert "memory_tokens.query_reasoner.weight" in updater.nonzero
 
 
+def _cosines(memory: torch.Tensor) -> torch.Tensor:
+    flat = torch.nn.functional.normalize(memory.flatten(1), dim=1)
+    similarity = flat @ flat.T
+    return similarity[~torch.eye(len(flat), dtype=torch.bool)]
+
+
+def test_standardised_memory_tells_documents_apart_and_reads_like_token_embeddings(smollm2):
+    model, tokenizer = smollm2
+    tokens = tokenize_texts(tokenizer, DOCUMENTS, LENGTHS.doc, pad_to_max_length=True)
+    embedding_norm = model.lm.get_input_embeddings().weight.norm(dim=-1).median()
+    try:
+        model.memory_center.zero_(), model.memory_scale.fill_(1.0)
+        with torch.no_grad():
+            raw, _ = model.encode(Role.COMPRESSOR, tokens.ids, tokens.mask)
+        # The base model's final states share one dominant direction: any two documents
+        # have a cosine near 0.9, and memory is far above the token embeddings' scale.
+        assert _cosines(raw).min() > 0.85 and raw.norm(dim=-1).median() > 10 * embedding_norm
+        model.standardize_memory(tokens.ids, tokens.mask)
+        assert model.memory_standardized
+        with torch.no_grad():
+            memory, _ = model.encode(Role.COMPRESSOR, tokens.ids, tokens.mask)
+        assert _cosines(memory).max() < 0.5
+        assert memory.norm(dim=-1).median() == pytest.approx(embedding_norm.item(), rel=0.01)
+        assert torch.equal(memory, (raw - model.memory_center) * model.memory_scale)
+    finally:
+        model.memory_center.zero_(), model.memory_scale.fill_(1.0)
+
+
 def test_save_and_load_reference_the_base_instead_of_copying_it(smollm2, tmp_path):
     model, tokenizer = smollm2
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.01)  # adapters that change the output, so the round trip means something
+    sample = tokenize_texts(tokenizer, DOCUMENTS, LENGTHS.doc, pad_to_max_length=True)
+    model.standardize_memory(sample.ids, sample.mask)
     directory = save_model(model, tokenizer, tmp_path / "model", backbone_ref=NAME, save_backbone=False)
     assert not (directory / "backbone").exists()
     assert sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()) < 40e6  # adapters + tokenizer
     loaded, loaded_tokenizer, manifest = load_model(directory)
     assert manifest["backbone"] == NAME
+    assert torch.equal(loaded.memory_center, model.memory_center) and loaded.memory_scale == model.memory_scale
     model.eval()
     loaded.eval()
     tokens = tokenize_texts(tokenizer, DOCUMENTS, LENGTHS.doc)
