@@ -198,10 +198,6 @@ class ClaraModel(nn.Module):
         self.memory_center.copy_(center)
         self.memory_scale.fill_((embeddings / spread.clamp(min=1e-6)).item())
 
-    @property
-    def memory_standardized(self) -> bool:
-        return bool(self.memory_scale.item() != 1.0 or self.memory_center.any())
-
     # --- the three computations ---------------------------------------------
 
     def encode(self, role: Role, input_ids: torch.Tensor, attention_mask: torch.Tensor):

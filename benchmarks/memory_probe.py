@@ -1,0 +1,136 @@
+"""Does a run's memory carry what stage 3 needs? Two probes of a finished stage 1.
+
+    python benchmarks/memory_probe.py RUN_DIR [--questions 60] [--model models/stage1]
+
+1. Retrieval spread: each test question is encoded by the stage-1 compressor (what
+   the query reasoner starts stage 3 as) and scored against the run's encoded
+   memory (`RUN_DIR/memory`) by the cosine of flattened memory vectors, as the
+   index and stage 3 score them. Printed: the median gap between the top-1 and the
+   64th candidate's cosine (stage 3's softmax divides it by temperature 0.02:
+   a gap far below ~0.02 makes the top-k flat), and Recall@1/@5.
+2. Does the generator read memory: for training questions, its answer loss given
+   (a) the gold document, (b) the gold document of another question (on the
+   bundled trap corpus: another person's fact), (c) a document no question has as
+   gold (an echo or distractor), each alone. Printed: the median loss of each and
+   how often the gold document gives the lowest loss of the six drawn. Equal
+   losses mean the generator answers without reading memory, and stage 3's loss
+   then cannot tell a good candidate from a bad one.
+
+Measured (not timed); prints one JSON line at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from clara_ray.modeling.checkpoint import load_model  # noqa: E402
+from clara_ray.modeling.clara import Role  # noqa: E402
+from clara_ray.modeling.text import Prompts, document_input, tokenize_targets, tokenize_texts  # noqa: E402
+
+CANDIDATES = 64
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with path.open() as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def stored_memory(run: Path) -> tuple[list[str], np.ndarray]:
+    table = pq.read_table(sorted((run / "memory").glob("*.parquet")), columns=["doc_id", "memory"])
+    memory = np.stack(table.column("memory").to_numpy(zero_copy_only=False)).astype(np.float32)
+    return table.column("doc_id").to_pylist(), memory
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True).clip(min=1e-12)
+
+
+def retrieval_spread(model, tokenizer, config: dict, run: Path) -> dict:
+    doc_ids, memory = stored_memory(run)
+    test = read_jsonl(run / "data" / "test_qa.jsonl")
+    position = {doc_id: i for i, doc_id in enumerate(doc_ids)}
+    queries = []
+    for start in range(0, len(test), 32):
+        chunk = test[start : start + 32]
+        tokens = tokenize_texts(tokenizer, [q["question"] for q in chunk], config["model"]["question_max_len"])
+        with torch.inference_mode():
+            queries.append(model.encode(Role.COMPRESSOR, tokens.ids, tokens.mask)[0].flatten(1).float().numpy())
+    scores = unit(np.concatenate(queries)) @ unit(memory).T  # (Q, N)
+    ranked = np.argsort(-scores, axis=1)[:, :CANDIDATES]
+    top = np.take_along_axis(scores, ranked, axis=1)
+    gold = [{position[d] for d in q["gold_doc_ids"] if d in position} for q in test]
+    return {
+        "test_questions": len(test),
+        "top1_minus_top64_cosine": float(np.median(top[:, 0] - top[:, -1])),
+        "top1_cosine": float(np.median(top[:, 0])),
+        "recall_at_1": float(np.mean([bool(g & {int(r[0])}) for g, r in zip(gold, ranked)])),
+        "recall_at_5": float(np.mean([bool(g & set(r[:5].tolist())) for g, r in zip(gold, ranked)])),
+    }
+
+
+def generator_reading(model, tokenizer, config: dict, run: Path, num_questions: int, seed: int) -> dict:
+    documents = {row["id"]: document_input(row["text"], row.get("title")) for row in read_jsonl(run / "data" / "corpus.jsonl")}
+    train = [q for q in read_jsonl(run / "data" / "train_qa.jsonl") if q["gold_doc_ids"]]
+    golds = sorted({d for q in train for d in q["gold_doc_ids"]})
+    others = sorted(set(documents) - set(golds))
+    prompts, lengths, rng = Prompts(tokenizer), config["model"], random.Random(seed)
+    losses: dict[str, list[float]] = {"gold": [], "another_question_gold": [], "no_question_gold": []}
+    lowest = 0
+    questions = rng.sample(train, min(num_questions, len(train)))
+    for question in questions:
+        gold = question["gold_doc_ids"][0]
+        drawn = [gold] + rng.sample([d for d in golds if d not in question["gold_doc_ids"]], 3)
+        drawn += rng.sample(others, min(2, len(others)))
+        tokens = tokenize_texts(tokenizer, [documents[d] for d in drawn], lengths["doc_max_len"], pad_to_max_length=True)
+        prompt = tokenize_texts(tokenizer, [prompts.question(question["question"])] * len(drawn), lengths["question_max_len"])
+        target = tokenize_targets(tokenizer, [prompts.answer(question["answers"][0])] * len(drawn), lengths["answer_max_len"])
+        with torch.inference_mode():
+            memory, _ = model.encode(Role.COMPRESSOR, tokens.ids, tokens.mask)
+            loss = model.generator_losses(memory, prompt.ids, prompt.mask, target.ids, target.mask).tolist()
+        losses["gold"].append(loss[0])
+        losses["another_question_gold"] += loss[1:4]
+        losses["no_question_gold"] += loss[4:]
+        lowest += loss[0] < min(loss[1:])
+    return {
+        "train_questions": len(questions),
+        **{f"answer_loss_{kind}": statistics.median(values) for kind, values in losses.items() if values},
+        "gold_lowest_share": lowest / len(questions),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--model", default="models/stage1", help="model directory, relative to the run directory")
+    parser.add_argument("--questions", type=int, default=60, help="training questions for the generator probe")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    import yaml
+
+    config = yaml.safe_load((args.run_dir / "config.yaml").read_text())
+    initial = json.loads((args.run_dir / "steps" / "init.json").read_text())
+    config["model"].update({k: v for k, v in initial["lengths"].items() if k.endswith("_len")})  # as picked
+    model, tokenizer, _ = load_model(args.run_dir / args.model)
+    model.eval()
+    result = {"run": str(args.run_dir), "model": args.model}
+    result.update(retrieval_spread(model, tokenizer, config, args.run_dir))
+    print(json.dumps(result), flush=True)
+    result.update(generator_reading(model, tokenizer, config, args.run_dir, args.questions, args.seed))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
