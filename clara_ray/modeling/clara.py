@@ -203,8 +203,9 @@ class ClaraModel(nn.Module):
     def encode(self, role: Role, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Memory vectors of a text: (B, T) -> (B, n_mem, d), plus token states.
 
-        Returns (memory, token_states, attention_mask) where token_states are the
-        last hidden states of the text tokens (B, T, d) for the alignment loss.
+        Returns (memory, token_states) where token_states are the
+        last hidden states of the text tokens (B, T, d) for the alignment loss, not
+        standardised (memory is; see `standardize_memory`).
         """
         if role not in (Role.COMPRESSOR, Role.QUERY_REASONER):
             raise ValueError(f"encode takes the compressor or query reasoner role, not {role}")
@@ -218,13 +219,16 @@ class ClaraModel(nn.Module):
         hidden = self.decoder(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False
         ).last_hidden_state  # (B, T + n_mem, d)
-        center, scale = self.memory_center.to(hidden.dtype), self.memory_scale.to(hidden.dtype)
-        memory = (hidden[:, -self.num_memory_tokens :] - center) * scale
-        token_states = (hidden[:, : -self.num_memory_tokens] - center.mean(0)) * scale  # same scale, for the MSE
+        memory = self._standardized(hidden[:, -self.num_memory_tokens :])
         if role.value in self.retrieval_gain:
             gain = self.retrieval_gain[role.value](slots).exp()  # (n_mem, 1)
             memory = memory * gain.unsqueeze(0).to(memory.dtype)
-        return memory, token_states
+        return memory, hidden[:, : -self.num_memory_tokens]
+
+    def _standardized(self, states: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
+        """(states - center) * scale; `center` defaults to each memory slot's (states: (..., n_mem, d))."""
+        center = self.memory_center if center is None else center
+        return (states - center.to(states.dtype)) * self.memory_scale.to(states.dtype)
 
     def _generator_embeddings(self, memory, prompt_ids, prompt_mask, memory_mask=None):
         """[memory | prompt] embeddings and mask. memory: (B, M, d); memory_mask: (B, M) or None."""
@@ -323,6 +327,8 @@ class ClaraModel(nn.Module):
         )
         weights = doc_mask.unsqueeze(-1).to(token_states.dtype)
         mean_tokens = (token_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        # In memory's standardised coordinates (affine, so standardising the mean is enough).
+        mean_tokens = self._standardized(mean_tokens, self.memory_center.mean(0))
         mse = nn.functional.mse_loss(memory.mean(1).float(), mean_tokens.float())
         return {"loss": generation + mse_weight * mse, "generation_loss": generation, "mse_loss": mse}
 
