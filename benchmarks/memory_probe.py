@@ -29,12 +29,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from clara_ray.data.formats import read_corpus, read_qa  # noqa: E402
+from clara_ray.index.keys import KeyKind, memory_keys, normalize_rows  # noqa: E402
+from clara_ray.memory_shards import read_memory_shards  # noqa: E402
 from clara_ray.modeling.checkpoint import load_model  # noqa: E402
 from clara_ray.modeling.clara import Role  # noqa: E402
 from clara_ray.modeling.text import Prompts, document_input, tokenize_targets, tokenize_texts  # noqa: E402
@@ -42,35 +44,22 @@ from clara_ray.modeling.text import Prompts, document_input, tokenize_targets, t
 CANDIDATES = 64
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with path.open() as lines:
-        return [json.loads(line) for line in lines if line.strip()]
-
-
-def stored_memory(run: Path) -> tuple[list[str], np.ndarray]:
-    table = pq.read_table(sorted((run / "memory").glob("*.parquet")), columns=["doc_id", "memory"])
-    memory = np.stack(table.column("memory").to_numpy(zero_copy_only=False)).astype(np.float32)
-    return table.column("doc_id").to_pylist(), memory
-
-
-def unit(rows: np.ndarray) -> np.ndarray:
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True).clip(min=1e-12)
-
-
 def retrieval_spread(model, tokenizer, config: dict, run: Path) -> dict:
-    doc_ids, memory = stored_memory(run)
-    test = read_jsonl(run / "data" / "test_qa.jsonl")
-    position = {doc_id: i for i, doc_id in enumerate(doc_ids)}
+    shards = read_memory_shards(run / "memory")
+    test = read_qa(run / "data" / "test_qa.jsonl").records
+    position = {doc_id: i for i, doc_id in enumerate(shards.doc_ids)}
     queries = []
     for start in range(0, len(test), 32):
         chunk = test[start : start + 32]
-        tokens = tokenize_texts(tokenizer, [q["question"] for q in chunk], config["model"]["question_max_len"])
+        tokens = tokenize_texts(tokenizer, [q.question for q in chunk], config["model"]["question_max_len"])
         with torch.inference_mode():
-            queries.append(model.encode(Role.COMPRESSOR, tokens.ids, tokens.mask)[0].flatten(1).float().numpy())
-    scores = unit(np.concatenate(queries)) @ unit(memory).T  # (Q, N)
+            queries.append(model.encode(Role.COMPRESSOR, tokens.ids, tokens.mask)[0].float().numpy())
+    # Cosine of flattened memory vectors, the stored fp16 memory: how stage 3 re-scores its candidates.
+    scores = memory_keys(np.concatenate(queries), KeyKind.FLAT_MEMORY) @ normalize_rows(
+        shards.memory.reshape(len(shards.doc_ids), -1)).T  # (Q, N)
     ranked = np.argsort(-scores, axis=1)[:, :CANDIDATES]
     top = np.take_along_axis(scores, ranked, axis=1)
-    gold = [{position[d] for d in q["gold_doc_ids"] if d in position} for q in test]
+    gold = [{position[d] for d in q.gold_doc_ids if d in position} for q in test]
     return {
         "test_questions": len(test),
         "top1_minus_top64_cosine": float(np.median(top[:, 0] - top[:, -1])),
@@ -81,21 +70,21 @@ def retrieval_spread(model, tokenizer, config: dict, run: Path) -> dict:
 
 
 def generator_reading(model, tokenizer, config: dict, run: Path, num_questions: int, seed: int) -> dict:
-    documents = {row["id"]: document_input(row["text"], row.get("title")) for row in read_jsonl(run / "data" / "corpus.jsonl")}
-    train = [q for q in read_jsonl(run / "data" / "train_qa.jsonl") if q["gold_doc_ids"]]
-    golds = sorted({d for q in train for d in q["gold_doc_ids"]})
+    documents = {d.id: document_input(d.text, d.title) for d in read_corpus(run / "data" / "corpus.jsonl").records}
+    train = [q for q in read_qa(run / "data" / "train_qa.jsonl").records if q.gold_doc_ids]
+    golds = sorted({d for q in train for d in q.gold_doc_ids})
     others = sorted(set(documents) - set(golds))
     prompts, lengths, rng = Prompts(tokenizer), config["model"], random.Random(seed)
     losses: dict[str, list[float]] = {"gold": [], "another_question_gold": [], "no_question_gold": []}
     lowest = 0
     questions = rng.sample(train, min(num_questions, len(train)))
     for question in questions:
-        gold = question["gold_doc_ids"][0]
-        drawn = [gold] + rng.sample([d for d in golds if d not in question["gold_doc_ids"]], 3)
+        gold = question.gold_doc_ids[0]
+        drawn = [gold] + rng.sample([d for d in golds if d not in question.gold_doc_ids], 3)
         drawn += rng.sample(others, min(2, len(others)))
         tokens = tokenize_texts(tokenizer, [documents[d] for d in drawn], lengths["doc_max_len"], pad_to_max_length=True)
-        prompt = tokenize_texts(tokenizer, [prompts.question(question["question"])] * len(drawn), lengths["question_max_len"])
-        target = tokenize_targets(tokenizer, [prompts.answer(question["answers"][0])] * len(drawn), lengths["answer_max_len"])
+        prompt = tokenize_texts(tokenizer, [prompts.question(question.question)] * len(drawn), lengths["question_max_len"])
+        target = tokenize_targets(tokenizer, [prompts.answer(question.answers[0])] * len(drawn), lengths["answer_max_len"])
         with torch.inference_mode():
             memory, _ = model.encode(Role.COMPRESSOR, tokens.ids, tokens.mask)
             loss = model.generator_losses(memory, prompt.ids, prompt.mask, target.ids, target.mask).tolist()
