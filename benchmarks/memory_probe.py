@@ -110,7 +110,7 @@ def main() -> int:
 
     config = yaml.safe_load((args.run_dir / "config.yaml").read_text())
     initial = json.loads((args.run_dir / "steps" / "init.json").read_text())
-    config["model"].update({k: v for k, v in initial["lengths"].items() if k.endswith("_len")})  # as picked
+    config["model"].update({k: v for k, v in initial.get("lengths", {}).items() if k.endswith("_len")})  # as picked (older runs: in config.yaml)
     model, tokenizer, _ = load_model(args.run_dir / args.model)
     model.eval()
     result = {"run": str(args.run_dir), "model": args.model}
