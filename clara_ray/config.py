@@ -86,6 +86,13 @@ class ReconstructionOrder(str, enum.Enum):
     REVERSED = "reversed"
 
 
+class CompressorMode(str, enum.Enum):
+    """Whether stage 3 trains the compressor (and so re-encodes the corpus as it goes)."""
+
+    FROZEN = "frozen"
+    TRAINABLE = "trainable"
+
+
 class Baseline(str, enum.Enum):
     """Retrieval baselines evaluated next to the trained model."""
 
@@ -412,10 +419,25 @@ class Stage3Config(_Section):
     train_generator: bool = False
     report_every: int = Field(25, gt=0)
     checkpoint_every: int = Field(150, gt=0)
+    # frozen: the compressor stays as stage 1 left it, so the index built before stage 3
+    # never goes stale (CLaRa). trainable: its adapter learns from the generator's loss
+    # too; every step re-encodes the L candidates' tokens with the current compressor (the
+    # index only proposes them), and the corpus is re-encoded into a new index version in
+    # the background every refresh_every steps and once after the last step, which the
+    # evaluation reads (clara_ray/index/refresh.py).
+    compressor: CompressorMode = CompressorMode.FROZEN
+    refresh_every: int = Field(0, ge=0)  # steps between index refreshes; 0 = only after the last step
     # Share of the training questions held out (whole gold documents at a time) to
     # measure retrieval while stage 3 runs: validation recall@1, @5 and MRR in every
     # report window. 0 trains on all of them; sweeps hold out sweep.validation_fraction.
     validation_fraction: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _refresh_needs_trainable_compressor(self) -> Stage3Config:
+        if self.refresh_every > 0 and self.compressor == CompressorMode.FROZEN:
+            raise _FieldError("refresh_every", "needs stage3.compressor=trainable: a frozen compressor's index "
+                                               "never goes stale, so there is nothing to refresh")
+        return self
 
     @model_validator(mode="after")
     def _candidates_exceed_top_k(self) -> Stage3Config:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from clara_ray.config import Baseline, Config, ConfigError, load_config
+from clara_ray.config import Baseline, CompressorMode, Config, ConfigError, load_config
 from clara_ray.data.corpus_rows import CorpusFormat
 from clara_ray.data.formats import (
     Document,
@@ -53,6 +53,7 @@ from clara_ray.errors import DataError
 from clara_ray.eval import baselines
 from clara_ray.eval.evaluate import Scores, generate_answers, query_reasoner_rankings, score
 from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_index_actor
+from clara_ray.index.refresh import RefreshPlan, refresh_scheduler_name, start_refresh_scheduler
 from clara_ray.index.versions import IndexSettings
 from clara_ray.memory_shards import MANIFEST as MEMORY_MANIFEST
 from clara_ray.memory_shards import read_memory_shards
@@ -61,6 +62,7 @@ from clara_ray.modeling.checkpoint import load_model
 from clara_ray.modeling.initial import build_initial_model
 from clara_ray.modeling.text import document_input
 from clara_ray.report import write_report
+from clara_ray.training.checkpoints import latest_trainer_state
 from clara_ray.training.stages import (
     StageResult,
     TrainingData,
@@ -293,6 +295,24 @@ def _initial_step(config: Config, inputs: Inputs, run_dir: Path, init_dir: Path)
     return config, inputs, lengths
 
 
+def _final_refresh(config: Config, index, scheduler, model_dir: Path, log) -> tuple[dict, dict]:
+    """With a trainable compressor: the corpus encoded by the final compressor into
+    the last index version (after any refresh still running), for the evaluation.
+    Returns that encoding's memory by id, and the scheduler's record of every refresh."""
+    steps = config.stage3.steps
+    ray.get(scheduler.request.remote(steps, str(model_dir), None, True))
+    status = ray.get(scheduler.drain.remote())
+    info = ray.get(index.info.remote())
+    if info["step"] != steps:
+        failed = [e for e in status["events"] if e["step"] == steps]
+        raise RuntimeError(f"the final index refresh (step {steps}) failed: "
+                           f"{failed[-1]['error'] if failed else 'no record of it'}; rerun the same command to retry")
+    log(f"[pipeline] index {info['version']} from the stage-3 compressor: {status['swapped']} refreshes swapped in, "
+        f"{len(status['skipped'])} skipped, {status['failed']} failed")
+    shards = read_memory_shards(info["memory_dir"])
+    return dict(zip(shards.doc_ids, shards.memory)), status
+
+
 def run_pipeline(config: Config, log=print) -> dict:
     """Run every phase on the connected Ray cluster; returns the summary also written to metrics.json.
 
@@ -358,9 +378,19 @@ def run_pipeline(config: Config, log=print) -> dict:
         raise RuntimeError(f"encoded {encoded['num_encoded']} documents, but {len(documents)} were read as valid")
     phase("encode corpus (Ray Data)")
 
-    index = start_index_actor(str(memory_dir), index_actor_name(run_dir), settings=IndexSettings.from_config(config.index))
+    trainable = config.stage3.compressor == CompressorMode.TRAINABLE
+    resumed = latest_trainer_state(run_dir / "ray_train" / "stage3") if trainable and not _done(run_dir, "stage3") else None
+    index = start_index_actor(str(memory_dir), index_actor_name(run_dir), settings=IndexSettings.from_config(config.index),
+                              serve=None if resumed is None else resumed.get("index_version"))
     shards = read_memory_shards(memory_dir)
     memory_of = dict(zip(shards.doc_ids, shards.memory))
+    refresh = None
+    if trainable:
+        plan = RefreshPlan(str(inputs.corpus_path.resolve()), CorpusFormat.JSONL, encode_settings(config),
+                           str(run_dir / "refresh"), config.stage3.num_candidates)
+        scheduler = start_refresh_scheduler(index, plan, refresh_scheduler_name(run_dir),
+                                            live_step=ray.get(index.info.remote())["step"])
+        refresh = (scheduler, plan)
 
     def search(queries: np.ndarray, num_candidates: int):
         return ray.get(index.search.remote(queries, num_candidates))
@@ -377,9 +407,13 @@ def run_pipeline(config: Config, log=print) -> dict:
     phase("evaluate before stage 3")
 
     stage3 = _stage(run_dir, "stage3", lambda: run_stage3(
-        config, data, tuned.model_dir, IndexActorCandidates(index), run_dir
+        config, data, tuned.model_dir, IndexActorCandidates(index), run_dir, refresh=refresh
     ), log)
     phase("stage 3 (joint training)")
+    refreshes = None
+    if trainable:
+        memory_of, refreshes = _final_refresh(config, index, refresh[0], stage3.model_dir, log)
+        phase("final refresh (the corpus encoded by the stage-3 compressor)")
     model, tokenizer = _load_for_eval(stage3.model_dir)
     for baseline in config.eval.baselines:
         rankings = _baseline_rankings(config, baseline, documents, test_qa)
@@ -391,6 +425,8 @@ def run_pipeline(config: Config, log=print) -> dict:
     ).as_dict()
     phase("evaluate")
     ray.kill(index)
+    if refresh is not None:
+        ray.kill(refresh[0])
 
     files = {
         name: {"input": r.num_input_rows, "used": len(r.records), "quarantined": len(r.quarantined)}
@@ -413,6 +449,7 @@ def run_pipeline(config: Config, log=print) -> dict:
         "seconds": seconds,
         "models": {"stage1": str(stage1.model_dir), "stage2": str(tuned.model_dir) if tuned is not stage1 else None,
                    "stage3": str(stage3.model_dir)},
+        "refresh": refreshes,
         "resumed_after": {"stage1": stage1.resumed_after, "stage2": tuned.resumed_after if tuned is not stage1 else [],
                           "stage3": stage3.resumed_after},
     }

@@ -26,6 +26,12 @@ def plot_training(stage1_history: list[dict], stage3_history: list[dict], path: 
                        label="recall@1 (training batches)")
             right.plot([h["step"] for h in stage3_history], [h["gold_in_candidates"] for h in stage3_history],
                        label="gold among L candidates")
+    if stage3_history and "index_staleness" in stage3_history[-1]:  # a trainable compressor's refreshes
+        staleness = right.twinx()
+        staleness.step([h["step"] for h in stage3_history], [h["index_staleness"] for h in stage3_history],
+                       where="post", color="tab:red", alpha=0.6, label="index staleness (steps)")
+        staleness.set_ylabel("index staleness (steps since the live version's weights)")
+        staleness.legend(loc="lower right")
     left.set(xlabel="step (stage 3 continues after stage 1)", ylabel="loss", yscale="log", title="training loss")
     right.set(xlabel="stage-3 step", ylabel="fraction of questions", ylim=(0, 1.02), title="retrieval during stage 3")
     for axis in (left, right):
@@ -35,6 +41,21 @@ def plot_training(stage1_history: list[dict], stage3_history: list[dict], path: 
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def _refresh_lines(refresh: dict | None) -> list[str]:
+    """The index refreshes of a trainable compressor, one row each."""
+    if not refresh:
+        return []
+    lines = ["## Index refreshes (trainable compressor)", "",
+             f"{refresh['swapped']} swapped in, {len(refresh['skipped'])} skipped while one was running "
+             f"(steps {refresh['skipped'] or 'none'}), {refresh['failed']} failed. Staleness over steps: the plot below.",
+             "", "| step | outcome | encode s | build s | swap s | top-L overlap | error |", "|---|---|---|---|---|---|---|"]
+    for e in refresh["events"]:
+        overlap = "" if e["top_l_overlap"] is None else f"{e['top_l_overlap']:.2f}"
+        lines.append(f"| {e['step']} | {e['outcome']} | {e['encode_seconds']:.1f} | {e['build_seconds']:.1f} | "
+                     f"{e['swap_seconds']:.1f} | {overlap} | {e['error'] or ''} |")
+    return lines + [""]
 
 
 def write_report(run_dir: Path, summary: dict, stage1_history: list[dict], stage3_history: list[dict]) -> Path:
@@ -74,6 +95,7 @@ def write_report(run_dir: Path, summary: dict, stage1_history: list[dict], stage
         (f"Encoded documents: {data['num_encoded']}, of which **{data['num_truncated']} "
         f"({data['num_truncated'] / max(1, data['num_encoded']):.1%}) were truncated** at {summary['doc_max_len']} tokens."),
         "",
+        *_refresh_lines(summary.get("refresh")),
         "## Token lengths",
         "",
         *[f"- {line}" for line in LengthReport.from_dict(summary["lengths"]).lines()],

@@ -39,7 +39,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from clara_ray.config import LENGTH_KEYS, Config, config_from_dict, load_config
+from clara_ray.config import LENGTH_KEYS, CompressorMode, Config, ConfigError, config_from_dict, load_config
 from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_index_actor
 from clara_ray.index.versions import IndexSettings
 from clara_ray.memory_shards import MANIFEST as MEMORY_MANIFEST
@@ -135,6 +135,10 @@ def run_sweep(source: SourceRun, name: str = "sweep", log=print) -> dict:
     """The sweep from `source` (``SourceRun.open(run_dir, overrides)``, see module doc) on
     the connected Ray cluster; returns its summary (also in results.md)."""
     config = source.config
+    if config.stage3.compressor == CompressorMode.TRAINABLE:
+        raise ConfigError("sweeps train stage 3 with a frozen compressor over the run's own index "
+                          "(stage3.compressor=trainable would re-encode the corpus in every trial): "
+                          "pass stage3.compressor=frozen")
     out = source.directory / name
     if (out / "results.csv").exists():
         raise FileExistsError(f"{out} holds a finished sweep; pass another --name or remove it")

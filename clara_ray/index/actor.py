@@ -20,7 +20,8 @@ reloads its shard from disk; the task in flight is retried by Ray
 (``search_attempts``) before it raises ``IndexSearchError``. A search never
 returns a partial result: it covers every shard or raises.
 
-Refresh (``refresh.remote(memory_dir, step)``, asynchronous for the caller):
+Refresh (``refresh.remote(memory_dir, step)``, asynchronous for the caller; stage 3's
+``clara_ray.index.refresh.RefreshScheduler`` calls it with freshly encoded shards):
 build v<step> in a Ray task while the live version serves, start its shard
 actors, publish it (atomic swap of CURRENT), route new searches to it, stop the
 old actors once their in-flight searches finish, prune old versions. A build or
@@ -53,6 +54,7 @@ from clara_ray.index.versions import (
     prune_versions,
     publish,
     read_version_manifest,
+    version_name,
     version_step,
 )
 from clara_ray.training.candidates import SearchResult
@@ -111,11 +113,16 @@ def merge_shard_results(scores: list[np.ndarray], rows: list[np.ndarray], first_
 class IndexServer:
     """The named router actor (run with max_concurrency > 1: searches and a refresh overlap)."""
 
-    def __init__(self, index_root: str, settings: IndexSettings, memory_dir: str | None = None, step: int = 0):
+    def __init__(self, index_root: str, settings: IndexSettings, memory_dir: str | None = None, step: int = 0,
+                 serve: str | None = None):
+        """`serve`: a finished version's name to serve (a resumed stage 3's, from its
+        checkpoint) when it is still on disk; else the version of `memory_dir`."""
         self.index_root, self.settings = Path(index_root), settings
         self._lock = threading.Condition()
         self._refresh_lock = threading.Lock()
-        version = self._initial_version(memory_dir, step)
+        wanted = None if serve is None else self.index_root / serve
+        version = wanted if wanted is not None and wanted in list_versions(self.index_root) else (
+            self._initial_version(memory_dir, step))
         self._serving = self._start(version)
         publish(version)
         prune_versions(self.index_root, settings.keep_versions)
@@ -213,12 +220,20 @@ class IndexServer:
 
     # ----------------------------------------------------------------- refresh
 
-    def refresh(self, memory_dir: str, step: int) -> str:
-        """Build v<step> from `memory_dir` and swap to it; returns the live version's name.
-        Raises (and the live version keeps serving) if the build or the new actors fail."""
+    def refresh(self, memory_dir: str, step: int) -> dict:
+        """Build v<step> from `memory_dir` and swap to it; returns {"version": the live
+        version's name, "build_seconds", "swap_seconds" (new actors started, CURRENT
+        replaced, old actors drained)}. Raises (and the live version keeps serving) if
+        the build or the new actors fail."""
         with self._refresh_lock:
-            build = ray.remote(build_version).options(num_cpus=self.settings.num_cpus_per_shard, max_retries=0)
-            version = Path(ray.get(build.remote(memory_dir, str(self.index_root), step, self.settings)))
+            started = time.perf_counter()
+            version = self.index_root / version_name(step)
+            # A rerun of a refresh whose version was built from these shards reuses it.
+            if not (version in list_versions(self.index_root)
+                    and read_version_manifest(version)["source"]["memory_dir"] == str(Path(memory_dir).resolve())):
+                build = ray.remote(build_version).options(num_cpus=self.settings.num_cpus_per_shard, max_retries=0)
+                version = Path(ray.get(build.remote(memory_dir, str(self.index_root), step, self.settings)))
+            built = time.perf_counter()
             fresh = self._start(version)
             publish(version)
             with self._lock:
@@ -227,8 +242,13 @@ class IndexServer:
                 self._lock.wait_for(lambda: old.in_flight == 0, timeout=SHARD_START_TIMEOUT_S)
             for actor in old.actors:
                 ray.kill(actor, no_restart=True)
+            swapped = time.perf_counter()
             prune_versions(self.index_root, self.settings.keep_versions)
-            return version.name
+            return {"version": version.name, "build_seconds": built - started, "swap_seconds": swapped - built}
+
+    def memory_dirs(self) -> list[str]:
+        """The memory-shard directories the finished versions on disk were built from."""
+        return [read_version_manifest(v)["source"]["memory_dir"] for v in list_versions(self.index_root)]
 
     # -------------------------------------------------------------------- info
 
@@ -242,6 +262,8 @@ class IndexServer:
             "key_kind": serving.manifest["key_kind"],
             "factory": serving.manifest["factory"],
             "model_fingerprint": serving.manifest["source"]["model_fingerprint"],
+            "step": serving.manifest["step"],
+            "memory_dir": serving.manifest["source"]["memory_dir"],
         }
 
     def shard_actors(self) -> list:
@@ -294,17 +316,20 @@ def start_index_actor(
     settings: IndexSettings | None = None,
     index_root: str | None = None,
     step: int = 0,
+    serve: str | None = None,
 ):
     """Start the named index router over the memory shards in `shard_dir` and wait
     until every shard actor has loaded. Builds index version v<step> under `index_root`
     (default: an ``index`` directory beside `shard_dir`) unless a matching one is on
-    disk. The router lives as long as the driver that started it; a live one of the
-    same name (another driver of the same run) is an error, never replaced."""
+    disk, or serves version `serve` when it is on disk (a resumed stage 3 goes on with
+    the version its checkpoint recorded). The router lives as long as the driver that
+    started it; a live one of the same name (another driver of the same run) is an
+    error, never replaced."""
     settings = settings or IndexSettings()
     index_root = index_root or str(Path(shard_dir).resolve().parent / "index")
     _wait_for_name(name)
     # The router only coordinates (0 CPUs); it must answer searches while a refresh builds.
     router = ray.remote(IndexServer).options(name=name, num_cpus=0, max_concurrency=16, max_restarts=2)
-    actor = router.remote(index_root, settings, shard_dir, step)
+    actor = router.remote(index_root, settings, shard_dir, step, serve)
     ray.get(actor.info.remote())
     return actor

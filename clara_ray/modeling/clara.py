@@ -335,13 +335,22 @@ class ClaraModel(nn.Module):
     def _joint(
         self, question_ids, question_mask, candidate_memory, prompt_ids, prompt_mask,
         target_ids, target_mask, k: int, temperature: float, sample: bool = False,
-        distillation: Distillation | None = None,
+        distillation: Distillation | None = None, candidate_doc_ids=None, candidate_doc_mask=None,
+        candidate_rows=None,
     ):
         """Stage 3: query reasoner scores L candidates, a differentiable top-k picks
         k of them (the best k, or a sample: ``straight_through_topk``), the generator
         answers from the picked memories. With `distillation`, the generator also
         answers from each of a few sampled candidates alone, and the query reasoner's
-        softmax over those is pulled towards softmax(-loss) (``_loss_distillation``)."""
+        softmax over those is pulled towards softmax(-loss) (``_loss_distillation``).
+
+        candidate_memory: (B, L, n, d) stored memories, or None with a trainable
+        compressor: then the batch's distinct candidates' tokens candidate_doc_ids /
+        candidate_doc_mask (U, T) are compressed here, with gradient, and
+        candidate_rows (B, L) says which of the U each candidate is."""
+        if candidate_doc_ids is not None:
+            fresh, _ = self.encode(Role.COMPRESSOR, candidate_doc_ids, candidate_doc_mask)  # (U, n, d)
+            candidate_memory = fresh[candidate_rows]  # (B, L, n, d)
         query_memory, _ = self.encode(Role.QUERY_REASONER, question_ids, question_mask)  # (B, n, d)
         scores = retrieval_scores(query_memory, candidate_memory)  # (B, L)
         weights = straight_through_topk(scores, k, temperature, sample)  # (B, k, L)

@@ -127,3 +127,10 @@ def read_trainer_state(directory: str | Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{directory} is not a training checkpoint (no {TRAINER_STATE})")
     return json.loads(path.read_text())
+
+
+def latest_trainer_state(storage_dir: str | Path) -> dict | None:
+    """The trainer state of the latest checkpoint under a stage's Ray Train storage
+    directory (<run_dir>/ray_train/<stage>), or None before its first checkpoint."""
+    states = [json.loads(path.read_text()) for path in Path(storage_dir).rglob(TRAINER_STATE)]
+    return max(states, key=lambda state: state["step"], default=None)

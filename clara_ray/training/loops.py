@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from clara_ray.modeling.checkpoint import load_model, save_model
 from clara_ray.modeling.clara import Role
+from clara_ray.modeling.text import tokenize_texts
 from clara_ray.training.batches import memory_qa_batch
 from clara_ray.training.checkpoints import (
     MODEL_DIR,
@@ -221,30 +222,102 @@ def _validation(w: _Worker, path: str | None, candidates, settings: Stage3Settin
     return measure
 
 
+def _refresh_metrics(scheduler, step_of) -> dict:
+    """Index refresh figures for a report window (rank 0 asks the scheduler)."""
+    status = ray.get(scheduler.status.remote())
+    metrics = {"index_version_step": status["live_step"], "index_staleness": step_of() - status["live_step"],
+               "refreshes_swapped": status["swapped"], "refreshes_skipped": len(status["skipped"]),
+               "refreshes_failed": status["failed"]}
+    swapped = [e for e in status["events"] if e["outcome"] == "swapped"]
+    if swapped:
+        last = swapped[-1]
+        metrics.update(refresh_encode_seconds=last["encode_seconds"], refresh_build_seconds=last["build_seconds"],
+                       refresh_swap_seconds=last["swap_seconds"])
+        if last["top_l_overlap"] is not None:
+            metrics["refresh_top_l_overlap"] = last["top_l_overlap"]
+    return metrics
+
+
+class _Refresher:
+    """Stage 3's side of the index refresh (``clara_ray.index.refresh``): at every
+    `refresh_every`-th step before the last, a snapshot of the model goes to the
+    scheduler, with the query reasoner's keys of a fixed probe batch (the first
+    training questions); the loop never waits for the refresh itself. While one runs
+    no snapshot is written, the scheduler only counts the step as skipped. (The
+    refresh after the last step is the driver's, from the stage's model directory.)"""
+
+    PROBE_QUESTIONS = 16
+
+    def __init__(self, w: _Worker, scheduler, plan, settings: Stage3Settings, questions_path: str, lengths):
+        self.w, self.scheduler, self.plan, self.settings, self.lengths = w, scheduler, plan, settings, lengths
+        self.probe = read_table(questions_path).slice(0, self.PROBE_QUESTIONS).column("question").to_pylist()
+        self.save_backbone = w.manifest["backbone"] == "backbone"
+
+    def due(self, step: int) -> bool:
+        every = self.settings.refresh_every
+        return every > 0 and step % every == 0 and step < self.settings.steps
+
+    def after_step(self, step: int) -> None:
+        if not self.due(step):
+            return
+        with full_parameters(self.w.updater):  # every rank: ZeRO-3 gathers here
+            if self.w.rank != 0 or ray.get(self.scheduler.busy.remote()):
+                if self.w.rank == 0:
+                    self.scheduler.skip.remote(step)
+                return
+            model = self.w.updater.module
+            snapshot = self.plan.snapshot_dir(step)
+            save_model(model, self.w.tokenizer, snapshot, self.w.manifest["backbone"], self.save_backbone)
+            with torch.no_grad():
+                tokens = tokenize_texts(self.w.tokenizer, self.probe, self.lengths.question)
+                keys, _ = model.encode(Role.QUERY_REASONER, tokens.ids.to(self.w.updater.device),
+                                       tokens.mask.to(self.w.updater.device))
+            self.scheduler.request.remote(step, str(snapshot), keys.flatten(1).float().cpu().numpy())
+
+
 def stage3_loop(run: dict):
-    """Joint training: query reasoner (+ generator) through the differentiable top-k,
-    candidates drawn from `run["candidates"]` (a CandidateSource); compressor and base
-    frozen. `run`: worker, settings (Stage3Settings), model_dir, candidates,
-    validation_path (held-out questions, or None); the questions arrive as the
-    trainer's dataset."""
+    """Joint training: query reasoner (+ generator, + compressor) through the differentiable
+    top-k, candidates drawn from `run["candidates"]` (a CandidateSource); the base frozen.
+    `run`: worker, settings (Stage3Settings), model_dir, candidates, validation_path
+    (held-out questions, or None), documents_path, questions_path and, with a trainable
+    compressor, refresh (the scheduler actor) and refresh_plan; the questions arrive as
+    the trainer's dataset."""
     settings: Stage3Settings = run["settings"]
     worker: WorkerSettings = run["worker"]
-    trainable = [Role.QUERY_REASONER] + ([Role.GENERATOR] if settings.train_generator else [])
+    trainable = ([Role.QUERY_REASONER] + ([Role.COMPRESSOR] if settings.trainable_compressor else [])
+                 + ([Role.GENERATOR] if settings.train_generator else []))
     w = _setup(run, trainable, False, settings.optimiser, settings.micro_batch_size)
     start = 1 if w.resumed is None else w.resumed["step"] + 1
     if w.checkpoint_dir is not None:
         load_rank_state(w.checkpoint_dir, w.rank, w.updater.optimizer, w.updater.scheduler)
     candidates = run["candidates"]
+    refresher = None
+    if settings.trainable_compressor:
+        refresher = _Refresher(w, run["refresh"], run["refresh_plan"], settings, run["questions_path"], worker.lengths)
+    validation = _validation(w, run.get("validation_path"), candidates, settings, worker)
+    current = {"step": start}
+
+    def window_metrics() -> dict:
+        metrics = validation() if validation is not None else {}
+        if refresher is not None and w.rank == 0:
+            metrics.update(_refresh_metrics(refresher.scheduler, lambda: current["step"]))
+        return metrics
+
     reporter = _Reporter("stage3", settings.steps, settings.report_every, settings.checkpoint_every, w.rank, w.world,
                          [] if w.resumed is None else w.resumed["history"], start, run.get("tensorboard_dir"),
-                         _validation(w, run.get("validation_path"), candidates, settings, worker))
+                         window_metrics)
     save = _saver(w, "stage3", settings.steps, reporter, False, index_version=lambda: getattr(candidates, "version", None))
     # The pull back to the start measures from where stage 3 started, not from the checkpoint.
     anchor = ParameterAnchor(w.updater.module, settings.anchor_weight, start=run["model_dir"] if w.resumed else None,
                              lower_weight=settings.lower_anchor_weight, free_top_layers=settings.anchor_free_top_layers)
+    documents = DocumentTable(run["documents_path"]).texts_of if settings.trainable_compressor else None
     for step, rows in rank_batches(settings.micro_batch_size, w.rank, start):
+        current["step"] = step
         batch = questions_from_rows(rows)
         learning_rate = w.updater.learning_rate()
-        metrics = stage3_step(w.updater, w.tokenizer, batch, candidates, settings, worker.lengths, step, anchor)
+        metrics = stage3_step(w.updater, w.tokenizer, batch, candidates, settings, worker.lengths, step, anchor,
+                              documents)
+        if refresher is not None:
+            refresher.after_step(step)
         reporter.add(step, metrics, learning_rate, save)
     return reporter.history

@@ -87,10 +87,14 @@ def train_stage2(
 def train_stage3(
     model, tokenizer, questions: QuestionBatch, candidates: CandidateSource, settings: Stage3Settings,
     worker: WorkerSettings, workers: int = 1, on_window: OnWindow | None = None, log=print,
+    documents: Callable[[list[str]], list[str]] | None = None,
 ) -> list[dict]:
-    """Joint training in place: the query reasoner (and the generator, if configured)."""
+    """Joint training in place: the query reasoner (and the generator, and the
+    compressor, if configured; a trainable compressor needs `documents(ids) -> texts`
+    and here trains against `candidates` as they are: no refresh)."""
     torch.manual_seed(worker.seed)
-    model.set_trainable([Role.QUERY_REASONER] + ([Role.GENERATOR] if settings.train_generator else []), backbone=False)
+    model.set_trainable([Role.QUERY_REASONER] + ([Role.COMPRESSOR] if settings.trainable_compressor else [])
+                        + ([Role.GENERATOR] if settings.train_generator else []), backbone=False)
     model.train()
     settings = dataclasses.replace(settings, micro_batch_size=settings.micro_batch_size * workers)
     updater = TorchUpdater(model, settings.optimiser, bf16=worker.bf16)
@@ -99,6 +103,6 @@ def train_stage3(
     window, history, started = MetricWindow(settings.report_every, settings.steps), [], time.perf_counter()
     for step, batch in stage3_batches(questions, settings.micro_batch_size, settings.steps, worker.seed):
         learning_rate = updater.learning_rate()
-        values = stage3_step(updater, tokenizer, batch, candidates, settings, worker.lengths, step, anchor)
+        values = stage3_step(updater, tokenizer, batch, candidates, settings, worker.lengths, step, anchor, documents)
         _report("stage3", window, step, settings.steps, values, learning_rate, started, history, on_window, log)
     return history

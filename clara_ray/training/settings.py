@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clara_ray.config import Config, ConfigError, DType, ReconstructionOrder
+from clara_ray.config import CompressorMode, Config, ConfigError, DType, ReconstructionOrder
 from clara_ray.modeling.clara import Distillation
 from clara_ray.training.batches import Lengths
 from clara_ray.training.engine import OptimiserSettings
@@ -164,6 +164,8 @@ class Stage3Settings:
     train_generator: bool
     report_every: int
     checkpoint_every: int
+    trainable_compressor: bool = False  # candidates re-encoded with gradient every step
+    refresh_every: int = 0  # steps between background index refreshes (0: after the last step only)
 
     @classmethod
     def from_config(cls, config: Config) -> Stage3Settings:
@@ -190,4 +192,6 @@ class Stage3Settings:
             train_generator=s3.train_generator,
             report_every=s3.report_every,
             checkpoint_every=s3.checkpoint_every,
+            trainable_compressor=s3.compressor == CompressorMode.TRAINABLE,
+            refresh_every=s3.refresh_every,
         )

@@ -183,13 +183,20 @@ def run_stage2(config: Config, data: TrainingData, stage1_model_dir: Path, run_d
 
 
 def run_stage3(config: Config, data: TrainingData, stage1_model_dir: Path, candidates: CandidateSource,
-               run_dir: Path, callbacks: list | None = None) -> StageResult:
+               run_dir: Path, callbacks: list | None = None, refresh: tuple | None = None) -> StageResult:
     """Joint training of query reasoner and generator through the top-k, candidates
     from `candidates` (the index actors in the pipeline). Gold document ids travel
     along only to log training recall. `callbacks`: Ray Train callbacks (a sweep
-    passes Tune's)."""
+    passes Tune's). With stage3.compressor=trainable, `refresh` is the run's
+    (RefreshScheduler actor, RefreshPlan) (``clara_ray.index.refresh``)."""
     settings = Stage3Settings.from_config(config)
+    if settings.trainable_compressor and refresh is None:
+        raise ValueError("stage3.compressor=trainable re-encodes the corpus as it trains: run_stage3 needs the "
+                         "run's refresh scheduler (clara_ray.index.refresh; the pipeline starts one)")
     loop_config = {"settings": settings, "model_dir": str(stage1_model_dir), "candidates": candidates,
-                   "validation_path": None if data.stage3_validation is None else str(data.stage3_validation)}
+                   "validation_path": None if data.stage3_validation is None else str(data.stage3_validation),
+                   "documents_path": str(data.documents), "questions_path": str(data.stage3_questions),
+                   "refresh": None if refresh is None else refresh[0],
+                   "refresh_plan": None if refresh is None else refresh[1]}
     return _fit(stage3_loop, loop_config, config, run_dir, "stage3", data.stage3_questions, settings.steps,
                 settings.micro_batch_size, callbacks)

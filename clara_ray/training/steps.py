@@ -14,11 +14,13 @@ nothing else computes a training step.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from clara_ray.modeling.clara import Objective, Role
+from clara_ray.modeling.text import tokenize_texts
 from clara_ray.modeling.topk import annealed_temperature
 from clara_ray.training.batches import Lengths, QuestionBatch, stage3_batch
 from clara_ray.training.candidates import CandidateSource
@@ -82,11 +84,17 @@ def stage3_step(
     lengths: Lengths,
     step: int,
     anchor: ParameterAnchor,
+    documents: Callable[[list[str]], list[str]] | None = None,
 ) -> dict[str, float]:
     """Joint training, step `step` (1-based) of `settings.steps`: the query reasoner
     asks `candidates` for L documents, re-scores them exactly against their stored
     memories, the differentiable top-k picks k, and the generator's loss on the
-    answer trains the query reasoner (and the generator, if configured)."""
+    answer trains the query reasoner (and the generator, if configured).
+
+    With a trainable compressor (`settings.trainable_compressor`) the index only
+    proposes the L candidates: their texts (`documents(ids)`) are compressed again
+    by the current compressor, with gradient, once per distinct document of the batch,
+    and those fresh memories are re-scored and read."""
     model, device = updater.module, updater.device
     clock = _Clock(device)
     inputs = {k: v.to(device) for k, v in stage3_batch(batch.questions, batch.answers, tokenizer, lengths).items()}
@@ -94,10 +102,19 @@ def stage3_step(
         query_memory, _ = model.encode(Role.QUERY_REASONER, inputs["question_ids"], inputs["question_mask"])
     clock.lap("query")
     found = candidates.candidates(query_memory.flatten(1).float().cpu().numpy(), settings.num_candidates, batch.question_ids)
-    candidate_memory = torch.from_numpy(found.memory.astype(np.float32)).to(device)  # (B, L, n, d)
     clock.lap("search")
+    if settings.trainable_compressor:
+        if documents is None:
+            raise ValueError("a trainable compressor re-encodes its candidates: stage3_step needs `documents`")
+        distinct, rows = np.unique(found.doc_ids.astype(str), return_inverse=True)
+        tokens = tokenize_texts(tokenizer, documents(distinct.tolist()), lengths.doc, pad_to_max_length=True)
+        candidate_inputs = {"candidate_memory": None, "candidate_doc_ids": tokens.ids.to(device),
+                            "candidate_doc_mask": tokens.mask.to(device),
+                            "candidate_rows": torch.from_numpy(rows.reshape(found.doc_ids.shape)).to(device)}
+    else:
+        candidate_inputs = {"candidate_memory": torch.from_numpy(found.memory.astype(np.float32)).to(device)}  # (B, L, n, d)
     temperature = annealed_temperature(step, settings.steps, settings.initial_temperature, settings.temperature)
-    out = updater.forward(Objective.JOINT, **inputs, candidate_memory=candidate_memory, k=settings.top_k, temperature=temperature,
+    out = updater.forward(Objective.JOINT, **inputs, **candidate_inputs, k=settings.top_k, temperature=temperature,
                           sample=settings.gumbel_top_k,
                           distillation=settings.distillation if step > settings.distillation_start_step else None)
     anchored = step > settings.anchor_start_step
@@ -113,6 +130,8 @@ def stage3_step(
     metrics = {"loss": out["loss"].item(), "temperature": temperature, "tokens": tokens,
                **({"distillation_loss": out["distillation_loss"].item()} if "distillation_loss" in out else {}),
                "seconds_step": sum(clock.seconds.values()), **clock.seconds}
+    if settings.trainable_compressor:
+        metrics["candidates_encoded"] = len(distinct)
     if batch.gold_doc_ids is not None:
         top1 = out["scores"].argmax(-1).cpu().numpy()
         gold = batch.gold_doc_ids

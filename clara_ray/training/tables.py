@@ -101,9 +101,16 @@ class DocumentTable:
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         self._text = read_table(path).column("text")
+        self._row_of: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return len(self._text)
 
     def __getitem__(self, row: int) -> str:
         return self._text[row].as_py()
+
+    def texts_of(self, doc_ids: list[str]) -> list[str]:
+        """Texts by document id (the id -> row map is built on the first call)."""
+        if self._row_of is None:
+            self._row_of = {d: i for i, d in enumerate(read_table(self.path).column("id").to_pylist())}
+        return [self[self._row_of[d]] for d in doc_ids]

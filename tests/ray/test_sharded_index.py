@@ -125,7 +125,7 @@ def test_refresh_while_searching_then_crashing_refresh_keeps_serving(local_ray, 
     refresh = router.refresh.remote(str(tmp_path / "memory-step10"), 10)
     with ThreadPoolExecutor(1) as pool:
         answers = pool.submit(search_until, lambda: local_ray.wait([refresh], timeout=0)[0] != []).result(timeout=300)
-    assert local_ray.get(refresh) == "v10"
+    assert local_ray.get(refresh)["version"] == "v10"
     assert len(answers) >= 1
     for found in answers:
         same_as_old = found.doc_ids.tolist() == old_answer.doc_ids.tolist()

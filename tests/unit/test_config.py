@@ -265,3 +265,10 @@ def test_steps_for_data_turns_epochs_into_steps(tmp_path):
     assert steps["stage3"] == (-(-3 * count // 16), f"1.5 epochs of {count} training questions, 8 per step")
     assert set(steps) == {"stage1", "stage3"}  # stage 2 is off
     assert load_config(None, []).stage1.steps == 800 and steps_for_data(load_config(None, []), data) == {}
+
+
+def test_refresh_needs_a_trainable_compressor():
+    with pytest.raises(ConfigError, match="stage3.refresh_every.*trainable"):
+        load_config(None, ["stage3.refresh_every=50"])
+    config = load_config(None, ["stage3.refresh_every=50", "stage3.compressor=trainable"])
+    assert config.stage3.compressor.value == "trainable" and config.stage3.refresh_every == 50

@@ -101,6 +101,50 @@ def test_stage3_step_trains_only_the_query_reasoner_from_any_candidate_source():
     assert torch.equal(gain, before["retrieval_gain.query_reasoner.weight"])  # held for 90% of the steps
 
 
+def test_stage3_step_with_a_trainable_compressor_reencodes_candidates_with_gradient():
+    model, tokenizer = make_model()
+    model.set_trainable([Role.QUERY_REASONER, Role.COMPRESSOR], backbone=False)
+    config = load_config(None, ["stage3.steps=10", "stage3.num_candidates=4", "stage3.compressor=trainable"])
+    settings = Stage3Settings.from_config(config)
+    assert settings.trainable_compressor
+    updater = TorchUpdater(model, settings.optimiser)
+    doc_ids = [f"d{i}" for i in range(len(TEXTS))]
+    texts = dict(zip(doc_ids, TEXTS))
+    asked = []
+
+    def documents(ids):
+        asked.append(list(ids))
+        return [texts[i] for i in ids]
+
+    # Stored memories that say nothing: only the re-encoded ones can give the loss a gradient to the compressor.
+    source = ExactSearch(doc_ids, np.zeros_like(_memory(model, tokenizer, TEXTS)) + 1)
+    batch = QuestionBatch(["q0", "q1"], ["Which city was Zorvan Kellit born in?", "What does Quipel Silhir own?"],
+                          ["Marlow", "cello"], [("d0",), ("d2",)])
+    anchor = ParameterAnchor(model, 0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step in range(1, 4):
+        metrics = stage3_step(updater, tokenizer, batch, source, settings, LENGTHS, step, anchor, documents)
+        assert np.isfinite(metrics["loss"])
+    # Each step compressed the batch's distinct candidates once: 2 questions x 4 candidates of 6 documents.
+    assert metrics["candidates_encoded"] == len(asked[-1]) == len(set(asked[-1])) <= 6
+    changed = _changed(model, before)
+    compressor = set(model.role_parameters(Role.COMPRESSOR))
+    assert changed & compressor and changed <= compressor | set(model.role_parameters(Role.QUERY_REASONER))
+    with pytest.raises(ValueError, match="needs `documents`"):
+        stage3_step(updater, tokenizer, batch, source, settings, LENGTHS, 4, anchor)
+
+
+def test_the_fresh_candidate_memories_are_what_the_index_stores_before_training():
+    model, tokenizer = make_model()
+    tokens = tokenize_texts(tokenizer, TEXTS, LENGTHS.doc, pad_to_max_length=True)
+    with torch.no_grad():
+        stored = model.encode(Role.COMPRESSOR, tokens.ids, tokens.mask)[0]
+        rows = torch.tensor([[3, 0, 5], [1, 1, 2]])
+        fresh = model.encode(Role.COMPRESSOR, tokens.ids[[0, 1, 2, 3, 5]], tokens.mask[[0, 1, 2, 3, 5]])[0]
+        gathered = fresh[torch.tensor([[3, 0, 4], [1, 1, 2]])]
+    assert torch.allclose(gathered, stored[rows], atol=1e-5)
+
+
 @pytest.mark.parametrize("train_compressor", [False, True])
 def test_stage2_step_reads_k_given_documents_and_trains_what_is_configured(train_compressor):
     from types import SimpleNamespace
