@@ -1,7 +1,9 @@
 """Refreshing the index while stage 3 trains the compressor (``stage3.compressor: trainable``).
 
     scheduler = start_refresh_scheduler(router, RefreshPlan(...), name)       # the driver
-    scheduler.request.remote(step, snapshot_dir, probe_keys)                  # rank 0 of the loop: returns at once
+    if ray.get(scheduler.reserve.remote(step)):                               # rank 0 of the loop, then at once
+        scheduler.start.remote(step, snapshot_dir, probe_keys)                 # (the snapshot written in between)
+    scheduler.request.remote(step, model_dir, final=True)                      # the driver, after stage 3
     ray.get(scheduler.drain.remote())                                         # the driver, after stage 3
     ray.get(scheduler.status.remote())                                        # what happened, for metrics
 
@@ -96,6 +98,7 @@ class _State:
     events: list[RefreshEvent] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     running: int | None = None
+    reserved: bool = False  # `running` is reserved, its `start` not yet called
     final: _Request | None = None  # a final request waiting for its turn
 
 
@@ -121,9 +124,34 @@ class RefreshScheduler:
 
     # --------------------------------------------------------------- requests
 
-    def busy(self) -> bool:
+    def reserve(self, step: int) -> bool:
+        """The loop's first call at a refresh step: True if the refresh of `step` may
+        start (its `start` follows, with the snapshot); False, and the step counted as
+        skipped, if one is in flight."""
         with self._lock:
-            return self._state.running is not None
+            if self._state.running is not None:
+                self._state.skipped.append(step)
+                print(f"[refresh] step {step}: skipped, the refresh of step {self._state.running} is still running",
+                      flush=True)
+                return False
+            self._state.running, self._state.reserved = step, True
+            return True
+
+    def release(self) -> None:
+        """Drop a reservation whose `start` never came (the loop that made it died in
+        between; a restarted loop calls this first)."""
+        with self._lock:
+            if self._state.reserved:
+                self._state.running, self._state.reserved = None, False
+                self._lock.notify_all()
+
+    def start(self, step: int, snapshot_dir: str, probe_keys: np.ndarray | None = None) -> None:
+        """Run the refresh `reserve(step)` made room for."""
+        with self._lock:
+            if self._state.running != step or not self._state.reserved:
+                raise RuntimeError(f"refresh of step {step} started without reserve({step})")
+            self._state.reserved = False
+        threading.Thread(target=self._run, args=(_Request(step, snapshot_dir, probe_keys, False),), daemon=True).start()
 
     def request(self, step: int, snapshot_dir: str, probe_keys: np.ndarray | None = None,
                 final: bool = False) -> str:
@@ -144,13 +172,6 @@ class RefreshScheduler:
             self._state.running = step
         threading.Thread(target=self._run, args=(request,), daemon=True).start()
         return "started"
-
-    def skip(self, step: int) -> None:
-        """Record a refresh the loop did not ask for because one was running."""
-        with self._lock:
-            self._state.skipped.append(step)
-            running = self._state.running
-        print(f"[refresh] step {step}: skipped, the refresh of step {running} is still running", flush=True)
 
     def drain(self, timeout_s: float | None = None) -> dict:
         """Wait until no refresh runs or waits; returns the status."""

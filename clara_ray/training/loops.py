@@ -252,6 +252,8 @@ class _Refresher:
         self.w, self.scheduler, self.plan, self.settings, self.lengths = w, scheduler, plan, settings, lengths
         self.probe = read_table(questions_path).slice(0, self.PROBE_QUESTIONS).column("question").to_pylist()
         self.save_backbone = w.manifest["backbone"] == "backbone"
+        if w.rank == 0:  # a reservation of a loop that died before starting its refresh
+            ray.get(scheduler.release.remote())
 
     def due(self, step: int) -> bool:
         every = self.settings.refresh_every
@@ -261,9 +263,7 @@ class _Refresher:
         if not self.due(step):
             return
         with full_parameters(self.w.updater):  # every rank: ZeRO-3 gathers here
-            if self.w.rank != 0 or ray.get(self.scheduler.busy.remote()):
-                if self.w.rank == 0:
-                    self.scheduler.skip.remote(step)
+            if self.w.rank != 0 or not ray.get(self.scheduler.reserve.remote(step)):  # False: one is running
                 return
             model = self.w.updater.module
             snapshot = self.plan.snapshot_dir(step)
@@ -272,7 +272,7 @@ class _Refresher:
                 tokens = tokenize_texts(self.w.tokenizer, self.probe, self.lengths.question)
                 keys, _ = model.encode(Role.QUERY_REASONER, tokens.ids.to(self.w.updater.device),
                                        tokens.mask.to(self.w.updater.device))
-            self.scheduler.request.remote(step, str(snapshot), keys.flatten(1).float().cpu().numpy())
+            self.scheduler.start.remote(step, str(snapshot), keys.flatten(1).float().cpu().numpy())
 
 
 def stage3_loop(run: dict):

@@ -1,0 +1,102 @@
+"""Stage 3 with a trainable compressor: the index is refreshed in the background while
+training runs, and a refresh whose encode is killed midway costs nothing but itself."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from clara_ray.config import load_config
+from clara_ray.data.corpus_rows import CorpusFormat
+from clara_ray.data.trap import generate_trap_corpus, write_trap_corpus
+from clara_ray.encode import encode_corpus
+from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_index_actor
+from clara_ray.index.refresh import RefreshPlan, refresh_scheduler_name, start_refresh_scheduler
+from clara_ray.index.versions import IndexSettings
+from clara_ray.memory_shards import read_memory_shards
+from clara_ray.modeling.initial import build_initial_model
+from clara_ray.modeling.text import document_input
+from clara_ray.pipeline import _final_refresh, encode_settings
+from clara_ray.training.stages import run_stage3, write_training_data
+
+pytestmark = pytest.mark.ray
+
+STAGE3 = [
+    "model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=128", "model.tiny.vocab_size=500", "stage1.micro_batch_size_per_worker=4",
+    "stage3.top_k=2", "stage3.num_candidates=8", "stage3.micro_batch_size_per_worker=4", "stage3.steps=24",
+    "stage3.report_every=4", "stage3.checkpoint_every=12", "stage3.compressor=trainable", "stage3.refresh_every=4",
+    "train.num_workers=2", "encode.max_actors=1", "encode.batch_size=32",
+]
+
+
+def test_a_refresh_killed_midway_leaves_the_old_version_serving_and_training_never_waits(local_ray, tmp_path):
+    """The first refresh's encode (step 4) stops midway and hangs until the test kills it:
+    training must run all 24 steps meanwhile on the initial version (every later request
+    skipped, since one is in flight), then the kill fails that refresh, and the final one
+    (from the stage-3 model) swaps in. Nothing here depends on when the kill lands."""
+    marker = tmp_path / "encode-pid"
+
+    def encode_hanging_once(*args, **kwargs):
+        if marker.exists():
+            return encode_corpus(*args, **kwargs)
+
+        def hang_midway(line):
+            if line.startswith("[encode] quarantine done"):  # read and counted; nothing encoded yet
+                marker.write_text(str(os.getpid()))
+                threading.Event().wait()
+
+        return encode_corpus(*args, **{**kwargs, "log": hang_midway})
+
+    config = load_config(None, STAGE3)
+    corpus = generate_trap_corpus(num_entities=12, seed=3)
+    paths = write_trap_corpus(tmp_path / "data", corpus)
+    initial = build_initial_model(config, corpus.documents, corpus.train_qa, tmp_path / "init")
+    config = initial.config
+    data = write_training_data(config, {d.id: document_input(d.text, d.title) for d in corpus.documents},
+                               corpus.train_qa, tmp_path)
+    encode_corpus(str(paths["corpus"]), initial.model_dir, tmp_path / "memory", encode_settings(config),
+                  CorpusFormat.JSONL, log=lambda line: None)
+    index = start_index_actor(str(tmp_path / "memory"), index_actor_name(tmp_path),
+                              settings=IndexSettings.from_config(config.index))
+    plan = RefreshPlan(str(paths["corpus"]), CorpusFormat.JSONL, encode_settings(config), str(tmp_path / "refresh"),
+                       config.stage3.num_candidates)
+    scheduler = start_refresh_scheduler(index, plan, refresh_scheduler_name(tmp_path), encode=encode_hanging_once)
+    try:
+        stage3 = run_stage3(config, data, initial.model_dir, IndexActorCandidates(index), tmp_path,
+                            refresh=(scheduler, plan))
+        # All 24 steps ran while the step-4 refresh hung: no step waited for it.
+        assert [h["step"] for h in stage3.history] == [4, 8, 12, 16, 20, 24]
+        status = local_ray.get(scheduler.status.remote())
+        assert status["running"] == 4 and status["skipped"] == [8, 12, 16, 20] and status["events"] == []
+        assert [h["index_version_step"] for h in stage3.history] == [0] * 6  # the old version served throughout
+        assert [h["index_staleness"] for h in stage3.history] == [4, 8, 12, 16, 20, 24]
+        assert [h["refreshes_skipped"] for h in stage3.history] == [0, 1, 2, 3, 4, 4]
+        assert all(h["candidates_encoded"] > 0 for h in stage3.history)
+
+        deadline = time.monotonic() + 300  # the hung encode reaches its hang in its own time
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the first refresh's encode never got midway"
+            time.sleep(0.2)
+        os.kill(int(marker.read_text()), signal.SIGKILL)
+
+        memory_of, status = _final_refresh(config, index, scheduler, stage3.model_dir, log=print)
+    finally:
+        local_ray.kill(scheduler)
+        local_ray.kill(index)
+    first, final = status["events"]
+    assert (first["step"], first["outcome"]) == (4, "failed") and first["error"]
+    assert (final["step"], final["outcome"], final["version"]) == (24, "swapped", "v24")
+    assert (tmp_path / "index" / "CURRENT").read_text().strip() == "v24"
+    fingerprint = json.loads((stage3.model_dir / "clara.json").read_text())["compressor_fingerprint"]
+    shards = read_memory_shards(tmp_path / "refresh" / "memory-v24")
+    assert shards.manifest["model_fingerprint"] == fingerprint != json.loads(
+        (Path(initial.model_dir) / "clara.json").read_text())["compressor_fingerprint"]
+    assert set(memory_of) == {d.id for d in corpus.documents}
+    # The failed refresh's half-written shards and its snapshot are gone; v0's memory stays (its version is kept).
+    assert sorted(p.name for p in (tmp_path / "refresh").iterdir()) == ["memory-v24", "snapshots"]
+    assert list((tmp_path / "refresh" / "snapshots").iterdir()) == []
