@@ -8,7 +8,14 @@ from clara_ray.config import load_config
 from clara_ray.modeling.checkpoint import load_model, save_model
 from clara_ray.modeling.clara import Role
 from clara_ray.training.batches import Lengths, Stage1Example, stage1_batches
-from clara_ray.training.checkpoints import MODEL_DIR, load_rank_state, read_trainer_state, save_rank_state, write_trainer_state
+from clara_ray.training.checkpoints import (
+    MODEL_DIR,
+    latest_trainer_state,
+    load_rank_state,
+    read_trainer_state,
+    save_rank_state,
+    write_trainer_state,
+)
 from clara_ray.training.engine import TorchUpdater
 from clara_ray.training.settings import Stage1Settings
 from clara_ray.training.steps import stage1_step
@@ -61,3 +68,12 @@ def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tmp_path):
     load_rank_state(tmp_path, 0, updater.optimizer, updater.scheduler, rng)
     rest = _train(resumed, tokenizer, settings, 6, 12, updater=updater, rng=rng)
     assert first + rest == whole  # bit for bit on CPU
+
+
+def test_latest_trainer_state_is_the_checkpoint_of_the_highest_step(tmp_path):
+    assert latest_trainer_state(tmp_path / "stage3") is None  # before the first checkpoint
+    for name, step, version in (("checkpoint_b", 150, "v100"), ("checkpoint_a", 300, "v250"), ("checkpoint_c", 50, "v0")):
+        (tmp_path / "stage3" / name).mkdir(parents=True)
+        write_trainer_state(tmp_path / "stage3" / name, "stage3", step, 400, [], version)
+    latest = latest_trainer_state(tmp_path / "stage3")
+    assert (latest["step"], latest["index_version"]) == (300, "v250")
