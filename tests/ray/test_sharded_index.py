@@ -149,7 +149,7 @@ def test_refresh_while_searching_then_crashing_refresh_keeps_serving(local_ray, 
 
     # One more good refresh: the last two versions stay on disk.
     write_memory_shards(tmp_path / "memory-step30", count=300, n_mem=N_MEM, hidden=HIDDEN, seed=5)
-    assert local_ray.get(router.refresh.remote(str(tmp_path / "memory-step30"), 30)) ["version"] == "v30"
+    assert local_ray.get(router.refresh.remote(str(tmp_path / "memory-step30"), 30))["version"] == "v30"
     assert [v.name for v in list_versions(tmp_path / "index")] == ["v10", "v30"]
     assert not (tmp_path / "index" / f"v20{BUILDING_SUFFIX}").exists()
     local_ray.kill(router)
