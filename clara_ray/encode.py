@@ -122,6 +122,10 @@ class EncodeSettings:
     # whatever batch Ray Data put it in (padded to the batch's longest document,
     # the matmul shapes change with the batch and so do the last bits).
     pad_to_doc_max_len: bool = True
+    # CPUs each parsing task asks for (None: Ray Data's 1). An index refresh encodes
+    # while training holds the cluster's CPUs but one actor's: its parsing asks for 0,
+    # or it would wait forever behind the actor it feeds (clara_ray/index/refresh.py).
+    parse_cpus: float | None = None
 
 
 @dataclass(frozen=True)
@@ -195,15 +199,16 @@ def encode_corpus(
 
     mark = time.perf_counter()
     num_partitions = _shuffle_partitions(paths)
+    cpus = settings.parse_cpus
     duplicates = find_duplicate_ids(
-        read_corpus_rows(paths, corpus_format, settings.on_bad_row), num_partitions=num_partitions
+        read_corpus_rows(paths, corpus_format, settings.on_bad_row, read_cpus=cpus), num_partitions=num_partitions
     )
 
     def corpus_rows():
         # A dataset keeps the DataContext of its creation: the checkpointed
         # encode step needs one created after its checkpoint config is set.
-        rows = read_corpus_rows(paths, corpus_format, settings.on_bad_row)
-        return mark_duplicate_ids(rows, duplicates, settings.on_bad_row)
+        rows = read_corpus_rows(paths, corpus_format, settings.on_bad_row, read_cpus=cpus)
+        return mark_duplicate_ids(rows, duplicates, settings.on_bad_row, cpus)
 
     rows = corpus_rows()
     mark = step(f"duplicate ids ({len(duplicates)} ids occur more than once)", mark)
@@ -217,7 +222,7 @@ def encode_corpus(
 
     rows_before = committed_rows(settle_interrupted_write(output_dir, checkpoint_dir(output_dir), log))
     encode_started = time.perf_counter()
-    _encode_good_rows(lambda: good_rows(corpus_rows()), model_dir, output_dir, settings)
+    _encode_good_rows(lambda: good_rows(corpus_rows(), cpus), model_dir, output_dir, settings)
     encode_seconds = time.perf_counter() - encode_started
     shards = _finished_shards(output_dir, log)
     mark = step("encode", encode_started)
@@ -283,7 +288,8 @@ def _encode_good_rows(documents, model_dir, output_dir: Path, settings: EncodeSe
             compute=ray.data.ActorPoolStrategy(min_size=settings.min_actors, max_size=settings.max_actors),
             num_cpus=settings.num_cpus_per_actor,
             num_gpus=settings.num_gpus_per_actor,
-        ).write_parquet(str(output_dir), min_rows_per_file=settings.rows_per_shard)
+        ).write_parquet(str(output_dir), min_rows_per_file=settings.rows_per_shard,
+                        ray_remote_args=None if settings.parse_cpus is None else {"num_cpus": settings.parse_cpus})
     finally:
         context.checkpoint_config = previous
 

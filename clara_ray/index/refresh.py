@@ -32,6 +32,7 @@ logged with its error; the next request tries again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -103,8 +104,11 @@ class _State:
 
 
 def _encode_task(encode, plan: RefreshPlan, model_dir: str, memory_dir: str) -> None:
-    """Runs as a Ray task (its own process, so a kill there is not a kill of the scheduler)."""
-    encode(plan.corpus_path, model_dir, memory_dir, plan.encode, plan.corpus_format, log=lambda line: None)
+    """Runs as a Ray task (its own process, so a kill there is not a kill of the scheduler).
+    Training holds its CPUs meanwhile: only the compressor actors ask for any, the
+    parsing that feeds them none (else it would wait behind them for the CPU they hold)."""
+    settings = dataclasses.replace(plan.encode, parse_cpus=0)
+    encode(plan.corpus_path, model_dir, memory_dir, settings, plan.corpus_format, log=lambda line: None)
 
 
 def _fingerprint(model_dir: str | Path) -> str:

@@ -100,3 +100,38 @@ def test_a_refresh_killed_midway_leaves_the_old_version_serving_and_training_nev
     # The failed refresh's half-written shards and its snapshot are gone; v0's memory stays (its version is kept).
     assert sorted(p.name for p in (tmp_path / "refresh").iterdir()) == ["memory-v24", "snapshots"]
     assert list((tmp_path / "refresh" / "snapshots").iterdir()) == []
+
+
+def test_a_refresh_runs_on_the_one_cpu_training_leaves_free(local_ray, tmp_path):
+    """Training holds every CPU but one (the demo: 2 workers + an index shard of 4): the
+    refresh's compressor actor takes that one, and the parsing that feeds it must not
+    wait for a CPU (it did, forever, before parsing asked for none)."""
+    config = load_config(None, STAGE3)
+    corpus = generate_trap_corpus(num_entities=12, seed=3)
+    paths = write_trap_corpus(tmp_path / "data", corpus)
+    initial = build_initial_model(config, corpus.documents, corpus.train_qa, tmp_path / "init")
+    config = initial.config
+    encode_corpus(str(paths["corpus"]), initial.model_dir, tmp_path / "memory", encode_settings(config),
+                  CorpusFormat.JSONL, log=lambda line: None)
+    index = start_index_actor(str(tmp_path / "memory"), index_actor_name(tmp_path),
+                              settings=IndexSettings.from_config(config.index))
+    plan = RefreshPlan(str(paths["corpus"]), CorpusFormat.JSONL, encode_settings(config), str(tmp_path / "refresh"),
+                       config.stage3.num_candidates)
+    scheduler = start_refresh_scheduler(index, plan, refresh_scheduler_name(tmp_path))
+
+    @local_ray.remote
+    class Training:
+        def ready(self):
+            return True
+
+    busy = local_ray.available_resources()["CPU"] - 1
+    training = Training.options(num_cpus=busy).remote()
+    try:
+        local_ray.get(training.ready.remote())
+        assert local_ray.available_resources().get("CPU", 0) == 1
+        local_ray.get(scheduler.request.remote(7, str(initial.model_dir), None, True))
+        status = local_ray.get(scheduler.drain.remote(240))
+    finally:
+        for actor in (training, scheduler, index):
+            local_ray.kill(actor)
+    assert [(e["step"], e["outcome"]) for e in status["events"]] == [(7, "swapped")], status
