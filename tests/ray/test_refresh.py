@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,42 @@ STAGE3 = [
 ]
 
 
-def test_a_refresh_killed_midway_leaves_the_old_version_serving_and_training_never_waits(local_ray, tmp_path):
+@dataclass(frozen=True)
+class Prepared:
+    config: object
+    corpus: object
+    corpus_path: Path
+    initial: object
+    data: object
+    memory_dir: Path
+
+
+@pytest.fixture(scope="module")
+def prepared(local_ray, tmp_path_factory) -> Prepared:
+    """A small trap corpus, an initial (untrained) model, its training data and its encoding."""
+    work = tmp_path_factory.mktemp("refresh")
+    corpus = generate_trap_corpus(num_entities=12, seed=3)
+    paths = write_trap_corpus(work / "data", corpus)
+    initial = build_initial_model(load_config(None, STAGE3), corpus.documents, corpus.train_qa, work / "init")
+    config = initial.config
+    data = write_training_data(config, {d.id: document_input(d.text, d.title) for d in corpus.documents},
+                               corpus.train_qa, work)
+    encode_corpus(str(paths["corpus"]), initial.model_dir, work / "memory", encode_settings(config),
+                  CorpusFormat.JSONL, log=lambda line: None)
+    return Prepared(config, corpus, paths["corpus"], initial, data, work / "memory")
+
+
+def _index_and_plan(prepared: Prepared, run_dir: Path):
+    """This test's own index (its versions under run_dir/index) and refresh plan."""
+    config = prepared.config
+    index = start_index_actor(str(prepared.memory_dir), index_actor_name(run_dir),
+                              settings=IndexSettings.from_config(config.index), index_root=str(run_dir / "index"))
+    plan = RefreshPlan(str(prepared.corpus_path), CorpusFormat.JSONL, encode_settings(config), str(run_dir / "refresh"),
+                       config.stage3.num_candidates)
+    return index, plan
+
+
+def test_a_refresh_killed_midway_leaves_the_old_version_serving_and_training_never_waits(prepared, local_ray, tmp_path):
     """The first refresh's encode (step 4) stops midway and hangs until the test kills it:
     training must run all 24 steps meanwhile on the initial version (every later request
     skipped, since one is in flight), then the kill fails that refresh, and the final one
@@ -52,19 +88,8 @@ def test_a_refresh_killed_midway_leaves_the_old_version_serving_and_training_nev
 
         return encode_corpus(*args, **{**kwargs, "log": hang_midway})
 
-    config = load_config(None, STAGE3)
-    corpus = generate_trap_corpus(num_entities=12, seed=3)
-    paths = write_trap_corpus(tmp_path / "data", corpus)
-    initial = build_initial_model(config, corpus.documents, corpus.train_qa, tmp_path / "init")
-    config = initial.config
-    data = write_training_data(config, {d.id: document_input(d.text, d.title) for d in corpus.documents},
-                               corpus.train_qa, tmp_path)
-    encode_corpus(str(paths["corpus"]), initial.model_dir, tmp_path / "memory", encode_settings(config),
-                  CorpusFormat.JSONL, log=lambda line: None)
-    index = start_index_actor(str(tmp_path / "memory"), index_actor_name(tmp_path),
-                              settings=IndexSettings.from_config(config.index))
-    plan = RefreshPlan(str(paths["corpus"]), CorpusFormat.JSONL, encode_settings(config), str(tmp_path / "refresh"),
-                       config.stage3.num_candidates)
+    config, corpus, initial, data = prepared.config, prepared.corpus, prepared.initial, prepared.data
+    index, plan = _index_and_plan(prepared, tmp_path)
     scheduler = start_refresh_scheduler(index, plan, refresh_scheduler_name(tmp_path), encode=encode_hanging_once)
     try:
         stage3 = run_stage3(config, data, initial.model_dir, IndexActorCandidates(index), tmp_path,
@@ -102,22 +127,13 @@ def test_a_refresh_killed_midway_leaves_the_old_version_serving_and_training_nev
     assert list((tmp_path / "refresh" / "snapshots").iterdir()) == []
 
 
-def test_a_refresh_runs_on_the_one_cpu_training_leaves_free(local_ray, tmp_path):
+def test_a_refresh_runs_on_the_one_cpu_training_leaves_free(prepared, local_ray, tmp_path):
     """Training holds every CPU but one (the demo: 2 workers + an index shard of 4): the
     refresh's compressor actor takes that one, and the parsing that feeds it must not
     wait for a CPU (it did, forever, before parsing asked for none)."""
-    config = load_config(None, STAGE3)
-    corpus = generate_trap_corpus(num_entities=12, seed=3)
-    paths = write_trap_corpus(tmp_path / "data", corpus)
-    initial = build_initial_model(config, corpus.documents, corpus.train_qa, tmp_path / "init")
-    config = initial.config
-    encode_corpus(str(paths["corpus"]), initial.model_dir, tmp_path / "memory", encode_settings(config),
-                  CorpusFormat.JSONL, log=lambda line: None)
-    index = start_index_actor(str(tmp_path / "memory"), index_actor_name(tmp_path),
-                              settings=IndexSettings.from_config(config.index))
-    plan = RefreshPlan(str(paths["corpus"]), CorpusFormat.JSONL, encode_settings(config), str(tmp_path / "refresh"),
-                       config.stage3.num_candidates)
+    index, plan = _index_and_plan(prepared, tmp_path)
     scheduler = start_refresh_scheduler(index, plan, refresh_scheduler_name(tmp_path))
+    initial = prepared.initial
 
     @local_ray.remote
     class Training:
