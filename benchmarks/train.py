@@ -17,7 +17,8 @@ one JSON object with the ratios.
   smaller batch.
 - `refresh` (Ray): stage-3 throughput (steps/s, whole stage) of a trainable compressor
   with the index refreshed every `--refresh-every` steps against no refresh while
-  training, tiny preset, one training worker; the refresh's encode actor gets the
+  training, tiny preset (4 questions and L = 16 candidates per step, so that a run
+  takes a minute), one training worker; the refresh's encode actor gets the
   machine's other core (the cluster's spare resources). Also the share of a step spent
   in the index search (the refresh-off arm's own timers).
 - `zero` (Ray): per-worker model + optimizer state at 2 workers under ZeRO-3 against
@@ -62,22 +63,6 @@ def _model(name: str, work: Path):
     return initial.config, model, tokenizer, corpus, initial.model_dir
 
 
-def _memory(model, tokenizer, texts: list[str], doc_max_len: int):
-    import torch
-
-    from clara_ray.modeling.clara import Role
-    from clara_ray.modeling.text import tokenize_texts
-
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(texts), 64):
-            tokens = tokenize_texts(tokenizer, texts[start:start + 64], doc_max_len, pad_to_max_length=True)
-            chunks.append(model.encode(Role.COMPRESSOR, tokens.ids, tokens.mask)[0].float().numpy())
-    import numpy as np
-
-    return np.concatenate(chunks).astype(np.float16)
-
-
 def step_times(name: str, work: Path, rounds: int | None = None, steps_per_round: int | None = None) -> dict:
     """Median stage-3 step seconds of four arms (see module doc)."""
     import numpy as np
@@ -98,7 +83,10 @@ def step_times(name: str, work: Path, rounds: int | None = None, steps_per_round
     ids = [d.id for d in corpus.documents]
     texts = {d.id: document_input(d.text, d.title) for d in corpus.documents}
     worker = WorkerSettings.from_config(config)
-    memory = _memory(model, tokenizer, [texts[i] for i in ids], worker.lengths.doc)
+    # Only time is measured: the stored memories are random values of the shape the index stores
+    # (encoding the corpus with SmolLM2 would take minutes and change no step's arithmetic).
+    memory = np.random.default_rng(0).normal(size=(len(ids), model.num_memory_tokens,
+                                                   model.lm.config.hidden_size)).astype(np.float16)
     exact = ExactSearch(ids, memory)
     questions = QuestionBatch.from_qa(corpus.train_qa)
     # CLaRa's shape: every question its own 20 documents, none shared within a batch.
@@ -179,8 +167,9 @@ def _zero_loop(run: dict):
     optimizer = engine.basic_optimizer
     copies = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"] if id(p) not in ids)
     states = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
-    ray.train.report({"model_bytes": model_bytes, "optimizer_bytes": copies + states,
-                      "rank": ray.train.get_context().get_world_rank()})
+    rank = ray.train.get_context().get_world_rank()
+    Path(run["out"], f"rank-{rank}.json").write_text(json.dumps({"model_bytes": model_bytes,
+                                                                 "optimizer_bytes": copies + states}))
 
 
 def zero_memory(name: str, work: Path) -> dict:
@@ -193,15 +182,18 @@ def zero_memory(name: str, work: Path) -> dict:
     texts = [d.text for d in generate_trap_corpus(12, seed=3).documents[:6]]
     result = {}
     for stage in (0, 3):
+        out = work / f"zero{stage}-{name}"
+        out.mkdir()
         trainer = TorchTrainer(
             _zero_loop,
             train_loop_config={"model_dir": str(model_dir), "zero_stage": stage, "backbone": name == "tiny",
-                               "texts": texts},
+                               "texts": texts, "out": str(out)},
             scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
             run_config=RunConfig(name=f"zero{stage}-{name}", storage_path=str(work / "ray_train")),
         )
-        metrics = trainer.fit().metrics  # rank 0's
-        result[f"zero{stage}"] = {k: metrics[k] for k in ("model_bytes", "optimizer_bytes")}
+        trainer.fit()
+        ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+        result[f"zero{stage}"] = {k: max(r[k] for r in ranks) for k in ("model_bytes", "optimizer_bytes")}  # the larger rank
         print(f"[zero] {name} ZeRO-{stage}: {result[f'zero{stage}']}", flush=True)
     total = {k: v["model_bytes"] + v["optimizer_bytes"] for k, v in result.items()}
     return {"model": name, "trains": "whole backbone (stage 1)" if name == "tiny" else "LoRA on a frozen base",
@@ -231,6 +223,7 @@ def refresh_throughput(work: Path, steps: int, refresh_every: int) -> dict:
         run_dir = work / arm.replace(" ", "-")
         config = load_config(None, [f"stage3.steps={steps}", "stage3.compressor=trainable",
                                     f"stage3.refresh_every={every}", "train.num_workers=1",
+                                    "stage3.micro_batch_size_per_worker=4", "stage3.num_candidates=16",
                                     "stage3.checkpoint_every=100000", "encode.max_actors=1"])
         initial = build_initial_model(config, corpus.documents, corpus.train_qa, run_dir / "init", corpus.test_qa)
         config = initial.config
@@ -279,8 +272,8 @@ def _table(results: dict, command: str) -> str:
                   f"**{steps['trainable_overhead_L64']:.1f}x** the frozen one's.", ""]
     if "refresh" in results:
         r = results["refresh"]
-        lines += [f"**Throughput while refreshes run** (tiny preset, trainable compressor, {r['steps']} stage-3 steps, "
-                  "one training worker; the refresh's encode actor on the other core):", "",
+        lines += [f"**Throughput while refreshes run** (tiny preset, trainable compressor, {r['steps']} stage-3 steps "
+                  "of 4 questions and L = 16, one training worker; the refresh's encode actor on the other core):", "",
                   "| arm | steps/s | refreshes swapped / skipped / failed | share of a step in index search |",
                   "|---|---|---|---|"]
         for arm, row in r["arms"].items():

@@ -14,7 +14,9 @@ from clara_ray.data.lengths import LengthReport
 
 
 def plot_training(stage1_history: list[dict], stage3_history: list[dict], path: Path) -> Path:
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    refreshed = bool(stage3_history) and "index_staleness" in stage3_history[-1]  # a trainable compressor's run
+    figure, axes = plt.subplots(1, 3 if refreshed else 2, figsize=(16 if refreshed else 11, 4))
+    left, right = axes[0], axes[1]
     if stage1_history:
         left.plot([h["step"] for h in stage1_history], [h["loss"] for h in stage1_history], label="stage 1 loss")
     if stage3_history:
@@ -26,15 +28,14 @@ def plot_training(stage1_history: list[dict], stage3_history: list[dict], path: 
                        label="recall@1 (training batches)")
             right.plot([h["step"] for h in stage3_history], [h["gold_in_candidates"] for h in stage3_history],
                        label="gold among L candidates")
-    if stage3_history and "index_staleness" in stage3_history[-1]:  # a trainable compressor's refreshes
-        staleness = right.twinx()
-        staleness.step([h["step"] for h in stage3_history], [h["index_staleness"] for h in stage3_history],
-                       where="post", color="tab:red", alpha=0.6, label="index staleness (steps)")
-        staleness.set_ylabel("index staleness (steps since the live version's weights)")
-        staleness.legend(loc="lower right")
+    if refreshed:
+        steps = [h["step"] for h in stage3_history]
+        axes[2].plot(steps, [h["index_staleness"] for h in stage3_history], "o-", label="staleness at the window's end")
+        axes[2].plot(steps, [h["index_version_step"] for h in stage3_history], "s--", label="live version's step")
+        axes[2].set(xlabel="stage-3 step", ylabel="steps", title="index refreshes (trainable compressor)")
     left.set(xlabel="step (stage 3 continues after stage 1)", ylabel="loss", yscale="log", title="training loss")
     right.set(xlabel="stage-3 step", ylabel="fraction of questions", ylim=(0, 1.02), title="retrieval during stage 3")
-    for axis in (left, right):
+    for axis in axes:
         axis.legend()
         axis.grid(alpha=0.3)
     figure.tight_layout()
