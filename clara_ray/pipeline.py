@@ -300,7 +300,7 @@ def _final_refresh(config: Config, index, scheduler, model_dir: Path, log) -> tu
     the last index version (after any refresh still running), for the evaluation.
     Returns that encoding's memory by id, and the scheduler's record of every refresh."""
     steps = config.stage3.steps
-    ray.get(scheduler.request.remote(steps, str(model_dir), None, True))
+    ray.get(scheduler.request_final.remote(steps, str(model_dir)))
     status = ray.get(scheduler.drain.remote())
     info = ray.get(index.info.remote())
     if info["step"] != steps:

@@ -3,7 +3,7 @@
     scheduler = start_refresh_scheduler(router, RefreshPlan(...), name)       # the driver
     if ray.get(scheduler.reserve.remote(step)):                               # rank 0 of the loop, then at once
         scheduler.start.remote(step, snapshot_dir, probe_keys)                 # (the snapshot written in between)
-    scheduler.request.remote(step, model_dir, final=True)                      # the driver, after stage 3
+    scheduler.request_final.remote(step, model_dir)                            # the driver, after stage 3
     ray.get(scheduler.drain.remote())                                         # the driver, after stage 3
     ray.get(scheduler.status.remote())                                        # what happened, for metrics
 
@@ -48,6 +48,7 @@ import ray
 from clara_ray.data.corpus_rows import CorpusFormat
 from clara_ray.encode import EncodeSettings, encode_corpus
 from clara_ray.memory_shards import MANIFEST
+from clara_ray.modeling.checkpoint import MANIFEST as MODEL_MANIFEST
 
 SNAPSHOTS = "snapshots"
 _MEMORY_DIR = re.compile(r"^memory-v(\d+)(\.checkpoint)?$")
@@ -112,7 +113,7 @@ def _encode_task(encode, plan: RefreshPlan, model_dir: str, memory_dir: str) -> 
 
 
 def _fingerprint(model_dir: str | Path) -> str:
-    return json.loads((Path(model_dir) / "clara.json").read_text())["compressor_fingerprint"]
+    return json.loads((Path(model_dir) / MODEL_MANIFEST).read_text())["compressor_fingerprint"]
 
 
 class RefreshScheduler:
@@ -157,22 +158,14 @@ class RefreshScheduler:
             self._state.reserved = False
         threading.Thread(target=self._run, args=(_Request(step, snapshot_dir, probe_keys, False),), daemon=True).start()
 
-    def request(self, step: int, snapshot_dir: str, probe_keys: np.ndarray | None = None,
-                final: bool = False) -> str:
-        """Start a refresh of step `step` from the model snapshot in `snapshot_dir` (removed
-        when done); "started", "skipped" (one in flight) or, for the `final` one (the
-        stage's own model directory, kept), "queued" behind the one in flight."""
-        request = _Request(step, snapshot_dir, probe_keys, keep_snapshot=final)
+    def request_final(self, step: int, model_dir: str) -> str:
+        """The refresh after the last step, from the stage's own model directory (kept):
+        "started", or "queued" behind the one in flight."""
+        request = _Request(step, model_dir, None, keep_snapshot=True)
         with self._lock:
             if self._state.running is not None:
-                if final:
-                    self._state.final = request
-                    return "queued"
-                self._state.skipped.append(step)
-                print(f"[refresh] step {step}: skipped, the refresh of step {self._state.running} is still running",
-                      flush=True)
-                shutil.rmtree(snapshot_dir, ignore_errors=True)
-                return "skipped"
+                self._state.final = request
+                return "queued"
             self._state.running = step
         threading.Thread(target=self._run, args=(request,), daemon=True).start()
         return "started"

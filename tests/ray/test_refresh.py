@@ -145,7 +145,7 @@ def test_a_refresh_runs_on_the_one_cpu_training_leaves_free(prepared, local_ray,
     try:
         local_ray.get(training.ready.remote())
         assert local_ray.available_resources().get("CPU", 0) == 1
-        local_ray.get(scheduler.request.remote(7, str(initial.model_dir), None, True))
+        local_ray.get(scheduler.request_final.remote(7, str(initial.model_dir)))
         status = local_ray.get(scheduler.drain.remote(240))
     finally:
         for actor in (training, scheduler, index):
