@@ -210,6 +210,7 @@ def refresh_throughput(work: Path, steps: int, refresh_every: int) -> dict:
     from clara_ray.encode import encode_corpus
     from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_index_actor
     from clara_ray.index.refresh import RefreshPlan, refresh_scheduler_name, start_refresh_scheduler
+    from clara_ray.index.refresh_encoder import RefreshEncodeSettings
     from clara_ray.index.versions import IndexSettings
     from clara_ray.modeling.initial import build_initial_model
     from clara_ray.modeling.text import document_input
@@ -233,8 +234,8 @@ def refresh_throughput(work: Path, steps: int, refresh_every: int) -> dict:
                       CorpusFormat.JSONL, log=lambda line: None)
         index = start_index_actor(str(run_dir / "memory"), index_actor_name(run_dir),
                                   settings=IndexSettings.from_config(config.index))
-        plan = RefreshPlan(str(paths["corpus"]), CorpusFormat.JSONL, encode_settings(config), str(run_dir / "refresh"),
-                           config.stage3.num_candidates)
+        plan = RefreshPlan(str(run_dir / "memory"), str(data.documents), RefreshEncodeSettings.from_config(config),
+                           str(run_dir / "refresh"), config.stage3.num_candidates)
         scheduler = start_refresh_scheduler(index, plan, refresh_scheduler_name(run_dir))
         started = time.perf_counter()
         result = run_stage3(config, data, initial.model_dir, IndexActorCandidates(index), run_dir,
@@ -273,7 +274,7 @@ def _table(results: dict, command: str) -> str:
     if "refresh" in results:
         r = results["refresh"]
         lines += [f"**Throughput while refreshes run** (tiny preset, trainable compressor, {r['steps']} stage-3 steps "
-                  "of 4 questions and L = 16, one training worker; the refresh's encode actor on the other core):", "",
+                  "of 4 questions and L = 16, one training worker; the refresh's encoders beside it on the same 2 cores):", "",
                   "| arm | steps/s | refreshes swapped / skipped / failed | share of a step in index search |",
                   "|---|---|---|---|"]
         for arm, row in r["arms"].items():

@@ -87,11 +87,17 @@ class CompressorActor:
         self.pad_to_doc_max_len = pad_to_doc_max_len
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from clara_ray.modeling.clara import Role
-        from clara_ray.modeling.text import document_input, tokenize_texts
+        from clara_ray.modeling.text import document_input
 
         titles = batch.column("title").to_pylist()
         texts = [document_input(text, title) for text, title in zip(batch.column("text").to_pylist(), titles)]
+        return self.encode_texts(batch.column("doc_id").to_pylist(), texts, batch.column("row_key").to_pylist())
+
+    def encode_texts(self, doc_ids: list[str], texts: list[str], row_keys: list[str]) -> pa.Table:
+        """Rows of the shard schema for documents already rendered by ``document_input``."""
+        from clara_ray.modeling.clara import Role
+        from clara_ray.modeling.text import tokenize_texts
+
         tokens = tokenize_texts(self.tokenizer, texts, self.doc_max_len, self.pad_to_doc_max_len)
         with torch.inference_mode():
             memory, _ = self.model.encode(
@@ -99,12 +105,26 @@ class CompressorActor:
             )  # (B, n_mem, d)
         lengths = np.asarray(tokens.lengths)
         return memory_table(
-            batch.column("doc_id").to_pylist(),
+            doc_ids,
             memory.float().cpu().numpy(),
             num_tokens=np.minimum(lengths, self.doc_max_len),
             truncated=lengths > self.doc_max_len,
-            row_keys=batch.column("row_key").to_pylist(),
+            row_keys=row_keys,
         )
+
+    def load_adapters(self, model_dir: str) -> None:
+        """Swap in the adapters (LoRA, memory tokens, standardisation) of another
+        directory of the same base model; the base stays loaded. The compressor's LoRA
+        is unmerged from the base weights first and merged again after."""
+        from safetensors.torch import load_file
+
+        from clara_ray.modeling.checkpoint import ADAPTERS
+        from clara_ray.modeling.clara import Role
+
+        self.model.lm.base_model.unmerge_adapter()
+        adapters = {k: v.to(self.device) for k, v in load_file(str(Path(model_dir) / ADAPTERS)).items()}
+        self.model.load_state_dict(adapters, strict=False)
+        self.model.merge_for_inference(Role.COMPRESSOR)
 
 
 @dataclass(frozen=True)
@@ -122,10 +142,6 @@ class EncodeSettings:
     # whatever batch Ray Data put it in (padded to the batch's longest document,
     # the matmul shapes change with the batch and so do the last bits).
     pad_to_doc_max_len: bool = True
-    # CPUs each parsing task asks for (None: Ray Data's 1). An index refresh encodes
-    # while training holds the cluster's CPUs but one actor's: its parsing asks for 0,
-    # or it would wait forever behind the actor it feeds (clara_ray/index/refresh.py).
-    parse_cpus: float | None = None
 
 
 @dataclass(frozen=True)
@@ -199,16 +215,14 @@ def encode_corpus(
 
     mark = time.perf_counter()
     num_partitions = _shuffle_partitions(paths)
-    cpus = settings.parse_cpus
-    duplicates = find_duplicate_ids(
-        read_corpus_rows(paths, corpus_format, settings.on_bad_row, read_cpus=cpus), num_partitions=num_partitions
-    )
+    duplicates = find_duplicate_ids(read_corpus_rows(paths, corpus_format, settings.on_bad_row),
+                                    num_partitions=num_partitions)
 
     def corpus_rows():
         # A dataset keeps the DataContext of its creation: the checkpointed
         # encode step needs one created after its checkpoint config is set.
-        rows = read_corpus_rows(paths, corpus_format, settings.on_bad_row, read_cpus=cpus)
-        return mark_duplicate_ids(rows, duplicates, settings.on_bad_row, cpus)
+        rows = read_corpus_rows(paths, corpus_format, settings.on_bad_row)
+        return mark_duplicate_ids(rows, duplicates, settings.on_bad_row)
 
     rows = corpus_rows()
     mark = step(f"duplicate ids ({len(duplicates)} ids occur more than once)", mark)
@@ -222,7 +236,7 @@ def encode_corpus(
 
     rows_before = committed_rows(settle_interrupted_write(output_dir, checkpoint_dir(output_dir), log))
     encode_started = time.perf_counter()
-    _encode_good_rows(lambda: good_rows(corpus_rows(), cpus), model_dir, output_dir, settings)
+    _encode_good_rows(lambda: good_rows(corpus_rows()), model_dir, output_dir, settings)
     encode_seconds = time.perf_counter() - encode_started
     shards = _finished_shards(output_dir, log)
     mark = step("encode", encode_started)
@@ -288,8 +302,7 @@ def _encode_good_rows(documents, model_dir, output_dir: Path, settings: EncodeSe
             compute=ray.data.ActorPoolStrategy(min_size=settings.min_actors, max_size=settings.max_actors),
             num_cpus=settings.num_cpus_per_actor,
             num_gpus=settings.num_gpus_per_actor,
-        ).write_parquet(str(output_dir), min_rows_per_file=settings.rows_per_shard,
-                        ray_remote_args=None if settings.parse_cpus is None else {"num_cpus": settings.parse_cpus})
+        ).write_parquet(str(output_dir), min_rows_per_file=settings.rows_per_shard)
     finally:
         context.checkpoint_config = previous
 

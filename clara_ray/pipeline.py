@@ -54,6 +54,7 @@ from clara_ray.eval import baselines
 from clara_ray.eval.evaluate import Scores, generate_answers, query_reasoner_rankings, score
 from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_index_actor
 from clara_ray.index.refresh import RefreshPlan, refresh_scheduler_name, start_refresh_scheduler
+from clara_ray.index.refresh_encoder import RefreshEncodeSettings
 from clara_ray.index.versions import IndexSettings
 from clara_ray.memory_shards import MANIFEST as MEMORY_MANIFEST
 from clara_ray.memory_shards import read_memory_shards
@@ -386,7 +387,7 @@ def run_pipeline(config: Config, log=print) -> dict:
     memory_of = dict(zip(shards.doc_ids, shards.memory))
     refresh = None
     if trainable:
-        plan = RefreshPlan(str(inputs.corpus_path.resolve()), CorpusFormat.JSONL, encode_settings(config),
+        plan = RefreshPlan(str(memory_dir), str(data.documents), RefreshEncodeSettings.from_config(config),
                            str(run_dir / "refresh"), config.stage3.num_candidates)
         scheduler = start_refresh_scheduler(index, plan, refresh_scheduler_name(run_dir),
                                             live_step=ray.get(index.info.remote())["step"])

@@ -185,17 +185,13 @@ def read_corpus_rows(
     filesystem: pa.fs.FileSystem | None = None,
     rows_per_block: int = DEFAULT_ROWS_PER_BLOCK,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-    read_cpus: float | None = None,
 ) -> ray.data.Dataset:
     """A lazy Dataset of ``ROW_SCHEMA`` rows, good and bad, for files or directories.
 
     ``corpus_format`` is detected from the file extensions when not given (all
     paths must agree; directories, flashrag and clara need it). ``filesystem``
-    is passed to Ray Data as is (for s3://, gs://, ... paths). ``read_cpus``: the
-    CPUs each read task asks Ray for (None: Ray Data's default, 1); 0 lets parsing
-    run beside work that holds every CPU (an index refresh while training runs).
+    is passed to Ray Data as is (for s3://, gs://, ... paths).
     """
-    remote_args = {} if read_cpus is None else {"num_cpus": read_cpus}
     path_list = (
         [os.fspath(paths)]
         if isinstance(paths, (str, os.PathLike))
@@ -214,7 +210,7 @@ def read_corpus_rows(
         source = _ParquetDatasource(
             path_list, filesystem=filesystem, rows_per_block=rows_per_block, on_bad_row=on_bad_row
         )
-        return ray.data.read_datasource(source, ray_remote_args=remote_args)
+        return ray.data.read_datasource(source)
     source = _LineDatasource(
         path_list,
         corpus_format=found_format,
@@ -223,12 +219,11 @@ def read_corpus_rows(
         rows_per_block=rows_per_block,
         max_line_bytes=max_line_bytes,
     )
-    return ray.data.read_datasource(source, ray_remote_args=remote_args)
+    return ray.data.read_datasource(source)
 
 
-def good_rows(rows: ray.data.Dataset, cpus: float | None = None) -> ray.data.Dataset:
-    """`cpus` per filter task, as ``read_corpus_rows``'s `read_cpus`."""
-    return rows.filter(expr=col("reason").is_null(), **({} if cpus is None else {"num_cpus": cpus}))
+def good_rows(rows: ray.data.Dataset) -> ray.data.Dataset:
+    return rows.filter(expr=col("reason").is_null())
 
 
 def quarantined_rows(rows: ray.data.Dataset) -> ray.data.Dataset:
@@ -282,10 +277,8 @@ def mark_duplicate_ids(
     rows: ray.data.Dataset,
     duplicates: Mapping[str, tuple[str, int]],
     on_bad_row: BadRowPolicy = BadRowPolicy.FAIL,
-    cpus: float | None = None,
 ) -> ray.data.Dataset:
-    """``rows`` with every non-kept occurrence of a duplicated id turned into a bad row
-    (`cpus` per task, as ``read_corpus_rows``'s `read_cpus`)."""
+    """``rows`` with every non-kept occurrence of a duplicated id turned into a bad row."""
     if not duplicates:
         return rows
     return rows.map_batches(
@@ -293,7 +286,6 @@ def mark_duplicate_ids(
         fn_kwargs={"duplicates": dict(duplicates), "on_bad_row": on_bad_row},
         batch_format="pyarrow",
         batch_size=None,
-        **({} if cpus is None else {"num_cpus": cpus}),
     )
 
 

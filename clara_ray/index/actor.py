@@ -246,6 +246,12 @@ class IndexServer:
             prune_versions(self.index_root, self.settings.keep_versions)
             return {"version": version.name, "build_seconds": built - started, "swap_seconds": swapped - built}
 
+    def swap_resources(self) -> dict[str, float]:
+        """What a refresh's swap needs free: its new shard actors start while the old
+        ones still serve (the build task before them needs less)."""
+        n = self.settings.num_shards
+        return {"CPU": n * self.settings.num_cpus_per_shard, "GPU": n * self.settings.num_gpus_per_shard}
+
     def memory_dirs(self) -> list[str]:
         """The memory-shard directories the finished versions on disk were built from."""
         return [read_version_manifest(v)["source"]["memory_dir"] for v in list_versions(self.index_root)]

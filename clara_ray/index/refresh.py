@@ -11,9 +11,11 @@ A refresh of step s: the training loop writes a snapshot of the model at step s
 (``snapshot_dir``) and asks for a refresh; the scheduler then, in its own thread
 while training goes on,
 
-1. encodes the corpus with the snapshot's compressor: the Ray Data job of
-   ``clara_ray/encode.py`` (autoscaling actor pool, ``encode.*`` settings), driven
-   from a Ray task of its own, into ``<refresh_root>/memory-v<s>``;
+1. encodes the corpus with the snapshot's compressor into
+   ``<refresh_root>/memory-v<s>``: the documents of the first encoding (the Ray Data
+   job of ``clara_ray/encode.py``), re-encoded shard by shard by the run's long-lived
+   encoder actors (``refresh_encoder.py``, ``encode.*`` settings), which keep the base
+   model loaded and swap in the snapshot's adapters;
 2. builds index version ``v<s>`` from those shards and swaps it in atomically
    (``IndexServer.refresh``: the live version serves until the swap);
 3. measures how much the top-L changed: the probe queries sent with the request
@@ -27,40 +29,37 @@ skipped and logged (training never waits), except the final one (after the last
 step), which runs once the one in flight is done: the evaluation reads the index
 of the final compressor, and ``drain`` waits for it. A refresh that fails (its
 encode task killed, a build that raises) leaves the live version serving and is
-logged with its error; the next request tries again.
+logged with its error; the next request tries again, with fresh encoders.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import ray
 
-from clara_ray.data.corpus_rows import CorpusFormat
-from clara_ray.encode import EncodeSettings, encode_corpus
+from clara_ray.index.refresh_encoder import RefreshEncoder, RefreshEncoders, RefreshEncodeSettings
 from clara_ray.memory_shards import MANIFEST
 from clara_ray.modeling.checkpoint import MANIFEST as MODEL_MANIFEST
 
 SNAPSHOTS = "snapshots"
-_MEMORY_DIR = re.compile(r"^memory-v(\d+)(\.checkpoint)?$")
+_MEMORY_DIR = re.compile(r"^memory-v(\d+)$")
 
 
 @dataclass(frozen=True)
 class RefreshPlan:
     """What a refresh encodes, with what, and where it writes."""
 
-    corpus_path: str
-    corpus_format: CorpusFormat | None
-    encode: EncodeSettings
+    source_memory_dir: str  # the first encoding of the corpus: which documents, in which shards
+    documents_path: str  # the run's document table (data/documents.arrow): their texts by id
+    encode: RefreshEncodeSettings
     refresh_root: str  # memory-v<s>/ and snapshots/ live here
     num_candidates: int  # L, for the top-L overlap
 
@@ -104,14 +103,6 @@ class _State:
     final: _Request | None = None  # a final request waiting for its turn
 
 
-def _encode_task(encode, plan: RefreshPlan, model_dir: str, memory_dir: str) -> None:
-    """Runs as a Ray task (its own process, so a kill there is not a kill of the scheduler).
-    Training holds its CPUs meanwhile: only the compressor actors ask for any, the
-    parsing that feeds them none (else it would wait behind them for the CPU they hold)."""
-    settings = dataclasses.replace(plan.encode, parse_cpus=0)
-    encode(plan.corpus_path, model_dir, memory_dir, settings, plan.corpus_format, log=lambda line: None)
-
-
 def _fingerprint(model_dir: str | Path) -> str:
     return json.loads((Path(model_dir) / MODEL_MANIFEST).read_text())["compressor_fingerprint"]
 
@@ -119,11 +110,12 @@ def _fingerprint(model_dir: str | Path) -> str:
 class RefreshScheduler:
     """Ray actor body (threaded: requests and status answer while a refresh runs).
 
-    `encode` is the encode function the refresh task calls (``encode_corpus``; a
-    test passes one that is killed midway)."""
+    `encoder_class` is the encoders' actor body (``RefreshEncoder``; a test passes one
+    that is killed midway)."""
 
-    def __init__(self, router, plan: RefreshPlan, live_step: int = 0, encode: Callable = encode_corpus):
-        self.router, self.plan, self.encode = router, plan, encode
+    def __init__(self, router, plan: RefreshPlan, live_step: int = 0, encoder_class: type = RefreshEncoder):
+        self.router, self.plan = router, plan
+        self.encoders = RefreshEncoders(plan.source_memory_dir, plan.documents_path, plan.encode, encoder_class)
         self._lock = threading.Condition()
         self._state = _State(live_step=live_step)
 
@@ -204,10 +196,9 @@ class RefreshScheduler:
         try:
             started = time.perf_counter()
             if not self._finished_encoding(memory_dir, snapshot_dir):
-                shutil.rmtree(memory_dir, ignore_errors=True)
-                encode = ray.remote(_encode_task).options(num_cpus=0, max_retries=0)
-                ray.get(encode.remote(self.encode, self.plan, snapshot_dir, str(memory_dir)))
+                self.encoders.encode(snapshot_dir, memory_dir)
             event.encode_seconds = time.perf_counter() - started
+            self._make_room_for_the_swap()
             before = self._top_l(probe_keys)
             timing = ray.get(self.router.refresh.remote(str(memory_dir), step))
             event.version, event.build_seconds, event.swap_seconds = (timing["version"], timing["build_seconds"],
@@ -227,6 +218,17 @@ class RefreshScheduler:
             if not request.keep_snapshot:
                 shutil.rmtree(snapshot_dir, ignore_errors=True)
         return event
+
+    def _make_room_for_the_swap(self) -> None:
+        """The encoders keep their resources between refreshes; where the cluster has
+        too few left for the swap's new shard actors, they give theirs up (and the next
+        refresh starts them again) rather than wait for each other for ever."""
+        needed = ray.get(self.router.swap_resources.remote())
+        free = ray.available_resources()
+        if any(free.get(resource, 0.0) < amount for resource, amount in needed.items() if amount > 0):
+            print(f"[refresh] the encoders free their resources for the swap ({needed} needed, "
+                  f"{ {r: free.get(r, 0.0) for r in needed} } free)", flush=True)
+            self.encoders.close()
 
     @staticmethod
     def _finished_encoding(memory_dir: Path, snapshot_dir: str) -> bool:
@@ -250,10 +252,11 @@ class RefreshScheduler:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def start_refresh_scheduler(router, plan: RefreshPlan, name: str, live_step: int = 0, encode: Callable = encode_corpus):
-    """The run's scheduler actor (0 CPUs: it only coordinates; the encode job asks for its own)."""
+def start_refresh_scheduler(router, plan: RefreshPlan, name: str, live_step: int = 0,
+                            encoder_class: type = RefreshEncoder):
+    """The run's scheduler actor (0 CPUs: it only coordinates; its encoders ask for their own)."""
     actor = ray.remote(RefreshScheduler).options(name=name, num_cpus=0, max_concurrency=8)
-    scheduler = actor.remote(router, plan, live_step, encode)
+    scheduler = actor.remote(router, plan, live_step, encoder_class)
     ray.get(scheduler.status.remote())
     return scheduler
 

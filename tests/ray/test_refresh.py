@@ -17,6 +17,7 @@ from clara_ray.data.trap import generate_trap_corpus, write_trap_corpus
 from clara_ray.encode import encode_corpus
 from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_index_actor
 from clara_ray.index.refresh import RefreshPlan, refresh_scheduler_name, start_refresh_scheduler
+from clara_ray.index.refresh_encoder import RefreshEncodeSettings, RefreshEncoder
 from clara_ray.index.versions import IndexSettings
 from clara_ray.memory_shards import read_memory_shards
 from clara_ray.modeling.initial import build_initial_model
@@ -65,8 +66,8 @@ def _index_and_plan(prepared: Prepared, run_dir: Path):
     config = prepared.config
     index = start_index_actor(str(prepared.memory_dir), index_actor_name(run_dir),
                               settings=IndexSettings.from_config(config.index), index_root=str(run_dir / "index"))
-    plan = RefreshPlan(str(prepared.corpus_path), CorpusFormat.JSONL, encode_settings(config), str(run_dir / "refresh"),
-                       config.stage3.num_candidates)
+    plan = RefreshPlan(str(prepared.memory_dir), str(prepared.data.documents), RefreshEncodeSettings.from_config(config),
+                       str(run_dir / "refresh"), config.stage3.num_candidates)
     return index, plan
 
 
@@ -75,22 +76,19 @@ def test_a_refresh_killed_midway_leaves_the_old_version_serving_and_training_nev
     training must run all 24 steps meanwhile on the initial version (every later request
     skipped, since one is in flight), then the kill fails that refresh, and the final one
     (from the stage-3 model) swaps in. Nothing here depends on when the kill lands."""
-    marker = tmp_path / "encode-pid"
+    marker = tmp_path / "encoder-pid"
 
-    def encode_hanging_once(*args, **kwargs):
-        if marker.exists():
-            return encode_corpus(*args, **kwargs)
-
-        def hang_midway(line):
-            if line.startswith("[encode] quarantine done"):  # read and counted; nothing encoded yet
+    class EncoderHangingOnce(RefreshEncoder):
+        def encode_shard(self, model_dir, source_file, output_file):
+            if not marker.exists():  # the first refresh: the snapshot loaded, nothing written yet
+                self._load(model_dir)
                 marker.write_text(str(os.getpid()))
                 threading.Event().wait()
-
-        return encode_corpus(*args, **{**kwargs, "log": hang_midway})
+            return super().encode_shard(model_dir, source_file, output_file)
 
     config, corpus, initial, data = prepared.config, prepared.corpus, prepared.initial, prepared.data
     index, plan = _index_and_plan(prepared, tmp_path)
-    scheduler = start_refresh_scheduler(index, plan, refresh_scheduler_name(tmp_path), encode=encode_hanging_once)
+    scheduler = start_refresh_scheduler(index, plan, refresh_scheduler_name(tmp_path), encoder_class=EncoderHangingOnce)
     try:
         stage3 = run_stage3(config, data, initial.model_dir, IndexActorCandidates(index), tmp_path,
                             refresh=(scheduler, plan))
@@ -103,9 +101,9 @@ def test_a_refresh_killed_midway_leaves_the_old_version_serving_and_training_nev
         assert [h["refreshes_skipped"] for h in stage3.history] == [0, 1, 2, 3, 4, 4]
         assert all(h["candidates_encoded"] > 0 for h in stage3.history)
 
-        deadline = time.monotonic() + 300  # the hung encode reaches its hang in its own time
+        deadline = time.monotonic() + 300  # the hung encoder reaches its hang in its own time
         while not marker.exists():
-            assert time.monotonic() < deadline, "the first refresh's encode never got midway"
+            assert time.monotonic() < deadline, "the first refresh's encoder never got midway"
             time.sleep(0.2)
         os.kill(int(marker.read_text()), signal.SIGKILL)
 
@@ -129,8 +127,8 @@ def test_a_refresh_killed_midway_leaves_the_old_version_serving_and_training_nev
 
 def test_a_refresh_runs_on_the_one_cpu_training_leaves_free(prepared, local_ray, tmp_path):
     """Training holds every CPU but one (the demo: 2 workers + an index shard of 4): the
-    refresh's compressor actor takes that one, and the parsing that feeds it must not
-    wait for a CPU (it did, forever, before parsing asked for none)."""
+    refresh's encoder actor takes that one, and nothing else of the refresh waits for a
+    CPU (the Ray Data job refreshes once ran waited forever there for its parsing)."""
     index, plan = _index_and_plan(prepared, tmp_path)
     scheduler = start_refresh_scheduler(index, plan, refresh_scheduler_name(tmp_path))
     initial = prepared.initial
@@ -151,3 +149,43 @@ def test_a_refresh_runs_on_the_one_cpu_training_leaves_free(prepared, local_ray,
         for actor in (training, scheduler, index):
             local_ray.kill(actor)
     assert [(e["step"], e["outcome"]) for e in status["events"]] == [(7, "swapped")], status
+
+
+def test_refresh_encoders_swap_in_new_adapters_and_match_a_fresh_encoding(prepared, local_ray, tmp_path):
+    """The second refresh only swaps the adapters into the loaded model: its memory must
+    be what the Ray Data encode job writes with that model loaded from scratch, and its
+    counts those of the source encoding."""
+    import numpy as np
+    import torch
+
+    from clara_ray.index.refresh_encoder import RefreshEncoders
+    from clara_ray.modeling.checkpoint import load_model, save_model
+    from clara_ray.modeling.clara import Role
+
+    model, tokenizer, manifest = load_model(prepared.initial.model_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.role_parameters(Role.COMPRESSOR).values():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    changed = save_model(model, tokenizer, tmp_path / "changed", manifest["backbone"], save_backbone=True)
+    encoders = RefreshEncoders(str(prepared.memory_dir), str(prepared.data.documents),
+                               RefreshEncodeSettings.from_config(prepared.config))
+    try:
+        encoders.encode(str(prepared.initial.model_dir), tmp_path / "first")
+        refreshed = encoders.encode(str(changed), tmp_path / "second")
+    finally:
+        encoders.close()
+    encode_corpus(str(prepared.corpus_path), changed, tmp_path / "fresh", encode_settings(prepared.config),
+                  CorpusFormat.JSONL, log=lambda line: None)
+
+    source, first = read_memory_shards(prepared.memory_dir), read_memory_shards(tmp_path / "first")
+    second, fresh = read_memory_shards(tmp_path / "second"), read_memory_shards(tmp_path / "fresh")
+    assert first.doc_ids == second.doc_ids == source.doc_ids
+    np.testing.assert_allclose(first.memory.astype(np.float32), source.memory.astype(np.float32), atol=2e-3)
+    by_id = dict(zip(fresh.doc_ids, fresh.memory.astype(np.float32)))
+    np.testing.assert_allclose(second.memory.astype(np.float32), np.stack([by_id[d] for d in second.doc_ids]),
+                               atol=2e-3)
+    assert not np.allclose(second.memory.astype(np.float32), source.memory.astype(np.float32), atol=2e-3)
+    assert refreshed["model_fingerprint"] == json.loads((changed / "clara.json").read_text())["compressor_fingerprint"]
+    for count in ("num_input_documents", "num_encoded", "num_quarantined", "quarantined_by_kind"):
+        assert refreshed[count] == source.manifest[count], count
