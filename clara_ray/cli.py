@@ -6,6 +6,7 @@
     clara-ray demo --config jobs/configs/tiny.yaml --address auto   # on a running cluster
     clara-ray encode --model-dir runs/demo/models/stage1 --output enc/ --input psgs_w100.tsv
     clara-ray sweep --from-run runs/demo sweep.num_trials=8   # Ray Tune over stage 3
+    clara-ray evaluate --qa pretrain_data.jsonl --format clara_pretrain --methods bm25 minilm --output eval/
 
 Prints progress while it runs and, last, one JSON line with the metrics (demo),
 the encoding summary (encode) or the sweep's best trial (sweep).
@@ -82,7 +83,58 @@ def _parser() -> argparse.ArgumentParser:
     encode.add_argument("--config", help="YAML config; encode.*, model.doc_max_len (auto: the model's) and data.on_bad_row apply")
     encode.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     encode.add_argument("overrides", nargs="*", help="config overrides, dotted.key=value")
+    _add_evaluate(commands)
     return parser
+
+
+def _add_evaluate(commands) -> None:
+    from clara_ray.data.qa_formats import QAFormat
+    from clara_ray.eval.harness import DEFAULT_KS, Method
+
+    evaluate = commands.add_parser(
+        "evaluate", help="Recall@k / MRR@k (and EM / F1 / cover-EM with a model) of BM25, MiniLM and a trained model"
+    )
+    evaluate.add_argument("--qa", required=True, help="QA file")
+    evaluate.add_argument("--format", required=True, choices=[f.value for f in QAFormat], help="QA file format")
+    evaluate.add_argument("--corpus", help="corpus file (needed when the QA format embeds no documents)")
+    evaluate.add_argument("--corpus-format", choices=[f.value for f in CorpusFormat], help="corpus format (default: jsonl)")
+    evaluate.add_argument("--run", help="a finished run directory: its stage-3 model, memory and settings")
+    evaluate.add_argument("--model-dir", help="a model directory (instead of --run)")
+    evaluate.add_argument("--memory", help="memory shards of this corpus encoded by that model (clara-ray encode)")
+    evaluate.add_argument("--methods", nargs="+", choices=[m.value for m in Method],
+                          help="default: bm25 and minilm, and clara when a model is given")
+    evaluate.add_argument("--k", nargs="+", type=int, default=list(DEFAULT_KS), help="cut-offs for Recall@k and MRR@k")
+    evaluate.add_argument("--no-answers", action="store_true", help="retrieval only, even with a model")
+    evaluate.add_argument("--output", required=True, help="directory for report.md, recall_at_k.png, metrics.json")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """The `evaluate` command (also what jobs/evaluate.py runs); needs no Ray."""
+    from clara_ray.data.qa_formats import QAFormat
+    from clara_ray.eval.harness import Method, TrainedModel, evaluate
+
+    try:
+        model = None
+        if args.run:
+            model = TrainedModel.from_run(args.run)
+        elif args.model_dir or args.memory:
+            if not (args.model_dir and args.memory):
+                raise UserError("--model-dir and --memory go together")
+            model = TrainedModel(Path(args.model_dir), Path(args.memory))
+        if args.methods:
+            methods = [Method(m) for m in args.methods]
+        else:
+            methods = [m for m in Method if model is not None or m is not Method.CLARA]
+        summary = evaluate(
+            args.qa, QAFormat(args.format), args.output, methods, args.k, corpus_path=args.corpus,
+            corpus_format=CorpusFormat(args.corpus_format) if args.corpus_format else None, model=model,
+            generate=False if args.no_answers else None, log=lambda line: print(line, file=sys.stderr),
+        )
+    except UserError as error:
+        print(f"clara-ray: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"report": summary["report"], "results": summary["results"]}))
+    return 0
 
 
 def encoding_config(config, num_memory_tokens: int):
@@ -134,9 +186,11 @@ def run_sweep_command(args: argparse.Namespace, connect) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    overrides = list(args.overrides)
+    overrides = list(getattr(args, "overrides", []))
     if args.command == "sweep":
         return run_sweep_command(args, lambda: start_ray(args.address))
+    if args.command == "evaluate":
+        return run_evaluate(args)
     if args.command == "demo":
         for flag, key in ((args.corpus, "data.corpus"), (args.train_qa, "data.train_qa"), (args.test_qa, "data.test_qa")):
             if flag:

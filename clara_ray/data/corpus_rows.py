@@ -36,7 +36,19 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from clara_ray.data.formats import BadInputError, BadRowPolicy
+from clara_ray.data.rows import (
+    BadInputError,
+    BadRowKind,
+    BadRowPolicy,
+    RowError,
+    check_policy,
+    decode,
+    identifier,
+    json_object,
+    non_empty_string,
+    optional_title,
+    require,
+)
 
 
 class CorpusFormat(enum.Enum):
@@ -52,21 +64,6 @@ class CorpusRowError(BadInputError):
 
     def __reduce__(self):
         return type(self), (self.path, self.line_number, self.reason)
-
-
-class BadRowKind(enum.Enum):
-    INVALID_UTF8 = "invalid UTF-8"
-    LINE_TOO_LONG = "line too long"
-    MALFORMED_JSON = "malformed JSON"
-    NOT_AN_OBJECT = "not a JSON object"
-    MALFORMED_TSV = "malformed TSV"
-    WRONG_COLUMN_COUNT = "wrong number of columns"
-    MISPLACED_HEADER = "header line below the top"
-    MISSING_FIELD = "missing field"
-    WRONG_TYPE = "wrong type"
-    EMPTY_FIELD = "empty field"
-    NO_TITLE_LINE = "contents without title line"
-    DUPLICATE_ID = "duplicate id"
 
 
 ROW_COLUMNS = ("source", "row_number", "doc_id", "text", "title", "reason_kind", "reason", "raw")
@@ -167,175 +164,117 @@ def _finish_line(
 
 
 # ---------------------------------------------------------------------------
-# Validation of one row
-
-
-class _BadRow(Exception):
-    """Raised by row parsers with the kind and reason; the caller adds file and row."""
-
-    def __init__(self, kind: BadRowKind, reason: str):
-        super().__init__(reason)
-        self.kind = kind
-        self.reason = reason
+# Parsed rows (field validation is ``rows.py``'s, shared with the QA readers)
 
 
 @dataclass(frozen=True)
-class _Document:
+class ParsedDocument:
     doc_id: str
     text: str
     title: str | None
 
 
 @dataclass(frozen=True)
-class _Rejected:
+class RejectedDocument:
     """A bad document inside a good line (a ``clara`` line holds several documents)."""
 
-    problem: _BadRow
+    problem: RowError
     raw: str
 
 
-def _require(row: dict[str, Any], key: str) -> Any:
-    if row.get(key) is None:
-        raise _BadRow(BadRowKind.MISSING_FIELD, f"missing field '{key}'")
-    return row[key]
-
-
-def _non_empty_string(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise _BadRow(BadRowKind.WRONG_TYPE, f"{name} must be a string, got {_type_name(value)}")
-    if not value.strip():
-        raise _BadRow(BadRowKind.EMPTY_FIELD, f"{name} is empty")
-    return value
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _identifier(value: Any, name: str) -> str:
-    # bool is a subclass of int; true/false are never meant as ids.
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return _non_empty_string(value, name)
-
-
-def _optional_title(value: Any, name: str = "field 'title'") -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise _BadRow(
-            BadRowKind.WRONG_TYPE, f"{name} must be a string or null, got {type(value).__name__}"
-        )
-    return value if value.strip() else None
-
-
-def _decode(line: bytes) -> str:
-    try:
-        return line.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise _BadRow(BadRowKind.INVALID_UTF8, f"invalid UTF-8 at byte {error.start}") from None
-
-
-def _json_object(line: bytes) -> dict[str, Any]:
-    try:
-        row = json.loads(_decode(line))
-    except json.JSONDecodeError as error:
-        raise _BadRow(
-            BadRowKind.MALFORMED_JSON, f"malformed JSON ({error.msg} at column {error.colno})"
-        ) from None
-    if not isinstance(row, dict):
-        raise _BadRow(BadRowKind.NOT_AN_OBJECT, f"expected a JSON object, got {type(row).__name__}")
-    return row
-
-
 # ---------------------------------------------------------------------------
-# One parser per line format: line bytes -> documents (or raises _BadRow)
+# One parser per line format: line bytes -> documents (or raises RowError)
 
 
-def _parse_jsonl(line: bytes, row_number: int, source: str) -> list[_Document | _Rejected]:
-    row = _json_object(line)
+def _parse_jsonl(line: bytes, row_number: int, source: str) -> list[ParsedDocument | RejectedDocument]:
+    row = json_object(line)
     return [
-        _Document(
-            doc_id=_identifier(_require(row, "id"), "field 'id'"),
-            text=_non_empty_string(_require(row, "text"), "field 'text'"),
-            title=_optional_title(row.get("title")),
+        ParsedDocument(
+            doc_id=identifier(require(row, "id"), "field 'id'"),
+            text=non_empty_string(require(row, "text"), "field 'text'"),
+            title=optional_title(row.get("title")),
         )
     ]
 
 
-def _parse_dpr_tsv(line: bytes, row_number: int, source: str) -> list[_Document | _Rejected]:
-    decoded = _decode(line)
+def _parse_dpr_tsv(line: bytes, row_number: int, source: str) -> list[ParsedDocument | RejectedDocument]:
+    decoded = decode(line)
     if '"' not in decoded:
         fields = decoded.split("\t")  # what the csv module would give, at twice the speed
     else:
         try:
             fields = next(csv.reader([decoded], delimiter="\t", quotechar='"', strict=True))
         except csv.Error as error:
-            raise _BadRow(BadRowKind.MALFORMED_TSV, f"malformed TSV quoting ({error})") from None
+            raise RowError(BadRowKind.MALFORMED_TSV, f"malformed TSV quoting ({error})") from None
     if fields == DPR_HEADER:
         if row_number == 1:
             return []  # the header names the columns; it is not a row
-        raise _BadRow(BadRowKind.MISPLACED_HEADER, "header line 'id, text, title' below line 1")
+        raise RowError(BadRowKind.MISPLACED_HEADER, "header line 'id, text, title' below line 1")
     if len(fields) != 3:
-        raise _BadRow(
+        raise RowError(
             BadRowKind.WRONG_COLUMN_COUNT,
             f"expected 3 tab-separated columns (id, text, title), got {len(fields)}",
         )
     doc_id, text, title = fields
     return [
-        _Document(
-            doc_id=_non_empty_string(doc_id, "column 'id'"),
-            text=_non_empty_string(text, "column 'text'"),
-            title=_optional_title(title, "column 'title'"),
+        ParsedDocument(
+            doc_id=non_empty_string(doc_id, "column 'id'"),
+            text=non_empty_string(text, "column 'text'"),
+            title=optional_title(title, "column 'title'"),
         )
     ]
 
 
-def _parse_flashrag(line: bytes, row_number: int, source: str) -> list[_Document | _Rejected]:
-    row = _json_object(line)
-    doc_id = _identifier(_require(row, "id"), "field 'id'")
-    contents = _non_empty_string(_require(row, "contents"), "field 'contents'")
+def _parse_flashrag(line: bytes, row_number: int, source: str) -> list[ParsedDocument | RejectedDocument]:
+    row = json_object(line)
+    doc_id = identifier(require(row, "id"), "field 'id'")
+    contents = non_empty_string(require(row, "contents"), "field 'contents'")
     if "\n" not in contents:
-        raise _BadRow(
+        raise RowError(
             BadRowKind.NO_TITLE_LINE,
             "field 'contents' has no line break: expected 'title\\ntext' ('\\ntext' for no title)",
         )
     title, text = contents.split("\n", 1)
     if not text.strip():
-        raise _BadRow(BadRowKind.EMPTY_FIELD, "field 'contents' has no text after the title line")
-    return [_Document(doc_id=doc_id, text=text, title=_optional_title(title))]
+        raise RowError(BadRowKind.EMPTY_FIELD, "field 'contents' has no text after the title line")
+    return [ParsedDocument(doc_id=doc_id, text=text, title=optional_title(title))]
 
 
-def _parse_clara(line: bytes, row_number: int, source: str) -> list[_Document | _Rejected]:
-    row = _json_object(line)
+def _parse_clara(line: bytes, row_number: int, source: str) -> list[ParsedDocument | RejectedDocument]:
+    return clara_documents(json_object(line), row_number, source)
+
+
+def clara_documents(row: dict[str, Any], row_number: int, source: str) -> list[ParsedDocument | RejectedDocument]:
+    """A CLaRa row's documents, one result per position of its document list (the QA
+    readers map ``pos_index`` through it); raises ``RowError`` when there is no list."""
     key = next((key for key in CLARA_DOCUMENT_KEYS if row.get(key) is not None), "docs")
-    documents = _require(row, key)
+    documents = require(row, key)
     if not isinstance(documents, list):
-        raise _BadRow(
+        raise RowError(
             BadRowKind.WRONG_TYPE, f"field '{key}' must be a list, got {type(documents).__name__}"
         )
     if not documents:
-        raise _BadRow(BadRowKind.EMPTY_FIELD, f"field '{key}' is an empty list")
-    results: list[_Document | _Rejected] = []
+        raise RowError(BadRowKind.EMPTY_FIELD, f"field '{key}' is an empty list")
+    results: list[ParsedDocument | RejectedDocument] = []
     first_position: dict[str, int] = {}
     for position, value in enumerate(documents):
         name = f"{key}[{position}]"
         try:
-            text = _non_empty_string(value, name)
+            text = non_empty_string(value, name)
             doc_id = clara_document_id(text)
             # A repeat inside one line must be caught here: the line-level duplicate
             # pass only tells rows apart by (source, row_number).
             if doc_id in first_position:
-                raise _BadRow(
+                raise RowError(
                     BadRowKind.DUPLICATE_ID,
                     f"{name}: duplicate id '{doc_id}' (first at {source}:{row_number}, "
                     f"{key}[{first_position[doc_id]}])",
                 )
-        except _BadRow as problem:
-            results.append(_Rejected(problem, _cap(json.dumps(value, ensure_ascii=False))))
+        except RowError as problem:
+            results.append(RejectedDocument(problem, _cap(json.dumps(value, ensure_ascii=False))))
             continue
         first_position[doc_id] = position
-        results.append(_Document(doc_id=doc_id, text=text, title=None))
+        results.append(ParsedDocument(doc_id=doc_id, text=text, title=None))
     return results
 
 
@@ -360,7 +299,7 @@ def _cap(text: str) -> str:
 
 
 def _append_good(
-    columns: dict[str, list], source: str, row_number: int, document: _Document
+    columns: dict[str, list], source: str, row_number: int, document: ParsedDocument
 ) -> None:
     values = (source, row_number, document.doc_id, document.text, document.title, None, None, None)
     for name, value in zip(ROW_COLUMNS, values):
@@ -368,7 +307,7 @@ def _append_good(
 
 
 def _append_bad(
-    columns: dict[str, list], source: str, row_number: int, problem: _BadRow, raw: str
+    columns: dict[str, list], source: str, row_number: int, problem: RowError, raw: str
 ) -> None:
     values = (source, row_number, None, None, None, problem.kind.value, problem.reason, _cap(raw))
     for name, value in zip(ROW_COLUMNS, values):
@@ -397,16 +336,16 @@ def parse_line_batch(
     ):
         try:
             if cut:
-                raise _BadRow(BadRowKind.LINE_TOO_LONG, f"line longer than {len(line)} bytes")
+                raise RowError(BadRowKind.LINE_TOO_LONG, f"line longer than {len(line)} bytes")
             results = parse(line, row_number, source)
-        except _BadRow as problem:
+        except RowError as problem:
             # 4 bytes per character at most: enough for RAW_MAX_CHARS, and a
             # megabyte-long line is not decoded whole just to be cut.
             raw = line[: RAW_MAX_CHARS * 4].decode("utf-8", errors="replace")
             _append_bad(columns, source, row_number, problem, raw)
             continue
         for result in results:
-            if isinstance(result, _Rejected):
+            if isinstance(result, RejectedDocument):
                 _append_bad(columns, source, row_number, result.problem, result.raw)
             else:
                 _append_good(columns, source, row_number, result)
@@ -428,12 +367,12 @@ def parse_parquet_batch(
     ):
         row = {"id": doc_id, "text": text, "title": title}
         try:
-            document = _Document(
-                doc_id=_identifier(_require(row, "id"), "column 'id'"),
-                text=_non_empty_string(_require(row, "text"), "column 'text'"),
-                title=_optional_title(title, "column 'title'"),
+            document = ParsedDocument(
+                doc_id=identifier(require(row, "id"), "column 'id'"),
+                text=non_empty_string(require(row, "text"), "column 'text'"),
+                title=optional_title(title, "column 'title'"),
             )
-        except _BadRow as problem:
+        except RowError as problem:
             _append_bad(columns, source, row_number, problem, _render(row))
             continue
         _append_good(columns, source, row_number, document)
@@ -445,8 +384,7 @@ def _render(row: dict[str, Any]) -> str:
 
 
 def _apply_policy(columns: dict[str, list], on_bad_row: BadRowPolicy) -> dict[str, list]:
-    if not isinstance(on_bad_row, BadRowPolicy):
-        raise TypeError(f"on_bad_row must be a BadRowPolicy, got {on_bad_row!r}")
+    check_policy(on_bad_row)
     if on_bad_row is BadRowPolicy.FAIL:
         for index, reason in enumerate(columns["reason"]):
             if reason is not None:

@@ -7,7 +7,7 @@ Corpus JSONL (``corpus.jsonl``): one JSON object per line.
 - ``id``: string (an integer is accepted and converted to its decimal string);
   must not be empty or whitespace-only; unique within the file.
 - ``text``: non-empty string (not whitespace-only).
-- ``title``: optional string or null.
+- ``title``: optional string or null (a blank title reads as null).
 
 QA JSONL (``train_qa.jsonl``, ``test_qa.jsonl``): one JSON object per line.
 
@@ -21,7 +21,9 @@ QA JSONL (``train_qa.jsonl``, ``test_qa.jsonl``): one JSON object per line.
   documents that hold the answer. Used only for evaluation (Recall@k), never
   for training the retriever.
 
-Rules shared by both formats:
+Rules shared by both formats (validation is ``rows.py``'s; the corpus is parsed by
+``corpus_rows.py``, the same code ``clara-ray encode`` runs in Ray Data, so both see
+the same bad rows with the same reasons; ``read_corpus`` reads its other formats too):
 
 - Files are UTF-8 (a leading byte-order mark is allowed). Each line is decoded on
   its own, so one undecodable line is one bad row, not a broken file.
@@ -45,13 +47,35 @@ set aside after reading because its answer does not fit ``model.answer_max_len``
 
 from __future__ import annotations
 
-import enum
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
+import pyarrow.parquet as pq
+
+from clara_ray.data.corpus_rows import (
+    ROW_COLUMNS,
+    CorpusFormat,
+    iterate_lines,
+    parse_line_batch,
+    parse_parquet_batch,
+)
+from clara_ray.data.rows import (
+    BadInputError,
+    BadRowKind,
+    BadRowPolicy,
+    LoadResult,
+    QuarantinedRow,
+    RowError,
+    check_policy,
+    identifier,
+    json_object,
+    non_empty_string,
+    require,
+    value_list,
+)
 from clara_ray.errors import DataError
 
 
@@ -61,6 +85,9 @@ class _HasId(Protocol):
 
 
 T = TypeVar("T", bound=_HasId)
+
+_BATCH_LINES = 1024  # lines parsed per call of the corpus row parser
+_READ_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -78,166 +105,137 @@ class QAExample:
     gold_doc_ids: list[str] = field(default_factory=list)
 
 
-class BadRowPolicy(enum.Enum):
-    QUARANTINE = "quarantine"
-    FAIL = "fail"
-
-
-class BadInputError(DataError):
-    """A row of a user file is invalid; the message names file, line and reason."""
-
-    def __init__(self, path: Path, line_number: int, reason: str):
-        self.path = path
-        self.line_number = line_number
-        self.reason = reason
-        super().__init__(
-            f"{path}, line {line_number}: {reason}. Fix the row, or set data.on_bad_row=quarantine "
-            f"to set bad rows aside."
-        )
-
-
-@dataclass(frozen=True)
-class QuarantinedRow:
-    line_number: int | None  # None: a valid row set aside later (its answer too long); raw is then the row read
-    reason: str
-    raw: str
-
-
-@dataclass(frozen=True)
-class LoadResult(Generic[T]):
-    records: list[T]
-    quarantined: list[QuarantinedRow]
-    num_input_rows: int
-
-    def __post_init__(self) -> None:
-        if self.num_input_rows != len(self.records) + len(self.quarantined):
-            raise ValueError(
-                f"num_input_rows={self.num_input_rows} but {len(self.records)} records "
-                f"+ {len(self.quarantined)} quarantined rows"
-            )
-
-
-class _RowError(Exception):
-    """Raised by row parsers; carries the reason only (the reader adds file and line)."""
+def file_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """``(line_number, line, too_long)`` of a file's non-blank lines (see ``iterate_lines``)."""
+    with path.open("rb") as handle:
+        yield from iterate_lines(iter(lambda: handle.read(_READ_BYTES), b""))
 
 
 # ---------------------------------------------------------------------------
-# Field validation
+# Corpus: the corpus row parser that Ray Data's encoding uses, run in this process
 
 
-def _require_field(row: dict[str, Any], key: str) -> Any:
-    if key not in row or row[key] is None:
-        raise _RowError(f"missing field '{key}'")
-    return row[key]
+def read_corpus(
+    path: str | Path,
+    on_bad_row: BadRowPolicy = BadRowPolicy.FAIL,
+    corpus_format: CorpusFormat = CorpusFormat.JSONL,
+) -> LoadResult[Document]:
+    """Read a corpus file whole (JSONL as in the module docstring, or any ``CorpusFormat``).
+
+    Rows are validated by ``corpus_rows`` exactly as ``clara-ray encode`` validates
+    them, with the same reasons; a duplicate id is a bad row, the first occurrence
+    wins. A ``clara`` line holds several documents: each counts as a row.
+    """
+    check_policy(on_bad_row)
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no such corpus file: {path}")
+    records: list[Document] = []
+    quarantined: list[QuarantinedRow] = []
+    first_line: dict[str, int] = {}
+    for columns, lines in _parsed_batches(path, corpus_format):
+        for source, line_number, doc_id, text, title, _, reason, raw in zip(*(columns[c] for c in ROW_COLUMNS)):
+            if reason is None and doc_id in first_line:
+                reason = f"duplicate id '{doc_id}' (first at line {first_line[doc_id]})"
+                raw = lines.get(line_number) or json.dumps(text, ensure_ascii=False)
+            if reason is not None:
+                if on_bad_row is BadRowPolicy.FAIL:
+                    raise BadInputError(path, line_number, reason)
+                quarantined.append(QuarantinedRow(line_number, reason, raw))
+                continue
+            first_line[doc_id] = line_number
+            records.append(Document(doc_id, text, title))
+    return LoadResult(records, quarantined, num_input_rows=len(records) + len(quarantined))
 
 
-def _non_empty_string(value: Any, key: str) -> str:
-    if not isinstance(value, str):
-        raise _RowError(f"field '{key}' must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise _RowError(f"field '{key}' is empty")
-    return value
+def _parsed_batches(path: Path, corpus_format: CorpusFormat) -> Iterator[tuple[dict[str, list], dict[int, str]]]:
+    """``ROW_COLUMNS`` batches, with the decoded line of each single-document line (for duplicates' raw)."""
+    if corpus_format is CorpusFormat.PARQUET:
+        row_number = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_LINES):
+            values = batch.to_pydict()
+            count = batch.num_rows
+            values.update(source=[str(path)] * count, row_number=list(range(row_number + 1, row_number + count + 1)))
+            row_number += count
+            yield parse_parquet_batch(values, BadRowPolicy.QUARANTINE), {}
+        return
+    single = corpus_format is not CorpusFormat.CLARA
+    batch: list[tuple[int, bytes, bool]] = []
+    for line in [*file_lines(path), None]:
+        if line is not None:
+            batch.append(line)
+        if batch and (line is None or len(batch) == _BATCH_LINES):
+            numbers, raw_lines, too_long = (list(column) for column in zip(*batch))
+            parsed = parse_line_batch(
+                {"source": [str(path)] * len(batch), "row_number": numbers, "line": raw_lines, "line_too_long": too_long},
+                corpus_format, BadRowPolicy.QUARANTINE,
+            )
+            decoded = {n: b.decode("utf-8", errors="replace") for n, b in zip(numbers, raw_lines)} if single else {}
+            yield parsed, decoded
+            batch = []
 
 
-def _identifier(value: Any, key: str) -> str:
-    # bool is a subclass of int; true/false are never meant as ids.
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return _non_empty_string(value, key)
-
-
-def _string_list(value: Any, key: str, item: Callable[[Any, str], str]) -> list[str]:
-    if not isinstance(value, list):
-        raise _RowError(f"field '{key}' must be a list, got {type(value).__name__}")
-    return [item(element, f"{key}[{index}]") for index, element in enumerate(value)]
-
-
-def _parse_document(row: dict[str, Any], line_number: int) -> Document:
-    title = row.get("title")
-    if title is not None and not isinstance(title, str):
-        raise _RowError(f"field 'title' must be a string or null, got {type(title).__name__}")
-    return Document(
-        id=_identifier(_require_field(row, "id"), "id"),
-        text=_non_empty_string(_require_field(row, "text"), "text"),
-        title=title,
-    )
+# ---------------------------------------------------------------------------
+# QA JSONL
 
 
 def _parse_qa(row: dict[str, Any], line_number: int) -> QAExample:
-    question = _non_empty_string(_require_field(row, "question"), "question")
-    answers = _string_list(_require_field(row, "answers"), "answers", _non_empty_string)
-    if not answers:
-        raise _RowError("field 'answers' is an empty list")
+    question = non_empty_string(require(row, "question"), "field 'question'")
+    answers = value_list(require(row, "answers"), "answers", non_empty_string, allow_empty=False)
     example_id = row.get("id")
-    example_id = f"q{line_number}" if example_id is None else _identifier(example_id, "id")
+    example_id = f"q{line_number}" if example_id is None else identifier(example_id, "field 'id'")
     gold = row.get("gold_doc_ids")
-    gold_doc_ids = [] if gold is None else _string_list(gold, "gold_doc_ids", _identifier)
+    gold_doc_ids = [] if gold is None else value_list(gold, "gold_doc_ids", identifier)
     return QAExample(id=example_id, question=question, answers=answers, gold_doc_ids=gold_doc_ids)
 
 
-# ---------------------------------------------------------------------------
-# Reading
-
-
-def _read_jsonl(
+def read_jsonl_rows(
     path: str | Path,
-    parse_row: Callable[[dict[str, Any], int], T],
+    parse_row: Callable[[dict[str, Any], int], list[T | RowError]],
     on_bad_row: BadRowPolicy,
 ) -> LoadResult[T]:
+    """Records of a JSONL file, `parse_row(object, line_number)` giving each line's records
+    (a ``RowError`` in place of a bad one, or raising it for the whole line); a line that
+    cannot be read is one bad row, and so is each bad record and each record whose id an
+    earlier one has."""
     path = Path(path)
-    if not isinstance(on_bad_row, BadRowPolicy):
-        raise TypeError(f"on_bad_row must be a BadRowPolicy, got {on_bad_row!r}")
+    check_policy(on_bad_row)
+    if not path.is_file():
+        raise DataError(f"no such file: {path}")
     records: list[T] = []
     quarantined: list[QuarantinedRow] = []
     seen_ids: set[str] = set()
-    with path.open("rb") as handle:
-        for line_number, raw_bytes in enumerate(handle, start=1):
-            if line_number == 1 and raw_bytes.startswith(b"\xef\xbb\xbf"):
-                raw_bytes = raw_bytes[3:]
-            raw_bytes = raw_bytes.rstrip(b"\r\n")
-            if not raw_bytes.strip():
+
+    def set_aside(line_number: int, reason: str, raw: bytes) -> None:
+        if on_bad_row is BadRowPolicy.FAIL:
+            raise BadInputError(path, line_number, reason)
+        quarantined.append(QuarantinedRow(line_number, reason, raw.decode("utf-8", errors="replace")))
+
+    for line_number, raw_bytes, too_long in file_lines(path):
+        try:
+            if too_long:
+                raise RowError(BadRowKind.LINE_TOO_LONG, f"line longer than {len(raw_bytes)} bytes")
+            parsed = parse_row(json_object(raw_bytes), line_number)
+        except RowError as error:
+            set_aside(line_number, error.reason, raw_bytes)
+            continue
+        for record in parsed:
+            if isinstance(record, RowError):  # one bad record of a line that holds several
+                set_aside(line_number, record.reason, raw_bytes)
                 continue
-            try:
-                record = parse_row(_decode_object(raw_bytes), line_number)
-                if record.id in seen_ids:
-                    raise _RowError(f"duplicate id '{record.id}'")
-            except _RowError as error:
-                if on_bad_row is BadRowPolicy.FAIL:
-                    raise BadInputError(path, line_number, str(error)) from None
-                raw = raw_bytes.decode("utf-8", errors="replace")
-                quarantined.append(QuarantinedRow(line_number, str(error), raw))
+            if record.id in seen_ids:
+                set_aside(line_number, f"duplicate id '{record.id}'", raw_bytes)
                 continue
             seen_ids.add(record.id)
             records.append(record)
     return LoadResult(records, quarantined, num_input_rows=len(records) + len(quarantined))
 
 
-def _decode_object(raw_bytes: bytes) -> dict[str, Any]:
-    try:
-        text = raw_bytes.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise _RowError(f"invalid UTF-8 at byte {error.start}") from None
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise _RowError(f"malformed JSON ({error.msg} at column {error.colno})") from None
-    if not isinstance(row, dict):
-        raise _RowError(f"expected a JSON object, got {type(row).__name__}")
-    return row
-
-
-def read_corpus(
-    path: str | Path, on_bad_row: BadRowPolicy = BadRowPolicy.FAIL
-) -> LoadResult[Document]:
-    """Read a corpus JSONL file (format in the module docstring)."""
-    return _read_jsonl(path, _parse_document, on_bad_row)
-
-
 def read_qa(
     path: str | Path, on_bad_row: BadRowPolicy = BadRowPolicy.FAIL
 ) -> LoadResult[QAExample]:
     """Read a QA JSONL file (format in the module docstring)."""
-    return _read_jsonl(path, _parse_qa, on_bad_row)
+    return read_jsonl_rows(path, lambda row, line_number: [_parse_qa(row, line_number)], on_bad_row)
 
 
 # ---------------------------------------------------------------------------

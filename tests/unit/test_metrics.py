@@ -85,3 +85,24 @@ def test_means():
     assert mean_f1(["the big cat", "dog"], [["big dog"], ["dog"]]) == pytest.approx(0.75)
     with pytest.raises(ValueError):
         mean_f1(["x"], [])
+
+
+def test_cover_exact_match_needs_the_answer_as_whole_words():
+    from clara_ray.eval.metrics import cover_exact_match, mean_cover_exact_match
+
+    assert cover_exact_match("It was in Paris, France.", ["paris"]) == 1.0
+    assert cover_exact_match("The Parisian side", ["Paris"]) == 0.0
+    assert cover_exact_match("New York City", ["the new york"]) == 1.0  # articles normalised away
+    assert cover_exact_match("anything", ["!!"]) == 0.0  # an answer that normalises to nothing covers nothing
+    assert mean_cover_exact_match(["a b c", "x"], [["b c"], ["y"]]) == 0.5
+
+
+def test_mrr_at_k_by_hand():
+    from clara_ray.eval.metrics import mrr_at_k
+
+    rankings = [["a", "g", "c"], ["g", "b", "c"], ["a", "b", "c"], ["a", "b"]]
+    gold = [["g"], ["g", "b"], ["x"], []]  # the last has no gold and is left out
+    assert mrr_at_k(rankings, gold, 3) == pytest.approx((1 / 2 + 1 + 0) / 3)
+    assert mrr_at_k(rankings, gold, 1) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError):
+        mrr_at_k(rankings, gold, 0)
