@@ -27,6 +27,7 @@ Test questions are read for evaluation only; they never enter any training.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -49,13 +50,22 @@ from clara_ray.data.formats import (
 from clara_ray.data.trap import generate_trap_corpus, write_trap_corpus
 from clara_ray.data.lengths import LengthReport, choose_lengths
 from clara_ray.encode import EncodeSettings, encode_corpus
-from clara_ray.errors import DataError
+from clara_ray.errors import DataError, UserError
 from clara_ray.eval import baselines
 from clara_ray.eval.evaluate import Scores, generate_answers, query_reasoner_rankings, score
 from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_index_actor
 from clara_ray.index.refresh import RefreshPlan, refresh_scheduler_name, start_refresh_scheduler
 from clara_ray.index.refresh_encoder import RefreshEncodeSettings
-from clara_ray.index.versions import IndexSettings
+from clara_ray.index.versions import (
+    IndexSettings,
+    build_version,
+    current_version,
+    find_version,
+    list_versions,
+    publish,
+    read_version_manifest,
+    version_step,
+)
 from clara_ray.memory_shards import MANIFEST as MEMORY_MANIFEST
 from clara_ray.memory_shards import read_memory_shards
 from clara_ray.modeling.backbone import resolve_backbone
@@ -253,18 +263,6 @@ def _open_run_dir(config: Config, log) -> Path:
     return run_dir
 
 
-def _stage(run_dir: Path, name: str, train, log) -> StageResult:
-    """A training stage, or the result of the finished one (its step marker)."""
-    done = _done(run_dir, name)
-    if done is not None:
-        log(f"[pipeline] {name} finished in an earlier attempt: {done['model_dir']}")
-        return StageResult(Path(done["model_dir"]), done["history"], done["resumed_after"])
-    result = train()
-    _mark_done(run_dir, name, {"model_dir": str(result.model_dir), "history": result.history,
-                               "resumed_after": result.resumed_after})
-    return result
-
-
 def _initial_step(config: Config, inputs: Inputs, run_dir: Path, init_dir: Path) -> tuple[Config, Inputs, LengthReport]:
     """The init step: the untrained model, the token lengths picked from the data, and the
     QA rows whose answers do not fit set aside (steps/init.json; a rerun reads them back).
@@ -296,10 +294,10 @@ def _initial_step(config: Config, inputs: Inputs, run_dir: Path, init_dir: Path)
     return config, inputs, lengths
 
 
-def _final_refresh(config: Config, index, scheduler, model_dir: Path, log) -> tuple[dict, dict]:
+def _final_refresh(config: Config, index, scheduler, model_dir: Path, log) -> dict:
     """With a trainable compressor: the corpus encoded by the final compressor into
     the last index version (after any refresh still running), for the evaluation.
-    Returns that encoding's memory by id, and the scheduler's record of every refresh."""
+    Returns the scheduler's record of every refresh."""
     steps = config.stage3.steps
     ray.get(scheduler.request_final.remote(steps, str(model_dir)))
     status = ray.get(scheduler.drain.remote())
@@ -310,150 +308,319 @@ def _final_refresh(config: Config, index, scheduler, model_dir: Path, log) -> tu
                            f"{failed[-1]['error'] if failed else 'no record of it'}; rerun the same command to retry")
     log(f"[pipeline] index {info['version']} from the stage-3 compressor: {status['swapped']} refreshes swapped in, "
         f"{len(status['skipped'])} skipped, {status['failed']} failed")
-    shards = read_memory_shards(info["memory_dir"])
-    return dict(zip(shards.doc_ids, shards.memory)), status
+    return status
+
+
+class StepNotReady(UserError):
+    """A step whose inputs an earlier step has not written yet."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every step after prepare_data reads: the config with the lengths and step
+    counts picked from the data, the inputs (long-answer rows set aside) and the
+    training tables."""
+
+    config: Config
+    inputs: Inputs
+    lengths: LengthReport
+    data: TrainingData
+
+
+class Run:
+    """A run directory and the steps that fill it, each a job of its own
+    (``jobs/<step>.py``, ``clara-ray <step>``) and idempotent: a finished step's
+    marker (steps/<name>.json) is read back instead of running it again, an
+    unfinished one goes on from what it left (a stage from its checkpoint, the
+    encoding from its shards). A step whose inputs are missing says which step to
+    run first. `pipeline()` runs them all in order.
+
+        prepare_data  -> models/init, data/*.arrow       steps/init.json, steps/training_data.json
+        train 1, 2, 3 -> models/stage<n>, ray_train/     steps/stage<n>.json
+        encode_corpus -> memory/                          memory/manifest.json
+        build_index   -> index/v<step>                    index/CURRENT
+        evaluate      -> metrics.json, report.md          steps/evaluate_before_stage3.json (before stage 3)
+    """
+
+    def __init__(self, config: Config, log=print):
+        self.log = log
+        self.run_dir = _open_run_dir(config, log)
+        self._config = config
+        self._prepared: Prepared | None = None
+        self.seconds: dict[str, float] = {}
+
+    def _timed(self, name: str, since: float) -> None:
+        self.seconds[name] = time.perf_counter() - since
+        self.log(f"[pipeline] {name} done in {self.seconds[name]:.1f}s")
+
+    def _require(self, name: str, step_command: str) -> dict:
+        done = _done(self.run_dir, name)
+        if done is None:
+            raise StepNotReady(f"{self.run_dir}: {name} has not finished yet; run `{step_command}` first")
+        return done
+
+    # ------------------------------------------------------------------ steps
+
+    def prepare_data(self) -> Prepared:
+        """Read (or generate) the data, build the initial model, pick the token lengths and
+        write every stage's examples."""
+        if self._prepared is not None:
+            return self._prepared
+        started = time.perf_counter()
+        run_dir, log = self.run_dir, self.log
+        log(f"[pipeline] run directory {run_dir}")
+        config, inputs, lengths = _initial_step(self._config, load_inputs(self._config, run_dir), run_dir,
+                                                run_dir / "models" / "init")
+        documents, train_qa, test_qa = inputs.corpus.records, inputs.train_qa.records, inputs.test_qa.records
+        log(
+            f"[pipeline] data: {len(documents)} documents, {len(train_qa)} training and {len(test_qa)} test "
+            f"questions ({sum(len(r.quarantined) for r in (inputs.corpus, inputs.train_qa, inputs.test_qa))} rows quarantined)"
+        )
+        for line in lengths.lines():
+            log(f"[pipeline] {line}")
+        for warning in lengths.warnings(config.model.truncation_warning):
+            log(f"[pipeline] WARNING: {warning}")
+        if not train_qa or not test_qa:
+            raise DataError(f"no {'training' if not train_qa else 'test'} question has an answer that fits "
+                            f"model.answer_max_len={config.model.answer_max_len}; raise it or set it to auto")
+        written = _done(run_dir, "training_data")
+        if written is None:
+            data = write_training_data(config, {d.id: document_input(d.text, d.title) for d in documents}, train_qa,
+                                       run_dir)
+            _mark_done(run_dir, "training_data", {k: None if v is None else str(v) for k, v in vars(data).items()})
+        else:
+            data = TrainingData(**{k: None if v is None else Path(v) for k, v in written.items()})
+        steps = steps_for_data(config, data)
+        config = config.with_steps({stage: count for stage, (count, _) in steps.items()})
+        for stage, (count, how) in steps.items():
+            log(f"[pipeline] {stage}.steps = {count} ({how})")
+        self._prepared = Prepared(config, inputs, lengths, data)
+        self._timed("prepare data", started)
+        return self._prepared
+
+    def train(self, stage: int) -> StageResult:
+        """Stage 1 (compressor pretraining), 2 (instruction tuning) or 3 (joint training)."""
+        if stage not in (1, 2, 3):
+            raise UserError(f"there is no stage {stage}: stages are 1, 2 and 3")
+        prepared = self.prepare_data()
+        config, name = prepared.config, f"stage{stage}"
+        done = _done(self.run_dir, name)
+        if done is not None:
+            self.log(f"[pipeline] {name} finished in an earlier attempt: {done['model_dir']}")
+            return StageResult(Path(done["model_dir"]), done["history"], done["resumed_after"])
+        started = time.perf_counter()
+        record = {}
+        if stage == 1:
+            result = run_stage1(config, prepared.data, self.run_dir / "models" / "init", self.run_dir)
+        elif stage == 2:
+            if not config.stage2.enabled:
+                raise UserError("stage 2 is off in this run's config (stage2.enabled: false)")
+            stage1 = self._require("stage1", "train --stage 1")
+            result = run_stage2(config, prepared.data, Path(stage1["model_dir"]), self.run_dir)
+        else:
+            result, record = self._stage3(prepared)
+        _mark_done(self.run_dir, name, {"model_dir": str(result.model_dir), "history": result.history,
+                                        "resumed_after": result.resumed_after, **record})
+        self._timed(f"stage {stage}", started)
+        return result
+
+    def encode_corpus(self) -> dict:
+        """The corpus encoded by the tuned model (stage 2's, else stage 1's) into memory/."""
+        prepared = self.prepare_data()
+        memory_dir = self.run_dir / "memory"
+        if not (memory_dir / MEMORY_MANIFEST).exists():
+            started = time.perf_counter()
+            # The encoder reads the corpus file itself, as a corpus-encoding job would,
+            # and sets aside the same bad rows the reader of prepare_data did.
+            encode_corpus(prepared.inputs.corpus_path.resolve(), self._tuned_model_dir(), memory_dir,
+                          encode_settings(prepared.config), CorpusFormat.JSONL, log=self.log)
+            self._timed("encode corpus", started)
+        encoded = json.loads((memory_dir / MEMORY_MANIFEST).read_text())
+        if encoded["num_encoded"] != len(prepared.inputs.corpus.records):
+            raise RuntimeError(f"encoded {encoded['num_encoded']} documents, "
+                               f"but {len(prepared.inputs.corpus.records)} were read as valid")
+        return encoded
+
+    def build_index(self) -> dict:
+        """Index version of memory/ under index/ (built in a Ray task; kept if built already)."""
+        config = self.prepare_data().config
+        memory_dir = self._require_memory()
+        settings = IndexSettings.from_config(config.index)
+        index_root = self.run_dir / "index"
+        version = find_version(index_root, memory_dir, settings)
+        if version is None:
+            started = time.perf_counter()
+            step = max([0] + [version_step(v) + 1 for v in list_versions(index_root)])
+            build = ray.remote(build_version).options(num_cpus=settings.num_cpus_per_shard,
+                                                      num_gpus=settings.num_gpus_per_shard)
+            version = Path(ray.get(build.remote(str(memory_dir), str(index_root), step, settings)))
+            self._timed("build index", started)
+        if current_version(index_root) is None:  # else a stage-3 refresh's version is live: it stays so
+            publish(version)
+        manifest = read_version_manifest(version)
+        return {"version": version.name, "num_shards": len(manifest["shards"])}
+
+    def evaluate(self) -> dict:
+        """Before stage 3: the tuned model's retrieval and answers (kept for the final
+        comparison). After it: the baselines, before and after stage 3 side by side;
+        writes metrics.json and report.md, and returns that summary."""
+        prepared = self.prepare_data()
+        config, test_qa = prepared.config, prepared.inputs.test_qa.records
+        before = _done(self.run_dir, "evaluate_before_stage3")
+        if before is None:
+            started = time.perf_counter()
+            with self._index(serve=self._initial_version().name) as (search, memory_of):
+                model, tokenizer = _load_for_eval(self._tuned_model_dir())
+                rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search)
+                before = _mark_done(self.run_dir, "evaluate_before_stage3", _answer_and_score(
+                    config, model, tokenizer, rankings, test_qa, memory_of).as_dict())
+            self._timed("evaluate before stage 3", started)
+        stage3 = _done(self.run_dir, "stage3")
+        if stage3 is None:
+            return {"query reasoner before stage 3": before}
+        started = time.perf_counter()
+        results: dict[str, dict] = {}
+        with self._index() as (search, memory_of):  # the live version: stage 3's last refresh, if any
+            model, tokenizer = _load_for_eval(Path(stage3["model_dir"]))
+            for baseline in config.eval.baselines:
+                rankings = _baseline_rankings(config, baseline, prepared.inputs.corpus.records, test_qa)
+                results[baseline.value] = _answer_and_score(config, model, tokenizer, rankings, test_qa,
+                                                            memory_of).as_dict()
+            results["query reasoner before stage 3"] = before
+            rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search)
+            results["query reasoner after stage 3"] = _answer_and_score(config, model, tokenizer, rankings, test_qa,
+                                                                        memory_of).as_dict()
+        self._timed("evaluate", started)
+        return self._summary(results, stage3)
+
+    def pipeline(self) -> dict:
+        """Every step in order, finished ones skipped; returns the evaluation's summary."""
+        self.prepare_data()
+        self.train(1)
+        if self._prepared.config.stage2.enabled:
+            self.train(2)
+        self.encode_corpus()
+        self.build_index()
+        self.evaluate()  # before stage 3
+        self.train(3)
+        return self.evaluate()
+
+    # ---------------------------------------------------------------- helpers
+
+    def _tuned_model_dir(self) -> Path:
+        """The model that encodes the corpus and starts stage 3: stage 2's when it runs, else stage 1's."""
+        if self.prepare_data().config.stage2.enabled:
+            return Path(self._require("stage2", "train --stage 2")["model_dir"])
+        return Path(self._require("stage1", "train --stage 1")["model_dir"])
+
+    def _require_memory(self) -> Path:
+        memory_dir = self.run_dir / "memory"
+        if not (memory_dir / MEMORY_MANIFEST).exists():
+            raise StepNotReady(f"{self.run_dir}: the corpus is not encoded yet; run `encode_corpus` first")
+        return memory_dir
+
+    def _initial_version(self) -> Path:
+        """The index version built from memory/ by build_index."""
+        memory_dir = self._require_memory()
+        version = find_version(self.run_dir / "index", memory_dir,
+                               IndexSettings.from_config(self.prepare_data().config.index))
+        if version is None:
+            raise StepNotReady(f"{self.run_dir}: no index over memory/ yet; run `build_index` first")
+        return version
+
+    @contextlib.contextmanager
+    def _index(self, serve: str | None = None, refresh_plan: RefreshPlan | None = None):
+        """The run's index router serving `serve` (default: the live version), for the
+        length of the block: (search, memory by document id of the served version)."""
+        self._initial_version()
+        config = self.prepare_data().config
+        index = start_index_actor(str(self.run_dir / "memory"), index_actor_name(self.run_dir),
+                                  settings=IndexSettings.from_config(config.index),
+                                  serve=serve or current_version(self.run_dir / "index").name)
+        try:
+            info = ray.get(index.info.remote())
+            shards = read_memory_shards(info["memory_dir"])
+            memory_of = dict(zip(shards.doc_ids, shards.memory))
+
+            def search(queries: np.ndarray, num_candidates: int):
+                return ray.get(index.search.remote(queries, num_candidates))
+
+            yield search, memory_of
+        finally:
+            ray.kill(index)
+
+    def _stage3(self, prepared: Prepared) -> tuple[StageResult, dict]:
+        config, run_dir = prepared.config, self.run_dir
+        tuned = self._tuned_model_dir()
+        memory_dir = self._require_memory()
+        self._initial_version()
+        trainable = config.stage3.compressor == CompressorMode.TRAINABLE
+        resumed = latest_trainer_state(run_dir / "ray_train" / "stage3") if trainable else None
+        serve = resumed.get("index_version") if resumed else None
+        index = start_index_actor(str(memory_dir), index_actor_name(run_dir),
+                                  settings=IndexSettings.from_config(config.index),
+                                  serve=serve or (None if trainable else self._initial_version().name))
+        scheduler = None
+        try:
+            refresh = None
+            if trainable:
+                plan = RefreshPlan(str(memory_dir), str(prepared.data.documents),
+                                   RefreshEncodeSettings.from_config(config), str(run_dir / "refresh"),
+                                   config.stage3.num_candidates)
+                scheduler = start_refresh_scheduler(index, plan, refresh_scheduler_name(run_dir),
+                                                    live_step=ray.get(index.info.remote())["step"])
+                refresh = (scheduler, plan)
+            result = run_stage3(config, prepared.data, tuned, IndexActorCandidates(index), run_dir, refresh=refresh)
+            record = {}
+            if trainable:
+                record["refresh"] = _final_refresh(config, index, scheduler, result.model_dir, self.log)
+            return result, record
+        finally:
+            for actor in (scheduler, index):
+                if actor is not None:
+                    ray.kill(actor)
+
+    def _summary(self, results: dict, stage3: dict) -> dict:
+        prepared = self.prepare_data()
+        inputs, run_dir = prepared.inputs, self.run_dir
+        encoded = json.loads((run_dir / "memory" / MEMORY_MANIFEST).read_text())
+        stages = {name: _done(run_dir, name) for name in ("stage1", "stage2")}
+        files = {
+            name: {"input": r.num_input_rows, "used": len(r.records), "quarantined": len(r.quarantined)}
+            for name, r in (("corpus", inputs.corpus), ("train_qa", inputs.train_qa), ("test_qa", inputs.test_qa))
+        }
+        summary = {
+            "run": prepared.config.run.name,
+            "run_dir": str(run_dir),
+            "top_k": prepared.config.stage3.top_k,
+            "doc_max_len": prepared.config.model.doc_max_len,
+            "lengths": prepared.lengths.as_dict(),
+            "results": results,
+            "data": {
+                "corpus": inputs.source,
+                "num_test_questions": len(inputs.test_qa.records),
+                "files": files,
+                "num_encoded": encoded["num_encoded"],
+                "num_truncated": encoded["num_truncated"],
+            },
+            "seconds": self.seconds,
+            "models": {"stage1": stages["stage1"]["model_dir"],
+                       "stage2": None if stages["stage2"] is None else stages["stage2"]["model_dir"],
+                       "stage3": stage3["model_dir"]},
+            "refresh": stage3.get("refresh"),
+            "resumed_after": {"stage1": stages["stage1"]["resumed_after"],
+                              "stage2": [] if stages["stage2"] is None else stages["stage2"]["resumed_after"],
+                              "stage3": stage3["resumed_after"]},
+        }
+        report = write_report(run_dir, summary, stages["stage1"]["history"], stage3["history"])
+        self.log(f"[pipeline] report: {report}")
+        return summary
 
 
 def run_pipeline(config: Config, log=print) -> dict:
-    """Run every phase on the connected Ray cluster; returns the summary also written to metrics.json.
+    """Every step on the connected Ray cluster; returns the summary also written to metrics.json.
 
     Rerun the same command after a killed driver: finished steps (steps/<name>.json)
     are skipped, a training stage goes on from its last checkpoint and the encoding
     from the shards it had written."""
-    run_dir = _open_run_dir(config, log)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def phase(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[name] = now - clock
-        clock = now
-        log(f"[pipeline] {name} done in {seconds[name]:.1f}s")
-
-    log(f"[pipeline] run directory {run_dir}")
-    init_dir = run_dir / "models" / "init"
-    config, inputs, lengths = _initial_step(config, load_inputs(config, run_dir), run_dir, init_dir)
-    documents, train_qa, test_qa = inputs.corpus.records, inputs.train_qa.records, inputs.test_qa.records
-    log(
-        f"[pipeline] data: {len(documents)} documents, {len(train_qa)} training and {len(test_qa)} test "
-        f"questions ({sum(len(r.quarantined) for r in (inputs.corpus, inputs.train_qa, inputs.test_qa))} rows quarantined)"
-    )
-    for line in lengths.lines():
-        log(f"[pipeline] {line}")
-    for warning in lengths.warnings(config.model.truncation_warning):
-        log(f"[pipeline] WARNING: {warning}")
-    if not train_qa or not test_qa:
-        raise DataError(f"no {'training' if not train_qa else 'test'} question has an answer that fits "
-                        f"model.answer_max_len={config.model.answer_max_len}; raise it or set it to auto")
-    phase("data and initial model")
-
-    written = _done(run_dir, "training_data")
-    if written is None:
-        data = write_training_data(config, {d.id: document_input(d.text, d.title) for d in documents}, train_qa, run_dir)
-        _mark_done(run_dir, "training_data", {k: None if v is None else str(v) for k, v in vars(data).items()})
-    else:
-        data = TrainingData(**{k: None if v is None else Path(v) for k, v in written.items()})
-    steps = steps_for_data(config, data)
-    config = config.with_steps({stage: count for stage, (count, _) in steps.items()})
-    for stage, (count, how) in steps.items():
-        log(f"[pipeline] {stage}.steps = {count} ({how})")
-    phase("training data")
-
-    stage1 = _stage(run_dir, "stage1", lambda: run_stage1(config, data, init_dir, run_dir), log)
-    phase("stage 1 (compressor pretraining)")
-
-    tuned = stage1
-    if config.stage2.enabled:
-        tuned = _stage(run_dir, "stage2", lambda: run_stage2(config, data, stage1.model_dir, run_dir), log)
-        phase("stage 2 (instruction tuning)")
-
-    # The encoder reads the corpus file itself, as a corpus-encoding job would, and
-    # sets aside the same bad rows the reader above did.
-    memory_dir = run_dir / "memory"
-    if not (memory_dir / MEMORY_MANIFEST).exists():
-        encode_corpus(inputs.corpus_path.resolve(), tuned.model_dir, memory_dir, encode_settings(config),
-                      CorpusFormat.JSONL, log=log)
-    encoded = json.loads((memory_dir / MEMORY_MANIFEST).read_text())
-    if encoded["num_encoded"] != len(documents):
-        raise RuntimeError(f"encoded {encoded['num_encoded']} documents, but {len(documents)} were read as valid")
-    phase("encode corpus (Ray Data)")
-
-    trainable = config.stage3.compressor == CompressorMode.TRAINABLE
-    resumed = latest_trainer_state(run_dir / "ray_train" / "stage3") if trainable and not _done(run_dir, "stage3") else None
-    index = start_index_actor(str(memory_dir), index_actor_name(run_dir), settings=IndexSettings.from_config(config.index),
-                              serve=None if resumed is None else resumed.get("index_version"))
-    shards = read_memory_shards(memory_dir)
-    memory_of = dict(zip(shards.doc_ids, shards.memory))
-    refresh = None
-    if trainable:
-        plan = RefreshPlan(str(memory_dir), str(data.documents), RefreshEncodeSettings.from_config(config),
-                           str(run_dir / "refresh"), config.stage3.num_candidates)
-        scheduler = start_refresh_scheduler(index, plan, refresh_scheduler_name(run_dir),
-                                            live_step=ray.get(index.info.remote())["step"])
-        refresh = (scheduler, plan)
-
-    def search(queries: np.ndarray, num_candidates: int):
-        return ray.get(index.search.remote(queries, num_candidates))
-
-    phase("index")
-
-    results: dict[str, dict] = {}
-    before = _done(run_dir, "evaluate_before_stage3")
-    if before is None:
-        model, tokenizer = _load_for_eval(tuned.model_dir)
-        rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search)
-        before = _mark_done(run_dir, "evaluate_before_stage3",
-                            _answer_and_score(config, model, tokenizer, rankings, test_qa, memory_of).as_dict())
-    phase("evaluate before stage 3")
-
-    stage3 = _stage(run_dir, "stage3", lambda: run_stage3(
-        config, data, tuned.model_dir, IndexActorCandidates(index), run_dir, refresh=refresh
-    ), log)
-    phase("stage 3 (joint training)")
-    refreshes = None
-    if trainable:
-        memory_of, refreshes = _final_refresh(config, index, refresh[0], stage3.model_dir, log)
-        phase("final refresh (the corpus encoded by the stage-3 compressor)")
-    model, tokenizer = _load_for_eval(stage3.model_dir)
-    for baseline in config.eval.baselines:
-        rankings = _baseline_rankings(config, baseline, documents, test_qa)
-        results[baseline.value] = _answer_and_score(config, model, tokenizer, rankings, test_qa, memory_of).as_dict()
-    results["query reasoner before stage 3"] = before
-    rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search)
-    results["query reasoner after stage 3"] = _answer_and_score(
-        config, model, tokenizer, rankings, test_qa, memory_of
-    ).as_dict()
-    phase("evaluate")
-    ray.kill(index)
-    if refresh is not None:
-        ray.kill(refresh[0])
-
-    files = {
-        name: {"input": r.num_input_rows, "used": len(r.records), "quarantined": len(r.quarantined)}
-        for name, r in (("corpus", inputs.corpus), ("train_qa", inputs.train_qa), ("test_qa", inputs.test_qa))
-    }
-    summary = {
-        "run": config.run.name,
-        "run_dir": str(run_dir),
-        "top_k": config.stage3.top_k,
-        "doc_max_len": config.model.doc_max_len,
-        "lengths": lengths.as_dict(),
-        "results": results,
-        "data": {
-            "corpus": inputs.source,
-            "num_test_questions": len(test_qa),
-            "files": files,
-            "num_encoded": encoded["num_encoded"],
-            "num_truncated": encoded["num_truncated"],
-        },
-        "seconds": seconds,
-        "models": {"stage1": str(stage1.model_dir), "stage2": str(tuned.model_dir) if tuned is not stage1 else None,
-                   "stage3": str(stage3.model_dir)},
-        "refresh": refreshes,
-        "resumed_after": {"stage1": stage1.resumed_after, "stage2": tuned.resumed_after if tuned is not stage1 else [],
-                          "stage3": stage3.resumed_after},
-    }
-    report = write_report(run_dir, summary, stage1.history, stage3.history)
-    log(f"[pipeline] report: {report}")
-    return summary
+    return Run(config, log).pipeline()

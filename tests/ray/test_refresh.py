@@ -107,7 +107,7 @@ def test_a_refresh_killed_midway_leaves_the_old_version_serving_and_training_nev
             time.sleep(0.2)
         os.kill(int(marker.read_text()), signal.SIGKILL)
 
-        memory_of, status = _final_refresh(config, index, scheduler, stage3.model_dir, log=print)
+        status = _final_refresh(config, index, scheduler, stage3.model_dir, log=print)
     finally:
         local_ray.kill(scheduler)
         local_ray.kill(index)
@@ -119,7 +119,7 @@ def test_a_refresh_killed_midway_leaves_the_old_version_serving_and_training_nev
     shards = read_memory_shards(tmp_path / "refresh" / "memory-v24")
     assert shards.manifest["model_fingerprint"] == fingerprint != json.loads(
         (Path(initial.model_dir) / "clara.json").read_text())["compressor_fingerprint"]
-    assert set(memory_of) == {d.id for d in corpus.documents}
+    assert set(shards.doc_ids) == {d.id for d in corpus.documents}
     # The failed refresh's half-written shards and its snapshot are gone; v0's memory stays (its version is kept).
     assert sorted(p.name for p in (tmp_path / "refresh").iterdir()) == ["memory-v24", "snapshots"]
     assert list((tmp_path / "refresh" / "snapshots").iterdir()) == []
