@@ -1,6 +1,8 @@
-"""The whole CLaRa pipeline on Ray: data -> stage 1 -> (stage 2) -> encode -> index -> stage 3 -> evaluate.
+"""The CLaRa pipeline on Ray: data -> stage 1 -> (stage 2) -> encode -> index -> stage 3 -> evaluate.
 
-    summary = run_pipeline(load_config("jobs/configs/tiny.yaml"))
+    summary = run_pipeline(load_config("jobs/configs/tiny.yaml"))      # every step in order
+    run = Run(load_config("jobs/configs/tiny.yaml", ["run.name=exp1"]))  # or one step at a time
+    run.train(1)                                                        # (jobs/<step>.py, clara-ray <step>)
 
 Run directory (<run.output_dir>/<run.name>/):
     config.yaml          the resolved config
@@ -11,7 +13,9 @@ Run directory (<run.output_dir>/<run.name>/):
     models/stage2        after instruction tuning (when stage2.enabled); it encodes the corpus
     models/stage3        after joint training
     memory/              memory shards of the corpus, encoded by models/stage2 (or stage1)
-    index/               index versions over memory/ (clara_ray/index/versions.py)
+    index/               index versions over memory/ (clara_ray/index/versions.py); CURRENT names
+                         the live one (with a trainable compressor, stage 3's last refresh)
+    refresh/             with a trainable compressor: the refreshed versions' memory shards
     ray_train/           Ray Train's own run storage: each stage's checkpoints
                          (clara_ray/training/checkpoints.py)
     tensorboard/<stage>/ per-window metrics for TensorBoard (loss, recall, tokens/s,
