@@ -1,15 +1,25 @@
-"""`clara-ray` command line.
+"""`clara-ray` command line: the whole pipeline, or one step of a run at a time.
 
     clara-ray demo                       # bundled trap corpus, tiny model, local Ray
     clara-ray demo stage3.temperature=0.05 run.name=t005
     clara-ray demo --corpus docs.jsonl --train-qa train.jsonl --test-qa test.jsonl
-    clara-ray demo --config jobs/configs/tiny.yaml --address auto   # on a running cluster
-    clara-ray encode --model-dir runs/demo/models/stage1 --output enc/ --input psgs_w100.tsv
+    clara-ray pipeline --config jobs/configs/tiny.yaml run.name=exp1 --address auto   # on a running cluster
+
+    # the same run, step by step (each idempotent; the same --config and overrides every time)
+    clara-ray prepare-data --config jobs/configs/tiny.yaml run.name=exp1
+    clara-ray train --stage 1 --config jobs/configs/tiny.yaml run.name=exp1
+    clara-ray encode --config jobs/configs/tiny.yaml run.name=exp1
+    clara-ray build-index --config jobs/configs/tiny.yaml run.name=exp1
+    clara-ray evaluate --config jobs/configs/tiny.yaml run.name=exp1      # before stage 3
+    clara-ray train --stage 3 --config jobs/configs/tiny.yaml run.name=exp1
+    clara-ray evaluate --config jobs/configs/tiny.yaml run.name=exp1      # after: metrics.json, report.md
+    clara-ray ask "Where did Ann Berg grow up?" --run runs/exp1
+
+    clara-ray encode --model-dir runs/demo/models/stage1 --output enc/ --input psgs_w100.tsv   # any corpus files
     clara-ray sweep --from-run runs/demo sweep.num_trials=8   # Ray Tune over stage 3
     clara-ray evaluate --qa pretrain_data.jsonl --format clara_pretrain --methods bm25 minilm --output eval/
 
-Prints progress while it runs and, last, one JSON line with the metrics (demo),
-the encoding summary (encode) or the sweep's best trial (sweep).
+Prints progress while it runs and, last, one JSON line with the step's result.
 """
 
 from __future__ import annotations
@@ -35,7 +45,18 @@ WORKER_ENV = {
 
 
 def start_ray(address: str | None, dashboard: bool = True):
-    """Connect to `address`, or start a local Ray instance owned by this process.
+    """Connect to `address`; without one, join the Ray cluster already running on
+    this machine, if there is one, else start a local Ray instance owned by this
+    process. ``local`` always starts a local instance.
+
+    "Already running" means what a bare `ray.init()` would join: the address in
+    RAY_ADDRESS (set inside `ray job submit` jobs), else the one `ray start` wrote to
+    Ray's address file (`/tmp/ray/ray_current_cluster`), if that cluster is alive.
+    Joining it, with a one-line message, is what a user who started a head wants:
+    Ray itself refuses to start a second instance with our CPU count beside it (the
+    `num_cpus and num_gpus must not be provided` error), and a private one would
+    compete with the head for the same cores. The run's paths are resolved before
+    anything runs on the cluster, so relative paths still mean the current directory.
 
     dashboard: whether a local instance runs the dashboard. Ray Train needs it:
     it also serves the State API, which Train's placement-group cleaner polls
@@ -47,44 +68,83 @@ def start_ray(address: str | None, dashboard: bool = True):
 
     os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
     runtime_env = {"env_vars": {k: os.environ[k] for k in WORKER_ENV}}
-    if address:
+    if not address:
+        address = running_cluster_address()
+        if address:
+            print(f"[clara-ray] joining the Ray cluster running on this machine at {address} "
+                  "(--address local starts a private Ray instead)", file=sys.stderr)
+    if address and address != "local":
         return ray.init(address=address, runtime_env=runtime_env)
     # Logical CPUs above the core count leave room for Ray Data's small tasks and
     # the index actor beside the training workers; the work itself is light.
-    return ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=dashboard, runtime_env=runtime_env)
+    return ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=dashboard,
+                    runtime_env=runtime_env)
+
+
+def running_cluster_address() -> str | None:
+    """The address of the Ray cluster a bare `ray.init()` would join, or None.
+
+    RAY_ADDRESS wins, as in Ray; the address file of `ray start` counts only while a
+    Ray process of that cluster runs (a killed head leaves the file behind)."""
+    from ray._private import services  # the lookup ray.init() does; no public API for it
+
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    recorded = services.find_bootstrap_address(None)
+    if recorded and recorded in services.find_gcs_addresses():
+        return recorded
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clara-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="generate/read data, stage 1, encode, index, stage 3, evaluate, report")
-    demo.add_argument("--config", help="YAML config (default: built-in tiny CPU defaults)")
+    demo = commands.add_parser("demo", help="the whole pipeline; by default on the bundled trap corpus, tiny model")
+    _add_run_arguments(demo, "YAML config (default: built-in tiny CPU defaults)")
     demo.add_argument("--corpus", help="corpus JSONL (id, text, optional title)")
     demo.add_argument("--train-qa", help="training QA JSONL (question, answers, optional id, gold_doc_ids)")
     demo.add_argument("--test-qa", help="test QA JSONL, used only for evaluation")
-    demo.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    demo.add_argument("overrides", nargs="*", help="config overrides, dotted.key=value")
+    _add_run_arguments(commands.add_parser("pipeline", help="every step of a run in order, finished ones skipped"))
+    _add_run_arguments(commands.add_parser(
+        "prepare-data", aliases=["prepare_data"], help="read the data, build the initial model, write the training tables"))
+    train = commands.add_parser("train", help="one training stage of a run (1: compressor, 2: instruction, 3: joint)")
+    train.add_argument("--stage", type=int, required=True, choices=(1, 2, 3))
+    _add_run_arguments(train)
+    _add_run_arguments(commands.add_parser(
+        "build-index", aliases=["build_index"], help="the index version over a run's encoded corpus"))
 
     sweep = commands.add_parser(
         "sweep", help="Ray Tune sweep over stage 3 (top-k temperature, k, L, learning rate) from a finished run"
     )
     sweep.add_argument("--from-run", required=True, help="a run directory with an encoded corpus (runs/demo)")
     sweep.add_argument("--name", default="sweep", help="output directory inside the run (default: sweep)")
-    sweep.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    sweep.add_argument("--address", help="Ray cluster address (default: a running local one, else start one)")
     sweep.add_argument("overrides", nargs="*", help="overrides of the run's config, e.g. sweep.num_trials=12")
 
     encode = commands.add_parser(
-        "encode", help="encode corpus files into memory shards with a trained compressor (resumable)"
+        "encode", aliases=["encode_corpus"],
+        help="a run's corpus (--config), or any corpus files (--input), into memory shards (resumable)"
     )
-    encode.add_argument("--model-dir", required=True, help="a model directory from stage 1 (runs/<name>/models/stage1)")
-    encode.add_argument("--output", required=True, help="memory-shard directory; rerun with the same one to resume")
-    encode.add_argument("--input", required=True, nargs="+", help="corpus files or directories (local or s3://, gs://)")
+    encode.add_argument("--model-dir", help="with --input: a model directory from stage 1 (runs/<name>/models/stage1)")
+    encode.add_argument("--output", help="with --input: memory-shard directory; rerun with the same one to resume")
+    encode.add_argument("--input", nargs="+", help="corpus files or directories (local or s3://, gs://)")
     encode.add_argument("--format", choices=[f.value for f in CorpusFormat], help="corpus format (default: from the extension)")
-    encode.add_argument("--config", help="YAML config; encode.*, model.doc_max_len (auto: the model's) and data.on_bad_row apply")
-    encode.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    encode.add_argument("overrides", nargs="*", help="config overrides, dotted.key=value")
+    _add_run_arguments(encode, "YAML config: a run's, or with --input the encode.* settings, model.doc_max_len (auto: "
+                               "the model's) and data.on_bad_row")
     _add_evaluate(commands)
+    ask = commands.add_parser("ask", help="answer questions with a finished run's model and live index")
+    ask.add_argument("questions", nargs="+", help="one or more questions")
+    ask.add_argument("--run", required=True, help="the run directory, <run.output_dir>/<run.name>")
+    ask.add_argument("-k", type=int, default=None, help="documents to read (default: the run's stage3.top_k)")
+    ask.add_argument("--json", action="store_true", help="one JSON line per question")
+    ask.add_argument("--address", help="unused: ask runs in this process, without Ray")
     return parser
+
+
+def _add_run_arguments(command, config_help: str = "YAML config of the run (default: built-in tiny CPU defaults)"):
+    command.add_argument("--config", help=config_help)
+    command.add_argument("--address", help="Ray cluster address (default: a running local one, else start one)")
+    command.add_argument("overrides", nargs="*", help="config overrides, dotted.key=value")
 
 
 def _add_evaluate(commands) -> None:
@@ -94,8 +154,8 @@ def _add_evaluate(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate", help="Recall@k / MRR@k (and EM / F1 / cover-EM with a model) of BM25, MiniLM and a trained model"
     )
-    evaluate.add_argument("--qa", required=True, help="QA file")
-    evaluate.add_argument("--format", required=True, choices=[f.value for f in QAFormat], help="QA file format")
+    evaluate.add_argument("--qa", help="a QA file to evaluate on (else: the run of --config, on its test split)")
+    evaluate.add_argument("--format", choices=[f.value for f in QAFormat], help="with --qa: the QA file's format")
     evaluate.add_argument("--corpus", help="corpus file (needed when the QA format embeds no documents)")
     evaluate.add_argument("--corpus-format", choices=[f.value for f in CorpusFormat], help="corpus format (default: jsonl)")
     evaluate.add_argument("--run", help="a finished run directory: its stage-3 model, memory and settings")
@@ -105,7 +165,8 @@ def _add_evaluate(commands) -> None:
                           help="default: bm25 and minilm, and clara when a model is given")
     evaluate.add_argument("--k", nargs="+", type=int, default=list(DEFAULT_KS), help="cut-offs for Recall@k and MRR@k")
     evaluate.add_argument("--no-answers", action="store_true", help="retrieval only, even with a model")
-    evaluate.add_argument("--output", required=True, help="directory for report.md, recall_at_k.png, metrics.json")
+    evaluate.add_argument("--output", help="with --qa: directory for report.md, recall_at_k.png, metrics.json")
+    _add_run_arguments(evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -114,6 +175,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from clara_ray.eval.harness import Method, TrainedModel, evaluate
 
     try:
+        if not (args.format and args.output):
+            raise UserError("--qa needs --format and --output")
         model = None
         if args.run:
             model = TrainedModel.from_run(args.run)
@@ -184,14 +247,72 @@ def run_sweep_command(args: argparse.Namespace, connect) -> int:
     return 0
 
 
+def run_step(command: str, stage: int | None, config) -> dict:
+    """One step of the run `config` names (Ray already connected); returns what it prints."""
+    from clara_ray.pipeline import Run
+
+    run = Run(config)
+    if command in ("demo", "pipeline"):
+        summary = run.pipeline()
+        return {"run": summary["run"], "report": summary["run_dir"] + "/report.md", **summary["results"]}
+    if command == "prepare-data":
+        prepared = run.prepare_data()
+        return {"run_dir": str(run.run_dir), "lengths": prepared.lengths.lengths,
+                **{name: len(getattr(prepared.inputs, name).records) for name in ("corpus", "train_qa", "test_qa")}}
+    if command == "train":
+        result = run.train(stage)
+        return {"stage": stage, "model_dir": str(result.model_dir), "steps": result.history[-1]["step"],
+                "last_window": {k: v for k, v in result.history[-1].items() if isinstance(v, (int, float))}}
+    if command == "encode":
+        manifest = run.encode_corpus()
+        return {k: manifest[k] for k in ("num_input_documents", "num_encoded", "num_quarantined", "num_truncated")}
+    if command == "build-index":
+        return run.build_index()
+    if command == "evaluate":
+        results = run.evaluate()
+        return results["results"] if "results" in results else results
+    raise ValueError(f"not a run step: {command}")
+
+
+def summary_table(result: dict) -> str:
+    """A step's result as a plain-text table, printed before its JSON line: rows of
+    name -> scores as a matrix (evaluations), anything else as key | value."""
+    def cell(value) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    if result and all(isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())
+                      for v in result.values()):
+        columns = list(dict.fromkeys(k for scores in result.values() for k in scores))
+        rows = [["", *columns]] + [[name, *(cell(scores.get(c, "")) for c in columns)] for name, scores in result.items()]
+    else:
+        rows = [[key, cell(value) if not isinstance(value, dict) else json.dumps(value)] for key, value in result.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(text.ljust(width) for text, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def job_main(command: list[str]) -> int:
+    """What a ``jobs/<step>.py`` entrypoint runs: ``clara-ray <command> <its arguments>``.
+    Inside ``ray job submit`` (RAY_ADDRESS set) the step joins the job's cluster, run by
+    hand the one running on this machine, else a local one (`start_ray`)."""
+    return main([*command, *sys.argv[1:]])
+
+
+_CANONICAL = {"prepare_data": "prepare-data", "build_index": "build-index", "encode_corpus": "encode"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    command = _CANONICAL.get(args.command, args.command)
     overrides = list(getattr(args, "overrides", []))
-    if args.command == "sweep":
+    if command == "sweep":
         return run_sweep_command(args, lambda: start_ray(args.address))
-    if args.command == "evaluate":
+    if command == "evaluate" and args.qa:
         return run_evaluate(args)
-    if args.command == "demo":
+    if command == "ask":
+        from clara_ray.ask import ask_command
+
+        return ask_command(args.run, args.questions, args.k, args.json)
+    if command == "demo":
         for flag, key in ((args.corpus, "data.corpus"), (args.train_qa, "data.train_qa"), (args.test_qa, "data.test_qa")):
             if flag:
                 overrides.append(f"{key}={json.dumps(flag)}")
@@ -201,20 +322,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clara-ray: {error}", file=sys.stderr)
         return 2
 
-    if args.command == "encode":
+    if command == "encode" and (args.input or args.model_dir or args.output):
+        if not (args.input and args.model_dir and args.output):
+            print("clara-ray: encoding corpus files needs --input, --model-dir and --output "
+                  "(without them: the corpus of the run --config names)", file=sys.stderr)
+            return 2
         start_ray(args.address, dashboard=False)
         return run_encode(args, config)
 
-    from clara_ray.pipeline import check_inputs, run_pipeline
+    from clara_ray.pipeline import check_inputs
 
     try:
         check_inputs(config)  # before Ray starts
         start_ray(args.address)
-        summary = run_pipeline(config)
+        result = run_step(command, getattr(args, "stage", None), config)
     except (UserError, FileExistsError) as error:  # the user's data, config or run directory
         print(f"clara-ray: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({"run": summary["run"], "report": summary["run_dir"] + "/report.md", **summary["results"]}))
+    print(summary_table(result))
+    print(json.dumps(result))
     return 0
 
 

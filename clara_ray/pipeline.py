@@ -535,12 +535,14 @@ class Run:
     @contextlib.contextmanager
     def _index(self, serve: str | None = None, refresh_plan: RefreshPlan | None = None):
         """The run's index router serving `serve` (default: the live version), for the
-        length of the block: (search, memory by document id of the served version)."""
-        self._initial_version()
+        length of the block: (search, memory by document id of the served version). The
+        live version (index/CURRENT) is live again afterwards."""
         config = self.prepare_data().config
-        index = start_index_actor(str(self.run_dir / "memory"), index_actor_name(self.run_dir),
-                                  settings=IndexSettings.from_config(config.index),
-                                  serve=serve or current_version(self.run_dir / "index").name)
+        live = current_version(self.run_dir / "index")
+        if live is None:
+            raise StepNotReady(f"{self.run_dir}: no index yet; run `build_index` first")
+        index = start_index_actor(str(self._require_memory()), index_actor_name(self.run_dir),
+                                  settings=IndexSettings.from_config(config.index), serve=serve or live.name)
         try:
             info = ray.get(index.info.remote())
             shards = read_memory_shards(info["memory_dir"])
@@ -552,6 +554,8 @@ class Run:
             yield search, memory_of
         finally:
             ray.kill(index)
+            if current_version(self.run_dir / "index") != live:
+                publish(live)
 
     def _stage3(self, prepared: Prepared) -> tuple[StageResult, dict]:
         config, run_dir = prepared.config, self.run_dir

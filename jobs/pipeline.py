@@ -1,48 +1,19 @@
-"""Ray job entrypoint: the whole pipeline (stage 1 -> (stage 2) -> encode -> index -> stage 3 -> evaluate).
+"""Ray job entrypoint: every step of a run in order (prepare_data -> train 1 -> (train 2) ->
+encode_corpus -> build_index -> evaluate -> train 3 -> evaluate), finished steps skipped.
 
-    ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/tiny.yaml run.name=exp1
+    ray job submit --working-dir . --runtime-env cluster/local-runtime-env.yaml -- \
+        python jobs/pipeline.py --config jobs/configs/tiny.yaml run.name=exp1 run.output_dir=$PWD/runs
 
-Inside a Ray job `ray.init()` joins the cluster the job runs on; run locally,
-it starts a local instance. Submit the same command again after a failed or
-stopped job and the run goes on where it stopped (finished steps are skipped).
+run.output_dir must be absolute: the job runs in a temporary copy of the repository.
+Inside a Ray job it joins the cluster the job runs on; run by hand, the cluster
+`ray start` runs on this machine, else a local instance (clara_ray.cli.start_ray).
+Submit the same command again after a failed or stopped job and the run goes on
+where it stopped. Each step is also a job of its own (jobs/prepare_data.py, ...).
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
 
-from clara_ray.cli import WORKER_ENV
-from clara_ray.config import ConfigError, load_config
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", help="YAML config")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
-    args = parser.parse_args()
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return 2
-
-    import ray
-
-    from clara_ray.errors import UserError
-    from clara_ray.pipeline import check_inputs, run_pipeline
-
-    try:
-        check_inputs(config)
-        ray.init(runtime_env={"env_vars": WORKER_ENV})
-        summary = run_pipeline(config)
-    except (UserError, FileExistsError) as error:  # the user's data, config or run directory
-        print(error, file=sys.stderr)
-        return 2
-    print(json.dumps({"run": summary["run"], **summary["results"]}))
-    return 0
-
+from clara_ray.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(job_main(["pipeline"]))

@@ -11,6 +11,6 @@ def local_ray():
 
     from clara_ray.cli import start_ray
 
-    start_ray(address=None)
+    start_ray(address="local")  # never a head the user started on this machine
     yield ray
     ray.shutdown()
