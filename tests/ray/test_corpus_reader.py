@@ -190,6 +190,7 @@ def test_mixed_corpus_reconciles_exactly(local_ray, tmp_path):
         BadRowKind.WRONG_COLUMN_COUNT.value,
         BadRowKind.MISPLACED_HEADER.value,
         BadRowKind.NO_TITLE_LINE.value,
+        BadRowKind.BAD_VALUE.value,  # QA rows only (clara_ray/data/qa_formats.py): no corpus line has one
     }
     rows = read_corpus_rows(
         paths, on_bad_row=QUARANTINE, rows_per_block=200, max_line_bytes=LONG_LINE_LIMIT
