@@ -196,6 +196,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     except UserError as error:
         print(f"clara-ray: {error}", file=sys.stderr)
         return 2
+    print(summary_table(summary["results"]))
     print(json.dumps({"report": summary["report"], "results": summary["results"]}))
     return 0
 
@@ -227,6 +228,7 @@ def run_encode(args: argparse.Namespace, config) -> int:
         return 2
     corpus_format = CorpusFormat(args.format) if args.format else None
     summary = encode_corpus(args.input, args.model_dir, args.output, encode_settings(config), corpus_format)
+    print(summary_table(summary.as_dict()))
     print(json.dumps(summary.as_dict()))
     return 0
 
@@ -243,6 +245,7 @@ def run_sweep_command(args: argparse.Namespace, connect) -> int:
     except (UserError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"clara-ray: {error}", file=sys.stderr)
         return 2
+    print(summary_table(summary))
     print(json.dumps(summary))
     return 0
 
@@ -279,6 +282,9 @@ def summary_table(result: dict) -> str:
     name -> scores as a matrix (evaluations), anything else as key | value."""
     def cell(value) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    if not result:
+        return ""
 
     if result and all(isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())
                       for v in result.values()):
