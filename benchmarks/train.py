@@ -210,7 +210,6 @@ def refresh_throughput(work: Path, steps: int, refresh_every: int) -> dict:
     from clara_ray.encode import encode_corpus
     from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_index_actor
     from clara_ray.index.refresh import RefreshPlan, refresh_scheduler_name, start_refresh_scheduler
-    from clara_ray.index.refresh_encoder import RefreshEncodeSettings
     from clara_ray.index.versions import IndexSettings
     from clara_ray.modeling.initial import build_initial_model
     from clara_ray.modeling.text import document_input
@@ -234,7 +233,7 @@ def refresh_throughput(work: Path, steps: int, refresh_every: int) -> dict:
                       CorpusFormat.JSONL, log=lambda line: None)
         index = start_index_actor(str(run_dir / "memory"), index_actor_name(run_dir),
                                   settings=IndexSettings.from_config(config.index))
-        plan = RefreshPlan(str(run_dir / "memory"), str(data.documents), RefreshEncodeSettings.from_config(config),
+        plan = RefreshPlan(str(run_dir / "memory"), str(data.documents), encode_settings(config),
                            str(run_dir / "refresh"), config.stage3.num_candidates)
         scheduler = start_refresh_scheduler(index, plan, refresh_scheduler_name(run_dir))
         started = time.perf_counter()

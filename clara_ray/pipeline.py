@@ -59,7 +59,6 @@ from clara_ray.eval import baselines
 from clara_ray.eval.evaluate import Scores, generate_answers, query_reasoner_rankings, score
 from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_index_actor
 from clara_ray.index.refresh import RefreshPlan, refresh_scheduler_name, start_refresh_scheduler
-from clara_ray.index.refresh_encoder import RefreshEncodeSettings
 from clara_ray.index.versions import (
     IndexSettings,
     build_version,
@@ -573,7 +572,7 @@ class Run:
             refresh = None
             if trainable:
                 plan = RefreshPlan(str(memory_dir), str(prepared.data.documents),
-                                   RefreshEncodeSettings.from_config(config), str(run_dir / "refresh"),
+                                   encode_settings(config), str(run_dir / "refresh"),
                                    config.stage3.num_candidates)
                 scheduler = start_refresh_scheduler(index, plan, refresh_scheduler_name(run_dir),
                                                     live_step=ray.get(index.info.remote())["step"])

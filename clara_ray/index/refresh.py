@@ -45,7 +45,8 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from clara_ray.index.refresh_encoder import RefreshEncoder, RefreshEncoders, RefreshEncodeSettings
+from clara_ray.encode import EncodeSettings
+from clara_ray.index.refresh_encoder import RefreshEncoder, RefreshEncoders
 from clara_ray.memory_shards import MANIFEST
 from clara_ray.modeling.checkpoint import MANIFEST as MODEL_MANIFEST
 
@@ -59,7 +60,7 @@ class RefreshPlan:
 
     source_memory_dir: str  # the first encoding of the corpus: which documents, in which shards
     documents_path: str  # the run's document table (data/documents.arrow): their texts by id
-    encode: RefreshEncodeSettings
+    encode: EncodeSettings  # the run's encode.* (max_actors encoders are kept)
     refresh_root: str  # memory-v<s>/ and snapshots/ live here
     num_candidates: int  # L, for the top-L overlap
 

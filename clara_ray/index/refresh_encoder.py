@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -39,7 +38,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.util import ActorPool
 
-from clara_ray.encode import CompressorActor
+from clara_ray.encode import CompressorActor, EncodeSettings
 from clara_ray.memory_shards import MANIFEST, write_manifest
 from clara_ray.modeling.checkpoint import MANIFEST as MODEL_MANIFEST
 from clara_ray.training.tables import DocumentTable
@@ -47,26 +46,6 @@ from clara_ray.training.tables import DocumentTable
 # Fields of the source manifest that describe the corpus, not its encoding.
 _CORPUS_FIELDS = ("num_memory_tokens", "hidden_size", "memory_dtype", "key_kind", "key_dim", "num_input_documents",
                   "num_quarantined", "quarantined_by_kind", "inputs")
-
-
-@dataclass(frozen=True)
-class RefreshEncodeSettings:
-    """The ``encode.*`` settings a refresh uses."""
-
-    doc_max_len: int
-    batch_size: int = 128
-    num_actors: int = 1
-    num_cpus_per_actor: float = 1
-    num_gpus_per_actor: float = 0
-    dtype: str = "float32"
-    pad_to_doc_max_len: bool = True
-
-    @classmethod
-    def from_config(cls, config) -> RefreshEncodeSettings:
-        encode = config.encode
-        return cls(doc_max_len=config.model.doc_max_len, batch_size=encode.batch_size, num_actors=encode.max_actors,
-                   num_cpus_per_actor=encode.num_cpus_per_actor, num_gpus_per_actor=encode.num_gpus_per_actor,
-                   dtype=config.model.dtype.value, pad_to_doc_max_len=encode.pad_to_doc_max_len)
 
 
 def _base_identity(model_dir: Path) -> str:
@@ -85,7 +64,7 @@ def _base_identity(model_dir: Path) -> str:
 class RefreshEncoder:
     """Ray actor body: one long-lived encoder (see the module doc)."""
 
-    def __init__(self, documents_path: str, settings: RefreshEncodeSettings):
+    def __init__(self, documents_path: str, settings: EncodeSettings):
         self.documents = DocumentTable(documents_path)
         self.settings = settings
         self.compressor: CompressorActor | None = None
@@ -125,7 +104,7 @@ class RefreshEncoder:
 class RefreshEncoders:
     """The pool of a run's refresh encoders (started at the first `encode`, kept after)."""
 
-    def __init__(self, source_memory_dir: str, documents_path: str, settings: RefreshEncodeSettings,
+    def __init__(self, source_memory_dir: str, documents_path: str, settings: EncodeSettings,
                  encoder_class: type = RefreshEncoder):
         self.source = Path(source_memory_dir)
         self.documents_path, self.settings, self.encoder_class = documents_path, settings, encoder_class
@@ -136,7 +115,7 @@ class RefreshEncoders:
         running take this refresh's shards: one still waiting for resources (a node the
         autoscaler is bringing up, CPUs training holds) joins a later refresh, and only
         when none runs yet does this one wait for the first."""
-        wanted = max(1, min(self.settings.num_actors, num_shards))
+        wanted = max(1, min(self.settings.max_actors, num_shards))
         encoder = ray.remote(self.encoder_class).options(num_cpus=self.settings.num_cpus_per_actor,
                                                          num_gpus=self.settings.num_gpus_per_actor)
         while len(self.actors) < wanted:

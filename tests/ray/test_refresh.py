@@ -17,7 +17,7 @@ from clara_ray.data.trap import generate_trap_corpus, write_trap_corpus
 from clara_ray.encode import encode_corpus
 from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_index_actor
 from clara_ray.index.refresh import RefreshPlan, refresh_scheduler_name, start_refresh_scheduler
-from clara_ray.index.refresh_encoder import RefreshEncodeSettings, RefreshEncoder
+from clara_ray.index.refresh_encoder import RefreshEncoder
 from clara_ray.index.versions import IndexSettings
 from clara_ray.memory_shards import read_memory_shards
 from clara_ray.modeling.initial import build_initial_model
@@ -66,7 +66,7 @@ def _index_and_plan(prepared: Prepared, run_dir: Path):
     config = prepared.config
     index = start_index_actor(str(prepared.memory_dir), index_actor_name(run_dir),
                               settings=IndexSettings.from_config(config.index), index_root=str(run_dir / "index"))
-    plan = RefreshPlan(str(prepared.memory_dir), str(prepared.data.documents), RefreshEncodeSettings.from_config(config),
+    plan = RefreshPlan(str(prepared.memory_dir), str(prepared.data.documents), encode_settings(config),
                        str(run_dir / "refresh"), config.stage3.num_candidates)
     return index, plan
 
@@ -169,7 +169,7 @@ def test_refresh_encoders_swap_in_new_adapters_and_match_a_fresh_encoding(prepar
             parameter.add_(0.05 * torch.randn_like(parameter))
     changed = save_model(model, tokenizer, tmp_path / "changed", manifest["backbone"], save_backbone=True)
     encoders = RefreshEncoders(str(prepared.memory_dir), str(prepared.data.documents),
-                               RefreshEncodeSettings.from_config(prepared.config))
+                               encode_settings(prepared.config))
     try:
         encoders.encode(str(prepared.initial.model_dir), tmp_path / "first")
         refreshed = encoders.encode(str(changed), tmp_path / "second")
