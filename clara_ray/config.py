@@ -61,10 +61,13 @@ from clara_ray.data.trap_families import FAMILIES
 from clara_ray.errors import UserError
 from clara_ray.index.device import IndexDevice
 from clara_ray.index.keys import KeyKind
+from clara_ray.placement import BUILT_IN_RESOURCES, PlacementStrategy, Scheduling
 
 TINY_BACKBONE = "tiny"
 
 NonEmptyStr = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+# Custom Ray resources an actor reserves besides its CPUs and GPUs (clara_ray/placement.py).
+CustomResources = dict[NonEmptyStr, Annotated[float, Field(gt=0)]]
 
 
 class ConfigError(UserError, ValueError):
@@ -114,6 +117,13 @@ class _FieldError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_custom_resources(name: str, resources: Mapping[str, float]) -> None:
+    built_in = sorted(BUILT_IN_RESOURCES.intersection(resources))
+    if built_in:
+        raise _FieldError(name, f"names Ray's own resource {built_in[0]}: set CPUs and GPUs with the section's "
+                                "num_cpus / num_gpus fields; this map is for custom resources, e.g. {encode_node: 1}")
 
 
 # --------------------------------------------------------------------------- run
@@ -504,9 +514,13 @@ class EncodeConfig(_Section):
     # a batch is padded to its longest document, which is faster on corpora of
     # mostly short documents.
     pad_to_doc_max_len: bool = True
+    # Where the encoders go on a cluster of several nodes (clara_ray/placement.py).
+    resources_per_actor: CustomResources = {}
+    scheduling: Scheduling = Scheduling.DEFAULT
 
     @model_validator(mode="after")
     def _actor_range(self) -> EncodeConfig:
+        _check_custom_resources("resources_per_actor", self.resources_per_actor)
         if self.max_actors < self.min_actors:
             raise _FieldError(
                 "max_actors",
@@ -532,9 +546,14 @@ class IndexConfig(_Section):
     keep_versions: int = Field(2, ge=1)  # finished index versions kept on disk (the live one always)
     max_restarts: int = Field(3, ge=0)  # per shard actor, by Ray
     search_attempts: int = Field(3, ge=1)  # a search that loses a shard is retried, then raises
+    # Where the shard actors go on a cluster of several nodes (clara_ray/placement.py);
+    # a refresh runs two versions' shard actors at once, so leave room for twice num_shards.
+    resources_per_shard: CustomResources = {}
+    scheduling: Scheduling = Scheduling.DEFAULT
 
     @model_validator(mode="after")
     def _device_resources(self) -> IndexConfig:
+        _check_custom_resources("resources_per_shard", self.resources_per_shard)
         if self.device is IndexDevice.CPU and self.num_gpus_per_shard > 0:
             raise _FieldError(
                 "num_gpus_per_shard",
@@ -559,6 +578,14 @@ class TrainConfig(_Section):
     # Worker-group restarts a stage may take (each resumes from its last checkpoint)
     # before it fails; -1 = no limit.
     max_failures: int = Field(3, ge=-1)
+    # Where a stage's workers go on a cluster of several nodes (clara_ray/placement.py).
+    placement_strategy: PlacementStrategy = PlacementStrategy.PACK
+    resources_per_worker: CustomResources = {}
+
+    @model_validator(mode="after")
+    def _custom_resources(self) -> TrainConfig:
+        _check_custom_resources("resources_per_worker", self.resources_per_worker)
+        return self
 
 
 class EvalConfig(_Section):

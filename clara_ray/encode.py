@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,6 +54,7 @@ from clara_ray.data.corpus_reader import (
 from clara_ray.data.corpus_rows import CorpusFormat
 from clara_ray.data.formats import BadRowPolicy
 from clara_ray.memory_shards import KEY_KIND_FLAT_MEMORY, MANIFEST, memory_table, write_manifest
+from clara_ray.placement import Scheduling, actor_options
 from clara_ray.write_commits import committed_rows, inspect_write, settle_interrupted_write
 
 QUARANTINE_DIR = "quarantine"
@@ -142,6 +143,14 @@ class EncodeSettings:
     # whatever batch Ray Data put it in (padded to the batch's longest document,
     # the matmul shapes change with the batch and so do the last bits).
     pad_to_doc_max_len: bool = True
+    # Custom resources and scheduling of the encoder actors (clara_ray/placement.py).
+    resources_per_actor: Mapping[str, float] = field(default_factory=dict)
+    scheduling: Scheduling = Scheduling.DEFAULT
+
+    @property
+    def placement(self) -> dict:
+        """The encoder actors' Ray options beyond CPUs and GPUs."""
+        return actor_options(self.resources_per_actor, self.scheduling)
 
 
 @dataclass(frozen=True)
@@ -302,6 +311,7 @@ def _encode_good_rows(documents, model_dir, output_dir: Path, settings: EncodeSe
             compute=ray.data.ActorPoolStrategy(min_size=settings.min_actors, max_size=settings.max_actors),
             num_cpus=settings.num_cpus_per_actor,
             num_gpus=settings.num_gpus_per_actor,
+            **settings.placement,
         ).write_parquet(str(output_dir), min_rows_per_file=settings.rows_per_shard)
     finally:
         context.checkpoint_config = previous

@@ -110,6 +110,8 @@ def encode_settings(config: Config) -> EncodeSettings:
         on_bad_row=config.data.on_bad_row,
         rows_per_shard=encode.rows_per_shard,
         pad_to_doc_max_len=encode.pad_to_doc_max_len,
+        resources_per_actor=encode.resources_per_actor,
+        scheduling=encode.scheduling,
     )
 
 

@@ -57,6 +57,7 @@ from clara_ray.index.versions import (
     version_name,
     version_step,
 )
+from clara_ray.placement import actor_options
 from clara_ray.training.candidates import SearchResult
 
 SHARD_START_TIMEOUT_S = 600  # shard actors that cannot start (no free CPUs/GPUs) fail a refresh after this
@@ -150,6 +151,7 @@ class IndexServer:
         options = {
             "num_cpus": self.settings.num_cpus_per_shard, "num_gpus": self.settings.num_gpus_per_shard,
             "max_restarts": self.settings.max_restarts, "max_task_retries": self.settings.max_restarts,
+            **actor_options(self.settings.resources_per_shard, self.settings.scheduling),
         }
         actors = [ray.remote(ShardServer).options(**options).remote(str(version / spec["dir"]), self.settings)
                   for spec in manifest["shards"]]
@@ -250,7 +252,8 @@ class IndexServer:
         """What a refresh's swap needs free: its new shard actors start while the old
         ones still serve (the build task before them needs less)."""
         n = self.settings.num_shards
-        return {"CPU": n * self.settings.num_cpus_per_shard, "GPU": n * self.settings.num_gpus_per_shard}
+        custom = {name: n * amount for name, amount in self.settings.resources_per_shard.items()}
+        return {"CPU": n * self.settings.num_cpus_per_shard, "GPU": n * self.settings.num_gpus_per_shard, **custom}
 
     def memory_dirs(self) -> list[str]:
         """The memory-shard directories the finished versions on disk were built from."""

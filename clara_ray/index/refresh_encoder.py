@@ -117,7 +117,8 @@ class RefreshEncoders:
         when none runs yet does this one wait for the first."""
         wanted = max(1, min(self.settings.max_actors, num_shards))
         encoder = ray.remote(self.encoder_class).options(num_cpus=self.settings.num_cpus_per_actor,
-                                                         num_gpus=self.settings.num_gpus_per_actor)
+                                                         num_gpus=self.settings.num_gpus_per_actor,
+                                                         **self.settings.placement)
         while len(self.actors) < wanted:
             self.actors.append(encoder.remote(self.documents_path, self.settings))
         pings = {actor.ready.remote(): actor for actor in self.actors}

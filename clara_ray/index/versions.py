@@ -40,7 +40,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +57,7 @@ from clara_ray.index.shard import (
     train_and_add,
 )
 from clara_ray.memory_shards import MANIFEST
+from clara_ray.placement import Scheduling
 
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"
@@ -79,6 +80,9 @@ class IndexSettings:
     num_gpus_per_shard: float = 0
     max_restarts: int = 3  # per shard actor
     search_attempts: int = 3  # whole fan-out searches tried before a search raises
+    # Custom resources and scheduling of each shard actor (clara_ray/placement.py).
+    resources_per_shard: Mapping[str, float] = field(default_factory=dict)
+    scheduling: Scheduling = Scheduling.DEFAULT
 
     @classmethod
     def from_config(cls, index_config) -> IndexSettings:
@@ -89,6 +93,7 @@ class IndexSettings:
             search=SearchParams(c.nprobe, c.ef_search, c.refine_k_factor), max_training_keys=c.max_training_keys,
             keep_versions=c.keep_versions, num_cpus_per_shard=c.num_cpus_per_shard,
             num_gpus_per_shard=c.num_gpus_per_shard, max_restarts=c.max_restarts, search_attempts=c.search_attempts,
+            resources_per_shard=c.resources_per_shard, scheduling=c.scheduling,
         )
 
 

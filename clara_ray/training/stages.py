@@ -24,6 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from clara_ray.config import Config, epochs_of
 from clara_ray.errors import DataError
+from clara_ray.placement import train_placement
 from clara_ray.training.batches import QuestionBatch, prepare_stage1_examples, prepare_stage2_examples
 from clara_ray.training.candidates import CandidateSource
 from clara_ray.training.checkpoints import MODEL_DIR, read_trainer_state
@@ -124,7 +125,7 @@ def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str, exa
     run_dir = Path(run_dir).resolve()
     loop_config = {"worker": WorkerSettings.from_config(config), "tensorboard_dir": str(run_dir / "tensorboard"),
                    **loop_config}
-    resources = {"CPU": config.train.cpu_threads_per_worker}
+    resources = {"CPU": config.train.cpu_threads_per_worker, **config.train.resources_per_worker}
     plan = draw_plan(str(examples), steps, micro_batch_size, config.train.num_workers, config.run.seed)
     trainer = TorchTrainer(
         loop,
@@ -132,7 +133,8 @@ def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str, exa
         datasets={PLAN: plan},
         dataset_config=data_config(),
         scaling_config=ScalingConfig(
-            num_workers=config.train.num_workers, use_gpu=config.train.use_gpu, resources_per_worker=resources
+            num_workers=config.train.num_workers, use_gpu=config.train.use_gpu, resources_per_worker=resources,
+            placement_strategy=train_placement(config.train.placement_strategy),
         ),
         run_config=RunConfig(
             name=stage,

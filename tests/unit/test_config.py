@@ -16,6 +16,7 @@ from clara_ray.config import (
     load_config,
 )
 from clara_ray.data.formats import BadRowPolicy
+from clara_ray.placement import actor_options, train_placement
 from clara_ray.training.settings import Stage1Settings
 from clara_ray.training.tables import read_table
 
@@ -76,6 +77,21 @@ def test_index_settings():
     settings = IndexSettings.from_config(config.index)
     assert (settings.factory, settings.key_kind, settings.num_gpus_per_shard) == ("HNSW32", KeyKind.MEAN_POOLED, 0.5)
     assert settings.search.ef_search == 64 and settings.keep_versions == 2
+
+
+def test_placement_settings_become_ray_options():
+    from clara_ray.index.versions import IndexSettings
+    from clara_ray.pipeline import encode_settings
+
+    config = load_config(None, ["train.placement_strategy=strict_spread", "train.resources_per_worker={train_node: 1}",
+                                "encode.resources_per_actor={encode_node: 0.5}", "encode.scheduling=spread",
+                                "index.scheduling=spread"])
+    assert train_placement(config.train.placement_strategy) == "STRICT_SPREAD"
+    assert config.train.resources_per_worker == {"train_node": 1.0}
+    assert encode_settings(config).placement == {"resources": {"encode_node": 0.5}, "scheduling_strategy": "SPREAD"}
+    index = IndexSettings.from_config(config.index)
+    assert actor_options(index.resources_per_shard, index.scheduling) == {"scheduling_strategy": "SPREAD"}
+    assert encode_settings(Config()).placement == {}  # Ray's defaults unless asked
 
 
 def test_overrides():
@@ -177,6 +193,11 @@ def test_unknown_key_in_override():
         (["model.doc_max_len=32", "index.factory=Bogus"], "index.factory:"),
         (["train.zero_stage=3"], "stage3.anchor_weight: needs train.zero_stage 0, 1 or 2"),
         (["train.zero_stage=3", "stage3.anchor_weight=0"], "stage3.lower_anchor_weight: needs train.zero_stage 0, 1"),
+        (["train.placement_strategy=scatter"], "train.placement_strategy: must be one of"),
+        (["train.resources_per_worker={CPU: 2}"], "train.resources_per_worker: names Ray's own resource CPU"),
+        (["encode.resources_per_actor={GPU: 1}"], "encode.resources_per_actor: names Ray's own resource GPU"),
+        (["index.resources_per_shard={big_memory: 0}"], "index.resources_per_shard.big_memory: must be > 0"),
+        (["index.scheduling=pack"], "index.scheduling: must be one of"),
     ],
 )
 def test_invalid_values(overrides, expected):
