@@ -118,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--from-run", required=True, help="a run directory with an encoded corpus (runs/demo)")
     sweep.add_argument("--name", default="sweep", help="output directory inside the run (default: sweep)")
+    sweep.add_argument("--config", help="YAML of sweep.* (and any other) settings layered on the run's config.yaml, "
+                                        "e.g. jobs/configs/sweep_temperature.yaml; overrides come after it")
     sweep.add_argument("--address", help="Ray cluster address (default: a running local one, else start one)")
     sweep.add_argument("overrides", nargs="*", help="overrides of the run's config, e.g. sweep.num_trials=12")
 
@@ -236,10 +238,12 @@ def run_encode(args: argparse.Namespace, config) -> int:
 def run_sweep_command(args: argparse.Namespace, connect) -> int:
     """The `sweep` command (also what jobs/sweep.py runs); `connect()` joins or starts
     Ray once the run directory and the overrides have been checked."""
+    from clara_ray.config import overrides_from_file
     from clara_ray.sweep import SourceRun, run_sweep
 
     try:
-        source = SourceRun.open(Path(args.from_run), list(args.overrides))
+        layered = overrides_from_file(args.config) if args.config else []
+        source = SourceRun.open(Path(args.from_run), [*layered, *args.overrides])
         connect()
         summary = run_sweep(source, args.name)
     except (UserError, FileNotFoundError, FileExistsError, ValueError) as error:

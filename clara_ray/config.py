@@ -41,6 +41,7 @@ to components, not the config object.
 from __future__ import annotations
 
 import enum
+import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -685,28 +686,39 @@ def _parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: not valid YAML:\n{error}") from None
 
 
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML file's mapping of sections (not yet validated)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file {path}: {error}") from None
+    loaded = _parse_yaml(text, str(path))
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections "
+            f"({', '.join(Config.model_fields)}), got {type(loaded).__name__}"
+        )
+    return loaded
+
+
+def overrides_from_file(path: str | Path) -> list[str]:
+    """A partial YAML config (some sections, some keys) as ``section={...}`` overrides
+    that merge into whatever config they are applied to: how a sweep's config file
+    (jobs/configs/sweep_*.yaml) layers on a finished run's config.yaml."""
+    return [f"{section}={json.dumps(value)}" for section, value in _read_config_file(Path(path)).items()]
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (None: all defaults), apply ``dotted.key=value`` overrides, validate."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"cannot read config file {path}: {error}") from None
-        loaded = _parse_yaml(text, source)
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(
-                f"{source}: the top level must be a mapping of sections "
-                f"({', '.join(Config.model_fields)}), got {type(loaded).__name__}"
-            )
-        data = loaded
+        data = _read_config_file(Path(path))
     if isinstance(overrides, str):
         raise ConfigError("overrides must be a list of 'key=value' strings, not one string")
     for override in overrides:

@@ -198,10 +198,10 @@ def _load_for_eval(model_dir: Path):
     return model.eval(), tokenizer
 
 
-def _query_reasoner_rankings(config: Config, model, tokenizer, test_qa, search) -> list[list[str]]:
+def _query_reasoner_rankings(config: Config, model, tokenizer, test_qa, search, name: str) -> list[list[str]]:
     return query_reasoner_rankings(
         model, tokenizer, [q.question for q in test_qa], search, max(config.stage3.num_candidates, 5),
-        config.model.question_max_len, config.eval.batch_size,
+        config.model.question_max_len, config.eval.batch_size, progress=f"evaluate: retrieve ({name})",
     )
 
 
@@ -213,11 +213,12 @@ def _baseline_rankings(config: Config, baseline: Baseline, documents, test_qa) -
     return baselines.dense_rankings(documents, questions, depth, batch_size=config.eval.batch_size)
 
 
-def _answer_and_score(config: Config, model, tokenizer, rankings, test_qa, memory_of) -> Scores:
+def _answer_and_score(config: Config, model, tokenizer, rankings, test_qa, memory_of, name: str) -> Scores:
     """The generator answers from each ranking's top-k memories; score retrieval and answers."""
     answers = generate_answers(
         model, tokenizer, [q.question for q in test_qa], rankings, memory_of, config.stage3.top_k,
         config.model.question_max_len, config.model.answer_max_len, config.eval.batch_size,
+        progress=f"evaluate: answer ({name})",
     )
     return score(rankings, answers, test_qa)
 
@@ -476,9 +477,10 @@ class Run:
             started = time.perf_counter()
             with self._index(serve=self._initial_version().name) as (search, memory_of):
                 model, tokenizer = _load_for_eval(self._tuned_model_dir())
-                rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search)
+                name = "query reasoner before stage 3"
+                rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search, name)
                 before = _mark_done(self.run_dir, "evaluate_before_stage3", _answer_and_score(
-                    config, model, tokenizer, rankings, test_qa, memory_of).as_dict())
+                    config, model, tokenizer, rankings, test_qa, memory_of, name).as_dict())
             self._timed("evaluate before stage 3", started)
         stage3 = _done(self.run_dir, "stage3")
         if stage3 is None:
@@ -490,11 +492,11 @@ class Run:
             for baseline in config.eval.baselines:
                 rankings = _baseline_rankings(config, baseline, prepared.inputs.corpus.records, test_qa)
                 results[baseline.value] = _answer_and_score(config, model, tokenizer, rankings, test_qa,
-                                                            memory_of).as_dict()
+                                                            memory_of, baseline.value).as_dict()
             results["query reasoner before stage 3"] = before
-            rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search)
-            results["query reasoner after stage 3"] = _answer_and_score(config, model, tokenizer, rankings, test_qa,
-                                                                        memory_of).as_dict()
+            name = "query reasoner after stage 3"
+            rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search, name)
+            results[name] = _answer_and_score(config, model, tokenizer, rankings, test_qa, memory_of, name).as_dict()
         self._timed("evaluate", started)
         return self._summary(results, stage3)
 

@@ -16,6 +16,7 @@ validation recall@1 (MRR breaks ties). Trials run
 beside the index actors.
 
 Writes <run>/<sweep name>/:
+    sweep_config.yaml    the config it ran with: the run's, with --config and overrides applied
     data/                the training / validation split of the run's training questions
     tune/                Ray Tune's experiment storage
     trials/<trial id>/   each trial's Ray Train storage and TensorBoard files
@@ -143,6 +144,10 @@ def run_sweep(source: SourceRun, name: str = "sweep", log=print) -> dict:
     if (out / "results.csv").exists():
         raise FileExistsError(f"{out} holds a finished sweep; pass another --name or remove it")
     shutil.rmtree(out, ignore_errors=True)  # an interrupted one starts again
+    out.mkdir(parents=True)
+    # The whole config the sweep ran with (the run's, with --config and the overrides on it).
+    (out / "sweep_config.yaml").write_text(f"# `clara-ray sweep --from-run {source.directory}`, as it ran.\n"
+                                           + config.to_yaml())
     questions, validation = write_stage3_questions(source.questions, config.sweep.validation_fraction,
                                                    config.sweep.seed, out / "data")
     data = dataclasses.replace(source.data, stage3_questions=questions, stage3_validation=validation)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from bm25s.tokenization import Tokenizer
 
 from clara_ray.data.formats import Document
+from clara_ray.progress import Progress
 
 # The model card's training length; longer inputs are truncated.
 MINILM_MAX_LENGTH = 256
@@ -80,14 +81,16 @@ def _load_minilm(device: str):
 
 @torch.inference_mode()
 def encode_minilm(
-    texts: Sequence[str], batch_size: int = 64, device: str | None = None
+    texts: Sequence[str], batch_size: int = 64, device: str | None = None, progress: str | None = None
 ) -> torch.Tensor:
-    """Unit-norm MiniLM embeddings, (N, 384) float32 on the CPU."""
+    """Unit-norm MiniLM embeddings, (N, 384) float32 on the CPU (`progress`: the name
+    of a progress bar, or of periodic lines, over the texts)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, model = _load_minilm(device)
     embeddings = []
+    bar = Progress(progress, len(texts), unit="texts") if progress else None
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(
             list(texts[start : start + batch_size]),
@@ -100,6 +103,10 @@ def encode_minilm(
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, 384)
         embeddings.append(F.normalize(pooled, dim=-1).float().cpu())
+        if bar is not None:
+            bar.update(len(pooled))
+    if bar is not None:
+        bar.close()
     return torch.cat(embeddings) if embeddings else torch.empty(0, model.config.hidden_size)
 
 
@@ -113,7 +120,8 @@ def dense_rankings(
     _check_k(k, len(documents))
     if not questions:
         return []
-    document_embeddings = encode_minilm([_document_text(d) for d in documents], batch_size, device)
+    document_embeddings = encode_minilm([_document_text(d) for d in documents], batch_size, device,
+                                        progress="MiniLM: embed the corpus")
     question_embeddings = encode_minilm(list(questions), batch_size, device)
     scores = question_embeddings @ document_embeddings.T  # (Q, D) cosine similarities
     positions = scores.topk(k, dim=1).indices

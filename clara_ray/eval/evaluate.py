@@ -18,6 +18,7 @@ from clara_ray.eval.metrics import mean_exact_match, mean_f1, recall_at_k
 from clara_ray.modeling.clara import ClaraModel, Role
 from clara_ray.modeling.text import Prompts, decode_answers, tokenize_texts
 from clara_ray.modeling.topk import retrieval_scores
+from clara_ray.progress import Progress
 
 Search = Callable[[np.ndarray, int], "object"]  # (queries (B, key_dim), L) -> SearchResult
 
@@ -38,14 +39,26 @@ def _batches(items: list, size: int):
         yield items[start : start + size]
 
 
+def _progress(batches, description: str | None, total: int):
+    """The batches (lists of questions) as they are, counted on a progress bar named `description`."""
+    if description is None:
+        yield from batches
+        return
+    with Progress(description, total, unit="questions") as progress:
+        for batch in batches:
+            yield batch
+            progress.update(len(batch))
+
+
 @torch.inference_mode()
 def query_reasoner_rankings(
     model: ClaraModel, tokenizer, questions: list[str], search: Search,
-    num_candidates: int, question_max_len: int, batch_size: int,
+    num_candidates: int, question_max_len: int, batch_size: int, progress: str | None = None,
 ) -> list[list[str]]:
-    """Top-L documents per question: index search, then exact re-score on memory."""
+    """Top-L documents per question: index search, then exact re-score on memory.
+    `progress`: the name of a progress bar (or of periodic lines) over the questions."""
     rankings, device = [], next(model.parameters()).device
-    for chunk in _batches(questions, batch_size):
+    for chunk in _progress(_batches(questions, batch_size), progress, len(questions)):
         tokens = tokenize_texts(tokenizer, chunk, question_max_len)
         query_memory, _ = model.encode(Role.QUERY_REASONER, tokens.ids.to(device), tokens.mask.to(device))  # (B, n, d)
         query_memory = query_memory.float().cpu()
@@ -60,13 +73,15 @@ def query_reasoner_rankings(
 def generate_answers(
     model: ClaraModel, tokenizer, questions: list[str], rankings: list[list[str]],
     memory_of: dict[str, np.ndarray], top_k: int, question_max_len: int, answer_max_len: int, batch_size: int,
+    progress: str | None = None,
 ) -> list[str]:
-    """Answers from the memory of each question's top-k ranked documents."""
+    """Answers from the memory of each question's top-k ranked documents (`progress`:
+    as in ``query_reasoner_rankings``)."""
     answers, device, prompts = [], next(model.parameters()).device, Prompts(tokenizer)
-    for start in range(0, len(questions), batch_size):
-        chunk = questions[start : start + batch_size]
+    for rows in _progress(_batches(range(len(questions)), batch_size), progress, len(questions)):
+        chunk = questions[rows.start : rows.stop]  # rows: a range of question rows
         memory = np.stack(
-            [np.stack([memory_of[d] for d in ranking[:top_k]]) for ranking in rankings[start : start + batch_size]]
+            [np.stack([memory_of[d] for d in ranking[:top_k]]) for ranking in rankings[rows.start : rows.stop]]
         )  # (B, k, n, d)
         prompt = tokenize_texts(tokenizer, [prompts.question(q) for q in chunk], question_max_len)
         generated = model.generate(

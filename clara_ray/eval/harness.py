@@ -218,7 +218,7 @@ def evaluate(
         scores = _retrieval_scores(rankings, questions, ks_used)
         answers = None
         if generate:
-            answers = _generate(loaded, model, questions, rankings)
+            answers = _generate(loaded, model, questions, rankings, method)
             scores.update(_answer_scores(answers, questions))
         scores["seconds"] = round(time.time() - method_started, 2)
         results[method.value] = scores
@@ -294,17 +294,17 @@ def _rankings(method: Method, documents: list[Document], questions: list[QAExamp
     num_candidates = min(max(depth, model.num_candidates), len(loaded.shard))
     rankings = query_reasoner_rankings(
         loaded.model, loaded.tokenizer, texts, loaded.shard.search, num_candidates,
-        model.question_max_len, model.batch_size,
+        model.question_max_len, model.batch_size, progress=f"evaluate: retrieve ({method.value})",
     )
     return [ranking[:depth] for ranking in rankings]
 
 
-def _generate(loaded: _Loaded, model: TrainedModel, questions: list[QAExample], rankings) -> list[str]:
+def _generate(loaded: _Loaded, model: TrainedModel, questions: list[QAExample], rankings, method: Method) -> list[str]:
     from clara_ray.eval.evaluate import generate_answers
 
     return generate_answers(
         loaded.model, loaded.tokenizer, [q.question for q in questions], rankings, loaded.memory,
-        model.top_k, model.question_max_len, model.answer_max_len, model.batch_size,
+        model.top_k, model.question_max_len, model.answer_max_len, model.batch_size, progress=f"evaluate: answer ({method.value})",
     )
 
 

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from clara_ray.modeling.checkpoint import load_model, save_model
 from clara_ray.modeling.clara import Role
 from clara_ray.modeling.text import tokenize_texts
+from clara_ray.progress import write_stage_progress
 from clara_ray.training.batches import memory_qa_batch
 from clara_ray.training.checkpoints import (
     MODEL_DIR,
@@ -47,16 +48,20 @@ from clara_ray.training.validation import validation_recall
 
 class _Reporter:
     """Averages step metrics over each reporting window (and over ranks), prints a
-    progress line with ETA on rank 0, and reports to Ray Train: every window's
-    metrics, and a checkpoint (``checkpoints.py``) every `checkpoint_every` steps and
-    after the last. Every rank reports at the same steps (a report is a barrier)."""
+    progress line with ETA on rank 0 (or, when the driver draws a bar, keeps rank 0's
+    progress file current: ``clara_ray/progress.py``), and reports to Ray Train: every
+    window's metrics, and a checkpoint (``checkpoints.py``) every `checkpoint_every`
+    steps and after the last. Every rank reports at the same steps (a report is a barrier)."""
 
     def __init__(self, stage: str, total_steps: int, report_every: int, checkpoint_every: int, rank: int,
-                 world: int, history: list[dict], first_step: int, tensorboard_dir: str | None,
-                 window_metrics=None):
-        """`window_metrics()`, when given, is called on every rank at the end of each
+                 world: int, history: list[dict], first_step: int, run: dict, window_metrics=None):
+        """`run`: the loop config (its tensorboard_dir and progress settings).
+        `window_metrics()`, when given, is called on every rank at the end of each
         window; what it returns (rank 0's) joins that window's metrics."""
         self.stage, self.total, self.rank, self.checkpoint_every = stage, total_steps, rank, checkpoint_every
+        self.progress_path = run.get("progress_path") if rank == 0 else None
+        self.progress_lines, self.progress_written, self.status = run.get("progress_lines", True), 0.0, ""
+        tensorboard_dir = run.get("tensorboard_dir")
         self.window = MetricWindow(report_every, total_steps)
         self.started, self.first_step, self.world = time.perf_counter(), first_step, world
         self.history, self.window_metrics = history, window_metrics
@@ -82,9 +87,14 @@ class _Reporter:
                     if key not in ("step", "stage"):
                         self.tensorboard.add_scalar(f"{self.stage}/{key}", value, step)
                 self.tensorboard.flush()
-            if self.rank == 0:
+            self.status = f"loss {metrics['loss']:.4g}" if "loss" in metrics else ""
+            if self.rank == 0 and self.progress_lines:
                 elapsed = time.perf_counter() - self.started
                 print(progress_line(self.stage, step, self.total, metrics, elapsed, self.first_step), flush=True)
+        now = time.perf_counter()
+        if self.progress_path is not None and (now - self.progress_written >= 0.5 or step == self.total):
+            write_stage_progress(self.progress_path, step, self.total, self.status)
+            self.progress_written = now
         if step % self.checkpoint_every == 0 or step == self.total:
             with tempfile.TemporaryDirectory() as directory:
                 save(directory, step)
@@ -176,7 +186,7 @@ def _memory_qa_loop(run: dict, stage: str, trainable: list[Role], step_function,
     if w.checkpoint_dir is not None:
         load_rank_state(w.checkpoint_dir, w.rank, w.updater.optimizer, w.updater.scheduler, batch_rng)
     reporter = _Reporter(stage, settings.steps, settings.report_every, settings.checkpoint_every, w.rank, w.world,
-                         [] if w.resumed is None else w.resumed["history"], start, run.get("tensorboard_dir"))
+                         [] if w.resumed is None else w.resumed["history"], start, run)
     save = _saver(w, stage, settings.steps, reporter, settings.train_backbone, batch_rng)
     documents, answers = DocumentTable(run["documents_path"]), read_answer_pool(run["examples_path"])
     for step, rows in rank_batches(settings.micro_batch_size, w.rank, start):
@@ -304,8 +314,7 @@ def stage3_loop(run: dict):
         return metrics
 
     reporter = _Reporter("stage3", settings.steps, settings.report_every, settings.checkpoint_every, w.rank, w.world,
-                         [] if w.resumed is None else w.resumed["history"], start, run.get("tensorboard_dir"),
-                         window_metrics)
+                         [] if w.resumed is None else w.resumed["history"], start, run, window_metrics)
     save = _saver(w, "stage3", settings.steps, reporter, False, index_version=lambda: getattr(candidates, "version", None))
     # The pull back to the start measures from where stage 3 started, not from the checkpoint.
     anchor = ParameterAnchor(w.updater.module, settings.anchor_weight, start=run["model_dir"] if w.resumed else None,

@@ -25,6 +25,7 @@ from ray.train.torch import TorchTrainer
 from clara_ray.config import Config, epochs_of
 from clara_ray.errors import DataError
 from clara_ray.placement import train_placement
+from clara_ray.progress import PROGRESS_FILE, StageBar, use_bars
 from clara_ray.training.batches import QuestionBatch, prepare_stage1_examples, prepare_stage2_examples
 from clara_ray.training.candidates import CandidateSource
 from clara_ray.training.checkpoints import MODEL_DIR, read_trainer_state
@@ -123,8 +124,9 @@ def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str, exa
          micro_batch_size: int, callbacks: list | None = None) -> StageResult:
     """Run `loop` on the workers, its draws of `examples` as the trainer's dataset."""
     run_dir = Path(run_dir).resolve()
+    bar = StageBar(run_dir / "ray_train" / stage / PROGRESS_FILE, stage, steps)
     loop_config = {"worker": WorkerSettings.from_config(config), "tensorboard_dir": str(run_dir / "tensorboard"),
-                   **loop_config}
+                   "progress_path": str(bar.path), "progress_lines": not use_bars(), **loop_config}
     resources = {"CPU": config.train.cpu_threads_per_worker, **config.train.resources_per_worker}
     plan = draw_plan(str(examples), steps, micro_batch_size, config.train.num_workers, config.run.seed)
     trainer = TorchTrainer(
@@ -144,7 +146,8 @@ def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str, exa
             callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
+    with bar:
+        result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"{stage} failed") from result.error
     # Copied beside its place and renamed: models/<stage> appears whole or not at all.

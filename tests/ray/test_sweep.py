@@ -1,8 +1,10 @@
 import csv
+import json
 
 import pytest
 import yaml
 
+from clara_ray.cli import _parser, run_sweep_command
 from clara_ray.config import load_config
 from clara_ray.pipeline import run_pipeline
 from clara_ray.sweep import SWEPT, SourceRun, run_sweep
@@ -35,10 +37,21 @@ SWEEP = [
 ]
 
 
-def test_sweep_over_stage3_stops_trials_early_and_writes_a_runnable_best_config(local_ray, tmp_path):
+def test_sweep_over_stage3_stops_trials_early_and_writes_a_runnable_best_config(local_ray, tmp_path, capsys):
     run_pipeline(load_config(None, [*RUN, f"run.output_dir={tmp_path}", "run.name=base"]), log=lambda m: None)
-    summary = run_sweep(SourceRun.open(tmp_path / "base", SWEEP), log=lambda m: None)
+    # The command, as a user runs it: half the sweep's settings in a --config file, half as overrides.
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text("sweep:\n  num_trials: 4\n  steps: 8\n  grace_steps: 4\n  num_candidates: [3, 64]\n"
+                          "stage3:\n  report_every: 4\n")
+    args = _parser().parse_args(["sweep", "--from-run", str(tmp_path / "base"), "--config", str(sweep_file),
+                                 *[o for o in SWEEP if not o.startswith(("sweep.num_trials", "sweep.steps",
+                                                                         "sweep.grace_steps", "sweep.num_candidates",
+                                                                         "stage3.report_every"))]])
+    assert run_sweep_command(args, connect=lambda: None) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     out = tmp_path / "base" / "sweep"
+    ran_with = load_config(out / "sweep_config.yaml")
+    assert ran_with == SourceRun.open(tmp_path / "base", SWEEP).config  # file, then overrides, on the run's config
 
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))

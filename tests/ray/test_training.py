@@ -9,6 +9,7 @@ from clara_ray.config import load_config
 from clara_ray.data.trap import generate_trap_corpus
 from clara_ray.modeling.checkpoint import load_model
 from clara_ray.modeling.initial import build_initial_model
+from clara_ray.progress import PROGRESS_FILE, read_stage_progress
 from clara_ray.training.stages import run_stage1, write_training_data
 
 pytestmark = pytest.mark.ray
@@ -54,6 +55,9 @@ def test_two_worker_deepspeed_stage1_loss_goes_down(uninterrupted):
     assert model.num_memory_tokens == config.model.num_memory_tokens
     assert all(h["tokens_per_second"] > 0 for h in result.history)
     assert list((run_dir / "tensorboard" / "stage1").glob("events.out.tfevents.*"))
+    # Rank 0's place, which the driver draws its bar from on a terminal (clara_ray/progress.py).
+    progress = read_stage_progress(run_dir / "ray_train" / "stage1" / PROGRESS_FILE)
+    assert progress == {"step": 40, "total": 40, "status": f"loss {losses[-1]:.4g}"}
 
 
 def test_killed_worker_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(uninterrupted, tmp_path):

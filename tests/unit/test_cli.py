@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from clara_ray.cli import main
@@ -27,6 +29,20 @@ def test_sweep_from_a_missing_or_unfinished_run_says_what_to_do(tmp_path, capsys
     assert "until it has encoded the corpus" in capsys.readouterr().err
     assert main(["sweep", "--from-run", str(tmp_path / "early"), "sweep.temperature=[0.1, 0.01]"]) == 2
     assert "sweep.temperature" in capsys.readouterr().err
+    # a sweep config file: missing, or with a bad value, each one line
+    assert main(["sweep", "--from-run", str(tmp_path / "early"), "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"clara-ray: config file not found: {tmp_path / 'missing.yaml'}"
+    (tmp_path / "bad.yaml").write_text("sweep:\n  top_k: [0]\n")
+    assert main(["sweep", "--from-run", str(tmp_path / "early"), "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "sweep.top_k: must list at least one value" in capsys.readouterr().err
+
+
+def test_the_bundled_sweep_config_layers_on_a_run_config():
+    from clara_ray.config import Config, load_config, overrides_from_file
+
+    config = load_config(None, overrides_from_file(Path(__file__).parents[2] / "jobs/configs/sweep_temperature.yaml"))
+    assert config.sweep.temperature == (0.002, 0.2) and config.sweep.top_k == [1]
+    assert config.stage3 == Config().stage3  # only the sweep section changes
 
 
 def _user_files(tmp_path, num_train: int):
