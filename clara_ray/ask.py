@@ -12,9 +12,7 @@ What a load reads from the run directory (layout: ``clara_ray/pipeline.py``):
     index/CURRENT, index/v*/   the live index version (``index/versions.py``), opened
                                here, in this process: FAISS keys in RAM, memory vectors
                                memory-mapped, so only the rows a question retrieves are read
-    data/documents.arrow       the documents' text (memory-mapped), for the previews
-    the corpus file            titles: data/corpus.jsonl for the bundled trap corpus,
-                               else the run's data.corpus
+    data/documents.arrow       the documents' titles and text (memory-mapped), for the previews
 
 Retrieval is the evaluation's: the query reasoner's memory searches the index for
 L = stage3.num_candidates documents, which are re-scored exactly on their memory
@@ -105,18 +103,6 @@ def check_same_compressor(model_fingerprint: str, index_fingerprint: str | None,
         )
 
 
-def _corpus_path(run_dir: Path, config) -> Path:
-    return run_dir / "data" / "corpus.jsonl" if config.data.uses_trap_corpus else Path(config.data.corpus)
-
-
-def read_titles(corpus_path: Path) -> dict[str, str]:
-    """Titles of the corpus's documents that have one (as the pipeline read them)."""
-    from clara_ray.data.formats import BadRowPolicy, read_corpus
-
-    documents = read_corpus(corpus_path, BadRowPolicy.QUARANTINE).records
-    return {d.id: d.title for d in documents if d.title is not None}
-
-
 # ---------------------------------------------------------------------------
 # The index, in this process
 
@@ -182,13 +168,12 @@ class _RecordingSearch:
 class Clara:
     """A finished run's final model and live index, ready to answer questions."""
 
-    def __init__(self, run_dir: Path, config, model, tokenizer, index: LocalIndex, titles: dict[str, str] | None):
+    def __init__(self, run_dir: Path, config, model, tokenizer, index: LocalIndex):
         from clara_ray.training.tables import DOCUMENTS, read_table
 
         self.run_dir, self.config = run_dir, config
         self.model, self.tokenizer, self.index = model, tokenizer, index
-        self.titles = titles  # None: the corpus file is gone, titles unknown
-        self.documents = read_table(run_dir / "data" / DOCUMENTS)  # memory-mapped id, text
+        self.documents = read_table(run_dir / "data" / DOCUMENTS)  # memory-mapped id, text, title
         self._row_of: dict[str, int] | None = None
 
     @classmethod
@@ -215,12 +200,8 @@ class Clara:
         check_same_compressor(model_fingerprint, manifest["source"]["model_fingerprint"], version)
 
         model, tokenizer, _ = load_model(model_dir)
-        corpus = _corpus_path(run_dir, config)
-        titles = read_titles(corpus) if corpus.is_file() else None
-        if titles is None:
-            log(f"[ask] corpus file {corpus} is gone: documents are shown without titles")
         log(f"[ask] model {model_dir}, index {version} ({manifest['num_documents']} documents)")
-        return cls(run_dir, config, model.eval(), tokenizer, LocalIndex(version, manifest), titles)
+        return cls(run_dir, config, model.eval(), tokenizer, LocalIndex(version, manifest))
 
     @property
     def top_k(self) -> int:
@@ -272,9 +253,9 @@ class Clara:
     def _retrieved(self, doc_id: str, score: float) -> Retrieved:
         if self._row_of is None:
             self._row_of = {d: row for row, d in enumerate(self.documents.column("id").to_pylist())}
-        title = None if self.titles is None else self.titles.get(doc_id)
         row = self._row_of.get(doc_id)
         text = "" if row is None else self.documents.column("text")[row].as_py()
+        title = None if row is None else self.documents.column("title")[row].as_py()
         if title is not None:
             text = text.removeprefix(f"{title}\n")  # documents.arrow holds what the compressor read
         return Retrieved(doc_id, title, score, text[:PREVIEW_CHARS])

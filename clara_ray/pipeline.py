@@ -392,7 +392,7 @@ class Run:
         written = _done(run_dir, "training_data")
         if written is None:
             data = write_training_data(config, {d.id: document_input(d.text, d.title) for d in documents}, train_qa,
-                                       run_dir)
+                                       run_dir, titles={d.id: d.title for d in documents})
             _mark_done(run_dir, "training_data", {k: None if v is None else str(v) for k, v in vars(data).items()})
         else:
             data = TrainingData(**{k: None if v is None else Path(v) for k, v in written.items()})

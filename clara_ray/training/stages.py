@@ -54,7 +54,8 @@ class TrainingData:
     stage3_validation: Path | None = None  # held-out training questions (stage3.validation_fraction > 0)
 
 
-def write_training_data(config: Config, documents: dict[str, str], train_qa, run_dir: Path) -> TrainingData:
+def write_training_data(config: Config, documents: dict[str, str], train_qa, run_dir: Path,
+                        titles: dict[str, str | None] | None = None) -> TrainingData:
     """Every stage's examples, once: stage-1 reconstruction and QA examples with
     their BM25 neighbours and rivals, stage-2 QA examples (when enabled) and the
     stage-3 questions (less a validation split when stage3.validation_fraction > 0),
@@ -74,7 +75,7 @@ def write_training_data(config: Config, documents: dict[str, str], train_qa, run
     _check_fills("stage3", read_table(questions).num_rows, config.stage3.micro_batch_size_per_worker, workers,
                  "training questions" + (" (less the validation share)" if validation else ""))
     return TrainingData(
-        write_documents(data / DOCUMENTS, documents),
+        write_documents(data / DOCUMENTS, documents, titles),
         write_examples(data / "stage1_examples.arrow", stage1),
         None if stage2 is None else write_examples(data / "stage2_examples.arrow", stage2),
         questions,

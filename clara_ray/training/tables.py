@@ -57,8 +57,13 @@ def read_table(path: str | os.PathLike) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
 
 
-def write_documents(path: str | os.PathLike, documents: dict[str, str]) -> Path:
-    return _write(Path(path), pa.table({"id": list(documents), "text": list(documents.values())}))
+def write_documents(path: str | os.PathLike, documents: dict[str, str],
+                    titles: dict[str, str | None] | None = None) -> Path:
+    """id, text (what the compressor reads: ``document_input``, title included) and
+    title (null where a document has none) of every document."""
+    titles = titles or {}
+    return _write(Path(path), pa.table({"id": list(documents), "text": list(documents.values()),
+                                        "title": pa.array([titles.get(d) for d in documents], pa.string())}))
 
 
 def write_examples(path: str | os.PathLike, examples: list[Stage1Example]) -> Path:

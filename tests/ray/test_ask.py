@@ -15,6 +15,7 @@ from clara_ray.eval.evaluate import query_reasoner_rankings
 from clara_ray.eval.metrics import recall_at_k
 from clara_ray.index.versions import IndexSettings, build_version, current_version, read_version_manifest
 from clara_ray.pipeline import run_pipeline
+from clara_ray.training.tables import DOCUMENTS, read_table, write_documents
 
 pytestmark = pytest.mark.ray
 
@@ -110,13 +111,16 @@ def _copy_small_files(run_dir, to):
     return to
 
 
-def test_titles_come_from_the_corpus_file(finished_run, tmp_path):
+def test_titles_come_from_the_runs_documents_table(finished_run, tmp_path):
     run = _copy_small_files(finished_run["run_dir"], tmp_path / "titled")
-    corpus = run / "data" / "corpus.jsonl"
-    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
-    corpus.write_text("".join(json.dumps({**row, "title": f"Title of {row['id']}"}) + "\n" for row in rows))
+    table = read_table(run / "data" / DOCUMENTS)
+    ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
+    titles = {d: f"Title of {d}" for d in ids}
+    write_documents(run / "data" / DOCUMENTS, {d: f"{titles[d]}\n{text}" for d, text in zip(ids, texts)}, titles)
     answer = Clara.load(run).ask("In which city was someone born?", k=3)
     assert [d.title for d in answer.documents] == [f"Title of {d.doc_id}" for d in answer.documents]
+    untitled = dict(zip(ids, texts))
+    assert all(d.text == untitled[d.doc_id][:len(d.text)] for d in answer.documents)  # the preview without the title
 
 
 def test_the_in_process_index_merges_shards_exactly(finished_run, clara, tmp_path):

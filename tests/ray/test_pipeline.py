@@ -4,6 +4,7 @@ import pytest
 
 from clara_ray.config import load_config
 from clara_ray.pipeline import run_pipeline
+from clara_ray.training.tables import DOCUMENTS, read_table
 
 pytestmark = pytest.mark.ray
 
@@ -17,7 +18,7 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
               ("Di Vale", "Marlow", "weaver"), ("Ed Holt", "Tessin", "baker"), ("Fay Rusk", "Ostrel", "smith")]
     corpus = []
     for i, (name, city, job) in enumerate(people):
-        corpus.append(json.dumps({"id": f"c{i}", "text": f"{name} grew up in {city}."}))
+        corpus.append(json.dumps({"id": f"c{i}", "text": f"{name} grew up in {city}.", **({"title": name} if i == 1 else {})}))
         corpus.append(json.dumps({"id": f"j{i}", "text": f"{name} earns a living as a {job}."}))
     corpus += [
         '{"id": "bad1", "text": "   "}',  # whitespace text
@@ -58,6 +59,10 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
     assert files["test_qa"] == {"input": 3, "used": 2, "quarantined": 1}
     assert summary["data"]["num_encoded"] == 12
     run_dir = tmp_path / "runs" / "user"
+    # the run keeps each document's title beside the text the compressor read (clara-ray ask shows it)
+    documents = {row["id"]: row for row in read_table(run_dir / "data" / DOCUMENTS).to_pylist()}
+    assert documents["c1"]["title"] == "Bo Lind" and documents["c1"]["text"] == "Bo Lind\nBo Lind grew up in Tessin."
+    assert documents["c2"]["title"] is None and documents["c2"]["text"] == "Cy Moor grew up in Ostrel."
     quarantine = [json.loads(line) for line in (run_dir / "data" / "corpus.quarantine.jsonl").read_text().splitlines()]
     assert len(quarantine) == 5 and all(row["reason"] for row in quarantine)
     for name in ("train_qa", "test_qa"):
