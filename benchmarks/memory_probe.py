@@ -11,10 +11,14 @@
 2. Does the generator read memory: for training questions, its answer loss given
    (a) the gold document, (b) the gold document of another question (on the
    bundled trap corpus: another person's fact), (c) a document no question has as
-   gold (an echo or distractor), each alone. Printed: the median loss of each and
-   how often the gold document gives the lowest loss of the six drawn. Equal
-   losses mean the generator answers without reading memory, and stage 3's loss
-   then cannot tell a good candidate from a bad one.
+   gold (an echo or distractor), (d) up to two gold documents of other questions
+   with the same answer (the trap corpus reuses answer values: another person's
+   fact that states the right value), each alone. Printed: the median loss of each,
+   how often the gold document gives the lowest loss of the six (a)-(c) drawn, and
+   how often a same-value document (d) does at least as well as the gold one.
+   Equal losses mean the generator answers without reading memory, and stage 3's
+   loss then cannot tell a good candidate from a bad one; (d) as good as (a) means
+   the loss rewards the value, not whose fact it is.
 
 Measured (not timed); prints one JSON line at the end.
 """
@@ -75,13 +79,19 @@ def generator_reading(model, tokenizer, config: dict, run: Path, num_questions: 
     golds = sorted({d for q in train for d in q.gold_doc_ids})
     others = sorted(set(documents) - set(golds))
     prompts, lengths, rng = Prompts(tokenizer), config["model"], random.Random(seed)
-    losses: dict[str, list[float]] = {"gold": [], "another_question_gold": [], "no_question_gold": []}
-    lowest = 0
+    losses: dict[str, list[float]] = {"gold": [], "another_question_gold": [], "no_question_gold": [],
+                                      "same_value_other_gold": []}
+    by_answer: dict[str, set[str]] = {}
+    for q in train:
+        by_answer.setdefault(q.answers[0].strip().lower(), set()).update(q.gold_doc_ids)
+    lowest = same_value_as_good = with_same_value = 0
     questions = rng.sample(train, min(num_questions, len(train)))
     for question in questions:
         gold = question.gold_doc_ids[0]
         drawn = [gold] + rng.sample([d for d in golds if d not in question.gold_doc_ids], 3)
         drawn += rng.sample(others, min(2, len(others)))
+        same_value = sorted(by_answer[question.answers[0].strip().lower()] - set(question.gold_doc_ids))
+        drawn += rng.sample(same_value, min(2, len(same_value)))
         tokens = tokenize_texts(tokenizer, [documents[d] for d in drawn], lengths["doc_max_len"], pad_to_max_length=True)
         prompt = tokenize_texts(tokenizer, [prompts.question(question.question)] * len(drawn), lengths["question_max_len"])
         target = tokenize_targets(tokenizer, [prompts.answer(question.answers[0])] * len(drawn), lengths["answer_max_len"])
@@ -90,12 +100,18 @@ def generator_reading(model, tokenizer, config: dict, run: Path, num_questions: 
             loss = model.generator_losses(memory, prompt.ids, prompt.mask, target.ids, target.mask).tolist()
         losses["gold"].append(loss[0])
         losses["another_question_gold"] += loss[1:4]
-        losses["no_question_gold"] += loss[4:]
-        lowest += loss[0] < min(loss[1:])
+        losses["no_question_gold"] += loss[4:6]
+        losses["same_value_other_gold"] += loss[6:]
+        lowest += loss[0] < min(loss[1:6])
+        if loss[6:]:
+            with_same_value += 1
+            same_value_as_good += min(loss[6:]) <= loss[0]
     return {
         "train_questions": len(questions),
         **{f"answer_loss_{kind}": statistics.median(values) for kind, values in losses.items() if values},
         "gold_lowest_share": lowest / len(questions),
+        "questions_with_a_same_value_document": with_same_value,
+        "same_value_document_at_least_as_good_share": same_value_as_good / max(with_same_value, 1),
     }
 
 

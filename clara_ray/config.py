@@ -337,6 +337,12 @@ class Stage1Config(_Section):
     # matches the question's memory against the documents' (the compressor is the
     # query reasoner's start, so questions and documents learn one encoding of names).
     question_memory_rate: float = Field(0.0, ge=0, le=1)
+    # Share of QA examples made unanswerable: the gold document is left out and one
+    # of the question's rivals (the same ask about another subject) read instead,
+    # the target "unknown". The generator must then check whose fact it reads, so
+    # stage 3's loss tells the right subject's document from another subject's that
+    # happens to state the same value (needs rival_pool > 0).
+    unanswerable_rate: float = Field(0.0, ge=0, le=1)
     report_every: int = Field(25, gt=0)
     # A checkpoint (weights, optimizer, schedule, data position, random state) every
     # this many steps and after the last; a failed worker costs at most this many.

@@ -16,6 +16,11 @@ import torch
 RECONSTRUCTION_INSTRUCTION = "Repeat the document:"
 
 
+# The target of a stage-1 QA example whose documents do not answer it (another
+# subject's fact in place of the gold one: stage1.unanswerable_rate).
+UNANSWERABLE = "unknown"
+
+
 def document_input(text: str, title: str | None) -> str:
     """What the compressor reads for a document: "title\ntext", or the text alone.
     Training and corpus encoding must agree on it."""

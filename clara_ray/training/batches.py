@@ -47,7 +47,7 @@ from clara_ray.eval.baselines import bm25_rankings
 
 if TYPE_CHECKING:
     from clara_ray.training.settings import Stage1Settings, Stage2Settings
-from clara_ray.modeling.text import Prompts, tokenize_targets, tokenize_texts
+from clara_ray.modeling.text import UNANSWERABLE, Prompts, tokenize_targets, tokenize_texts
 
 
 def reconstruction_target(document: str, order: ReconstructionOrder) -> str:
@@ -226,12 +226,11 @@ def memory_qa_batch(
     """Model inputs of step `step` (stage 1, or stage 2 whose settings read the same
     way) from this rank's examples of that step: rivals join the distractors up to
     `settings.rival_steps`; `answers` is `answer_pool` of every example."""
-    if step > settings.rival_steps:
-        examples = [dataclasses.replace(e, rivals=()) for e in examples]
     return stage1_batch(
         examples, documents, settings.max_context_docs, num_memory_tokens, tokenizer, lengths, rng,
         settings.reconstruction_order, settings.counterfactual_rate, answers, settings.hard_distractor_fraction,
-        settings.min_context_docs, settings.question_memory_rate,
+        settings.min_context_docs, settings.question_memory_rate, settings.unanswerable_rate,
+        rivals_as_distractors=step <= settings.rival_steps,
     )
 
 
@@ -276,11 +275,17 @@ def stage1_batch(
     hard_fraction: float = 0.0,
     min_context_docs: int | None = None,
     question_memory_rate: float = 0.0,
+    unanswerable_rate: float = 0.0,
+    rivals_as_distractors: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Model inputs for `ClaraModel(Objective.COMPRESSOR_PRETRAINING, ...)`.
 
     With probability `question_memory_rate` a QA example's question is compressed
-    too, read as its last memory, and the prompt only says to answer it.
+    too, read as its last memory, and the prompt only says to answer it. With
+    probability `unanswerable_rate` a QA example with rivals reads one of them in
+    place of its gold document (its stated answer swapped like a counterfactual one),
+    and the target is UNANSWERABLE. Rivals join the distractors while
+    `rivals_as_distractors`.
 
     A QA example reads between `min_context_docs` (default: all) and
     `num_context_docs` documents, the count drawn uniformly per example.
@@ -299,8 +304,13 @@ def stage1_batch(
             document, answer = documents[example.document], example.answer
             if answer_pool and rng.random() < counterfactual_rate:
                 document, answer = counterfactual(document, answer, answer_pool, rng)
+            drawing = example if rivals_as_distractors else dataclasses.replace(example, rivals=())
+            if example.rivals and unanswerable_rate and rng.random() < unanswerable_rate:
+                rival = rng.choice(example.rivals)
+                document, answer = _stated_counterfactual(documents[rival], answer_pool, counterfactual_rate, rng), UNANSWERABLE
+                drawing = dataclasses.replace(drawing, rivals=tuple(r for r in drawing.rivals if r != rival))
             size = rng.randint(min_context_docs, num_context_docs)
-            context = [documents[i] for i in _distractors(example, len(documents), size - 1, hard_fraction, rng)]
+            context = [documents[i] for i in _distractors(drawing, len(documents), size - 1, hard_fraction, rng)]
             context.insert(rng.randrange(size), document)
             if question_memory_rate and rng.random() < question_memory_rate:
                 context.append(example.question)
@@ -332,6 +342,16 @@ def stage1_batch(
         "target_ids": target.ids,
         "target_mask": target.mask,
     }
+
+
+def _stated_counterfactual(document: str, answer_pool: list[str], rate: float, rng: random.Random) -> str:
+    """`document` with the longest pool answer it states swapped for another (with
+    probability `rate`), as a gold document's is: a rival's value then gives nothing away."""
+    if not answer_pool or rng.random() >= rate:
+        return document
+    stated = max((a for a in answer_pool if a in document), key=len, default=None)
+    others = [a for a in answer_pool if a not in document]
+    return document if stated is None or not others else document.replace(stated, rng.choice(others))
 
 
 def _distractors(

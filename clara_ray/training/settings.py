@@ -72,6 +72,7 @@ class Stage1Settings:
     min_context_docs: int
     max_context_docs: int
     question_memory_rate: float
+    unanswerable_rate: float
     train_backbone: bool
     report_every: int
     checkpoint_every: int
@@ -91,6 +92,7 @@ class Stage1Settings:
             rival_steps=round(s1.rival_steps_fraction * steps),
             min_context_docs=s1.min_context_docs,
             question_memory_rate=s1.question_memory_rate,
+            unanswerable_rate=s1.unanswerable_rate,
             max_context_docs=s1.max_context_docs,
             train_backbone=config.model.train_backbone_in_stage1,
             report_every=s1.report_every,
@@ -117,6 +119,7 @@ class Stage2Settings:
     hard_distractor_fraction: float = 1.0
     reconstruction_order: ReconstructionOrder = ReconstructionOrder.FORWARD  # no reconstruction examples
     question_memory_rate: float = 0.0
+    unanswerable_rate: float = 0.0
     train_backbone: bool = False
 
     @property

@@ -133,3 +133,27 @@ def test_a_question_given_as_memory_is_its_examples_last_memory_and_leaves_the_p
         assert asked != (j in in_memory)  # the question is in memory or in the prompt, never both
         assert batch["memory_mask"][j].sum() // 2 == (batch["doc_group"] == j).sum()
     assert all(texts[last[j]] == TEXTS[0] for j in range(0, len(examples), 2))  # reconstructions unchanged
+
+
+def test_an_unanswerable_example_reads_a_rival_in_place_of_its_gold_document():
+    """Document 0 states 'Marlow' about Zorvan; asked about Radjor (gold 3), with document
+    0 as its rival: the example reads document 0, its stated value swapped for another
+    answer, never the gold document, and its target is UNANSWERABLE."""
+    from clara_ray.modeling.text import UNANSWERABLE
+
+    _, tokenizer = make_model()
+    examples = [Stage1Example(3, "Which job does Radjor Galdun do?", "baker", rivals=(0,))] * 40
+    lengths = Lengths(doc=64, question=64, answer=6, reconstruction=30)
+    batch = stage1_batch(examples, TEXTS[:4], 1, 2, tokenizer, lengths, random.Random(0), counterfactual_rate=1.0,
+                         answer_pool=["Marlow", "Ostrel", "baker"], hard_fraction=1.0, unanswerable_rate=0.5,
+                         rivals_as_distractors=False)
+    texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in batch["doc_ids"]]
+    targets = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in batch["target_ids"]]
+    unanswerable = [j for j, target in enumerate(targets) if target == UNANSWERABLE]
+    assert 0 < len(unanswerable) < 40  # about half
+    for j in range(len(examples)):
+        (read,) = [texts[i] for i in range(len(texts)) if batch["doc_group"][i] == j]  # one document each
+        if j in unanswerable:  # the rival, its stated value swapped too, in place of the gold document
+            assert read.startswith("Zorvan Kellit grew up in") and "Marlow" not in read
+        else:
+            assert read.startswith("Radjor Galdun works as a") and targets[j] != UNANSWERABLE
