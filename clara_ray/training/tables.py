@@ -1,7 +1,8 @@
 """The training data of a run as Arrow files, written once by the driver and read
 by whoever needs rows (no Ray here):
 
-    data/documents.arrow        id, text          the corpus, in the order examples refer to
+    data/documents.arrow        id, text, title   the corpus, in the order examples refer to
+                                                  (text as the compressor reads it, title included)
     data/stage1_examples.arrow  document, question, answer, neighbours, rivals
     data/stage2_examples.arrow  the same columns (QA examples only)
     data/stage3_questions.arrow question_id, question, answer, gold_doc_ids
