@@ -120,7 +120,7 @@ class LocalIndex:
 
     def search(self, queries: np.ndarray, num_candidates: int):
         """Flattened query memory (B, n_mem * d) -> SearchResult of the top `num_candidates`."""
-        from clara_ray.index.actor import merge_shard_results
+        from clara_ray.index.shard import merge_shard_results
         from clara_ray.training.candidates import SearchResult
 
         found = [shard.search_rows(queries, num_candidates) for shard in self.shards]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -88,8 +89,15 @@ def running_cluster_address() -> str | None:
     Ray process of that cluster runs (a killed head leaves the file behind)."""
     from ray._private import services  # the lookup ray.init() does; no public API for it
 
-    if os.environ.get("RAY_ADDRESS"):
-        return os.environ["RAY_ADDRESS"]
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        if address.startswith(("http://", "https://")):
+            raise UserError(
+                f"RAY_ADDRESS={address} is a job-submission address (for `ray job submit`), not one a driver can "
+                "join; submit the command as a job (README, \"On a cluster\"), give --address <head>:6379, "
+                "or unset RAY_ADDRESS"
+            )
+        return address
     recorded = services.find_bootstrap_address(None)
     if recorded and recorded in services.find_gcs_addresses():
         return recorded
@@ -300,6 +308,19 @@ def summary_table(result: dict) -> str:
     return "\n".join("  ".join(text.ljust(width) for text, width in zip(row, widths)).rstrip() for row in rows)
 
 
+def _split_overrides(words: list[str]) -> tuple[list[str], list[str]]:
+    """(paths, overrides) of the words after a greedy option such as --input: a
+    word is an override when it reads `section.key=value` and names no existing file."""
+    def is_override(word: str) -> bool:
+        key, equals, _ = word.partition("=")
+        return bool(equals) and _OVERRIDE_KEY.fullmatch(key) is not None and not Path(word).exists()
+
+    return [w for w in words if not is_override(w)], [w for w in words if is_override(w)]
+
+
+_OVERRIDE_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
 def job_main(command: list[str]) -> int:
     """What a ``jobs/<step>.py`` entrypoint runs: ``clara-ray <command> <its arguments>``.
     Inside ``ray job submit`` (RAY_ADDRESS set) the step joins the job's cluster, run by
@@ -314,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = _CANONICAL.get(args.command, args.command)
     overrides = list(getattr(args, "overrides", []))
+    if getattr(args, "input", None):
+        # `--input a.jsonl b.jsonl encode.batch_size=8`: --input takes every word after it
+        args.input, given_after = _split_overrides(args.input)
+        overrides = given_after + overrides
     if command == "sweep":
         return run_sweep_command(args, lambda: start_ray(args.address))
     if command == "evaluate" and args.qa:
@@ -332,17 +357,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clara-ray: {error}", file=sys.stderr)
         return 2
 
-    if command == "encode" and (args.input or args.model_dir or args.output):
-        if not (args.input and args.model_dir and args.output):
-            print("clara-ray: encoding corpus files needs --input, --model-dir and --output "
-                  "(without them: the corpus of the run --config names)", file=sys.stderr)
-            return 2
-        start_ray(args.address, dashboard=False)
-        return run_encode(args, config)
-
     from clara_ray.pipeline import check_inputs
 
     try:
+        if command == "encode" and (args.input or args.model_dir or args.output):
+            if not (args.input and args.model_dir and args.output):
+                print("clara-ray: encoding corpus files needs --input, --model-dir and --output "
+                      "(without them: the corpus of the run --config names)", file=sys.stderr)
+                return 2
+            start_ray(args.address, dashboard=False)
+            return run_encode(args, config)
         check_inputs(config)  # before Ray starts
         start_ray(args.address)
         result = run_step(command, getattr(args, "stage", None), config)

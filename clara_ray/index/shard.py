@@ -234,3 +234,17 @@ class IndexShard:
         scores, rows = self.search_rows(queries, num_candidates)
         doc_ids, memory = self.fetch(rows)
         return SearchResult(doc_ids, scores, memory)
+
+
+def merge_shard_results(scores: list[np.ndarray], rows: list[np.ndarray], first_rows, num_candidates: int):
+    """Per-shard (B, L_i) scores (descending) and local rows -> the exact global top-L:
+    scores (B, L) float32 and global rows (B, L) int64."""
+    batch = scores[0].shape[0]
+    padded_scores = np.full((len(scores), batch, num_candidates), -np.inf, dtype=np.float32)  # (S, B, L)
+    padded_rows = np.full((len(scores), batch, num_candidates), -1, dtype=np.int64)
+    for i, (shard_scores, shard_rows) in enumerate(zip(scores, rows)):
+        width = shard_scores.shape[1]  # a shard smaller than L returns all its rows
+        padded_scores[i, :, :width] = shard_scores
+        padded_rows[i, :, :width] = shard_rows + first_rows[i]
+    merged_scores, merged_rows = faiss.merge_knn_results(padded_scores, padded_rows, keep_max=True)
+    return merged_scores, merged_rows

@@ -76,7 +76,7 @@ def draw_plan(table_path: str, steps: int, batch_size: int, world: int, seed: in
         # A few arrays per block: no CPU reserved, so the plan never waits for the CPUs
         # training holds; and so, no resource bound either: at most two tasks at a time.
         num_cpus=0,
-        concurrency=2,
+        compute=ray.data.TaskPoolStrategy(size=2),
     )
     plan.context.enable_progress_bars = False  # the training loops print their own progress
     return plan

@@ -3,6 +3,8 @@ then the API, the command and its errors on it (errors on copies of its small fi
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -100,6 +102,16 @@ def test_the_ask_command_answers_a_test_question_with_the_gold_document_first(fi
     out = capsys.readouterr().out
     assert f"Q: {found[0].question}" in out and "\nA: " in out
     assert f"  1. {found[0].gold_doc_ids[0]}  score " in out and "  3. " in out
+
+
+def test_asking_needs_no_ray(finished_run):
+    """`clara-ray ask` runs in the user's process: loading the run and answering import no Ray."""
+    script = ("import sys; from clara_ray.ask import Clara; "
+              f"Clara.load({finished_run['run_dir']!r}).ask('In which city was someone born?', k=3); "
+              "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def _copy_small_files(run_dir, to):

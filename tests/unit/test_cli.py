@@ -107,3 +107,31 @@ def test_encoding_takes_the_models_document_length_unless_one_is_given():
     assert encoding_config(load_config(None, ["model.doc_max_len=32"]), 2).model.doc_max_len == 32
     with pytest.raises(ConfigError, match="the model has 3 memory tokens but the config gives 2"):
         encoding_config(load_config(None, ["model.doc_max_len=32"]), 3)
+
+
+def test_a_job_api_address_in_ray_address_is_one_line(tmp_path, capsys, monkeypatch):
+    """RAY_ADDRESS as set for `ray job submit` (http://head:8265) cannot be joined by
+    a driver: say so instead of Ray's traceback."""
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init called"))
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert main(["demo", f"run.output_dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RAY_ADDRESS=http://127.0.0.1:8265 is a job-submission address" in err
+
+
+def test_overrides_after_encode_input_files_are_overrides(tmp_path, monkeypatch):
+    """--input takes every word after it; `section.key=value` words are overrides
+    unless such a file exists."""
+    import clara_ray.cli
+
+    monkeypatch.chdir(tmp_path)
+    Path("a.b=c").write_text("")  # a file whose name reads like an override stays an input
+    seen = {}
+    monkeypatch.setattr(clara_ray.cli, "start_ray", lambda *args, **kwargs: None)
+    monkeypatch.setattr(clara_ray.cli, "run_encode", lambda args, config: seen.update(
+        inputs=args.input, batch_size=config.encode.batch_size) or 0)
+    assert main(["encode", "--model-dir", "m", "--output", "o", "--input", "x.jsonl", "a.b=c",
+                 "encode.batch_size=8"]) == 0
+    assert seen == {"inputs": ["x.jsonl", "a.b=c"], "batch_size": 8}
