@@ -13,6 +13,7 @@ Both functions return, per question, the ids of the top ``k`` documents, best fi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -90,23 +91,22 @@ def encode_minilm(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, model = _load_minilm(device)
     embeddings = []
-    bar = Progress(progress, len(texts), unit="texts") if progress else None
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            list(texts[start : start + batch_size]),
-            padding=True,
-            truncation=True,
-            max_length=MINILM_MAX_LENGTH,
-            return_tensors="pt",
-        ).to(device)
-        hidden = model(**batch).last_hidden_state  # (B, T, 384)
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, 384)
-        embeddings.append(F.normalize(pooled, dim=-1).float().cpu())
-        if bar is not None:
-            bar.update(len(pooled))
-    if bar is not None:
-        bar.close()
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(Progress(progress, len(texts), unit="texts")) if progress else None
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=MINILM_MAX_LENGTH,
+                return_tensors="pt",
+            ).to(device)
+            hidden = model(**batch).last_hidden_state  # (B, T, 384)
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, 384)
+            embeddings.append(F.normalize(pooled, dim=-1).float().cpu())
+            if bar is not None:
+                bar.update(len(pooled))
     return torch.cat(embeddings) if embeddings else torch.empty(0, model.config.hidden_size)
 
 
