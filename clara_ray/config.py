@@ -444,6 +444,12 @@ class Stage3Config(_Section):
     # evaluation reads (clara_ray/index/refresh.py).
     compressor: CompressorMode = CompressorMode.FROZEN
     refresh_every: int = Field(0, ge=0)  # steps between index refreshes; 0 = only after the last step
+    # Share of the steps trained in a counterfactual world (clara_ray/training/worlds.py):
+    # the training answers' values permuted alike in the question, the candidate
+    # documents (compressed again, without gradient) and the target, so the query
+    # reasoner cannot fit its training questions by remembering their answers and
+    # must match the question's subject to the document's. 0 = off (CLaRa).
+    counterfactual_rate: float = Field(0.0, ge=0, le=1)
     # Share of the training questions held out (whole gold documents at a time) to
     # measure retrieval while stage 3 runs: validation recall@1, @5 and MRR in every
     # report window. 0 trains on all of them; sweeps hold out sweep.validation_fraction.

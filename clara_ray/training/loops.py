@@ -42,6 +42,7 @@ from clara_ray.training.data import rank_batches
 from clara_ray.training.engine import DeepSpeedUpdater, OptimiserSettings, ParameterAnchor, full_parameters
 from clara_ray.training.settings import Stage2Settings, Stage3Settings, WorkerSettings
 from clara_ray.training.steps import MetricWindow, progress_line, stage1_step, stage2_step, stage3_step
+from clara_ray.training.worlds import CounterfactualWorlds
 from clara_ray.training.tables import DocumentTable, example_from_row, questions_from_rows, read_answer_pool, read_table
 from clara_ray.training.validation import validation_recall
 
@@ -319,13 +320,18 @@ def stage3_loop(run: dict):
     # The pull back to the start measures from where stage 3 started, not from the checkpoint.
     anchor = ParameterAnchor(w.updater.module, settings.anchor_weight, start=run["model_dir"] if w.resumed else None,
                              lower_weight=settings.lower_anchor_weight, free_top_layers=settings.anchor_free_top_layers)
-    documents = DocumentTable(run["documents_path"]).texts_of if settings.trainable_compressor else None
+    rewrites = settings.trainable_compressor or settings.counterfactual_rate > 0
+    documents = DocumentTable(run["documents_path"]).texts_of if rewrites else None
+    worlds = None
+    if settings.counterfactual_rate > 0:
+        worlds = CounterfactualWorlds(read_table(run["questions_path"]).column("answer").to_pylist(),
+                                      settings.counterfactual_rate, worker.seed, w.rank)
     for step, rows in rank_batches(settings.micro_batch_size, w.rank, start):
         current["step"] = step
         batch = questions_from_rows(rows)
         learning_rate = w.updater.learning_rate()
         metrics = stage3_step(w.updater, w.tokenizer, batch, candidates, settings, worker.lengths, step, anchor,
-                              documents)
+                              documents, worlds)
         if refresher is not None:
             refresher.after_step(step)
         reporter.add(step, metrics, learning_rate, save)

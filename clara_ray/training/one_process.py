@@ -27,6 +27,7 @@ from clara_ray.training.candidates import CandidateSource
 from clara_ray.training.engine import ParameterAnchor, TorchUpdater
 from clara_ray.training.settings import Stage1Settings, Stage2Settings, Stage3Settings, WorkerSettings
 from clara_ray.training.steps import MetricWindow, progress_line, stage1_step, stage2_step, stage3_step
+from clara_ray.training.worlds import CounterfactualWorlds
 
 OnWindow = Callable[[dict], None]  # called with each reporting window's metrics (after they are in the history)
 
@@ -100,9 +101,13 @@ def train_stage3(
     updater = TorchUpdater(model, settings.optimiser, bf16=worker.bf16)
     anchor = ParameterAnchor(model, settings.anchor_weight, lower_weight=settings.lower_anchor_weight,
                              free_top_layers=settings.anchor_free_top_layers)
+    worlds = None
+    if settings.counterfactual_rate > 0:
+        worlds = CounterfactualWorlds(questions.answers, settings.counterfactual_rate, worker.seed)
     window, history, started = MetricWindow(settings.report_every, settings.steps), [], time.perf_counter()
     for step, batch in stage3_batches(questions, settings.micro_batch_size, settings.steps, worker.seed):
         learning_rate = updater.learning_rate()
-        values = stage3_step(updater, tokenizer, batch, candidates, settings, worker.lengths, step, anchor, documents)
+        values = stage3_step(updater, tokenizer, batch, candidates, settings, worker.lengths, step, anchor, documents,
+                             worlds)
         _report("stage3", window, step, settings.steps, values, learning_rate, started, history, on_window, log)
     return history

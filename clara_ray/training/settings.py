@@ -169,6 +169,7 @@ class Stage3Settings:
     checkpoint_every: int
     trainable_compressor: bool = False  # candidates re-encoded with gradient every step
     refresh_every: int = 0  # steps between background index refreshes (0: after the last step only)
+    counterfactual_rate: float = 0.0  # share of steps in a counterfactual world (training/worlds.py)
 
     @classmethod
     def from_config(cls, config: Config) -> Stage3Settings:
@@ -197,4 +198,5 @@ class Stage3Settings:
             checkpoint_every=s3.checkpoint_every,
             trainable_compressor=s3.compressor == CompressorMode.TRAINABLE,
             refresh_every=s3.refresh_every,
+            counterfactual_rate=s3.counterfactual_rate,
         )

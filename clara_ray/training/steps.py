@@ -26,6 +26,7 @@ from clara_ray.training.batches import Lengths, QuestionBatch, stage3_batch
 from clara_ray.training.candidates import CandidateSource
 from clara_ray.training.engine import ParameterAnchor
 from clara_ray.training.settings import Stage1Settings, Stage2Settings, Stage3Settings
+from clara_ray.training.worlds import CounterfactualWorlds
 
 
 def stage1_step(updater, batch: dict[str, torch.Tensor], settings: Stage1Settings) -> dict[str, float]:
@@ -85,6 +86,7 @@ def stage3_step(
     step: int,
     anchor: ParameterAnchor,
     documents: Callable[[list[str]], list[str]] | None = None,
+    worlds: CounterfactualWorlds | None = None,
 ) -> dict[str, float]:
     """Joint training, step `step` (1-based) of `settings.steps`: the query reasoner
     asks `candidates` for L documents, re-scores them exactly against their stored
@@ -94,23 +96,40 @@ def stage3_step(
     With a trainable compressor (`settings.trainable_compressor`) the index only
     proposes the L candidates: their texts (`documents(ids)`) are compressed again
     by the current compressor, with gradient, once per distinct document of the batch,
-    and those fresh memories are re-scored and read."""
+    and those fresh memories are re-scored and read.
+
+    In a step that `worlds` draws a counterfactual world for (see
+    ``clara_ray.training.worlds``), question, candidate texts (`documents(ids)`) and
+    answer are rewritten in that world; the candidates are compressed again, by the
+    frozen compressor without gradient unless it trains."""
     model, device = updater.module, updater.device
     clock = _Clock(device)
-    inputs = {k: v.to(device) for k, v in stage3_batch(batch.questions, batch.answers, tokenizer, lengths).items()}
+    world = worlds.draw(step) if worlds is not None else None
+    if world is not None and documents is None:
+        raise ValueError("a counterfactual world rewrites its candidates: stage3_step needs `documents`")
+    questions, answers = (batch.questions, batch.answers) if world is None else (
+        world.texts(batch.questions), world.texts(batch.answers))
+    inputs = {k: v.to(device) for k, v in stage3_batch(questions, answers, tokenizer, lengths).items()}
     with torch.no_grad():
         query_memory, _ = model.encode(Role.QUERY_REASONER, inputs["question_ids"], inputs["question_mask"])
     clock.lap("query")
     found = candidates.candidates(query_memory.flatten(1).float().cpu().numpy(), settings.num_candidates, batch.question_ids)
     clock.lap("search")
-    if settings.trainable_compressor:
+    if settings.trainable_compressor or world is not None:
         if documents is None:
             raise ValueError("a trainable compressor re-encodes its candidates: stage3_step needs `documents`")
         distinct, rows = np.unique(found.doc_ids.astype(str), return_inverse=True)
-        tokens = tokenize_texts(tokenizer, documents(distinct.tolist()), lengths.doc, pad_to_max_length=True)
-        candidate_inputs = {"candidate_memory": None, "candidate_doc_ids": tokens.ids.to(device),
-                            "candidate_doc_mask": tokens.mask.to(device),
-                            "candidate_rows": torch.from_numpy(rows.reshape(found.doc_ids.shape)).to(device)}
+        texts = documents(distinct.tolist())
+        tokens = tokenize_texts(tokenizer, texts if world is None else world.texts(texts), lengths.doc,
+                                pad_to_max_length=True)
+        rows = torch.from_numpy(rows.reshape(found.doc_ids.shape)).to(device)  # (B, L) into the distinct
+        if settings.trainable_compressor:
+            candidate_inputs = {"candidate_memory": None, "candidate_doc_ids": tokens.ids.to(device),
+                                "candidate_doc_mask": tokens.mask.to(device), "candidate_rows": rows}
+        else:
+            with torch.no_grad():
+                fresh, _ = model.encode(Role.COMPRESSOR, tokens.ids.to(device), tokens.mask.to(device))  # (U, n, d)
+            candidate_inputs = {"candidate_memory": fresh.float()[rows]}  # (B, L, n, d)
     else:
         candidate_inputs = {"candidate_memory": torch.from_numpy(found.memory.astype(np.float32)).to(device)}  # (B, L, n, d)
     temperature = annealed_temperature(step, settings.steps, settings.initial_temperature, settings.temperature)
@@ -132,6 +151,8 @@ def stage3_step(
                "seconds_step": sum(clock.seconds.values()), **clock.seconds}
     if settings.trainable_compressor:
         metrics["candidates_encoded"] = len(distinct)
+    if worlds is not None:
+        metrics["counterfactual"] = float(world is not None)
     if batch.gold_doc_ids is not None:
         top1 = out["scores"].argmax(-1).cpu().numpy()
         gold = batch.gold_doc_ids

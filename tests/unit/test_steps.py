@@ -10,7 +10,7 @@ import torch
 from clara_ray.config import load_config
 from clara_ray.modeling.clara import Role
 from clara_ray.modeling.text import tokenize_texts
-from clara_ray.training.batches import Lengths, Stage1Example, stage1_batch
+from clara_ray.training.batches import Lengths, Stage1Example, stage1_batch, stage3_batch
 from clara_ray.training.candidates import ExactSearch, FixedCandidates
 from clara_ray.training.engine import ParameterAnchor, TorchUpdater
 from clara_ray.training.batches import prepare_stage2_examples, stage1_batches
@@ -171,3 +171,56 @@ def test_stage2_step_reads_k_given_documents_and_trains_what_is_configured(train
     allowed = {n for role in roles for n in model.role_parameters(role)}
     assert changed and changed <= allowed
     assert any(n in changed for n in model.role_parameters(Role.COMPRESSOR)) == train_compressor
+
+
+def test_stage3_step_in_a_counterfactual_world_reads_rewritten_candidates_and_answers():
+    """Question, candidate texts and target rewritten alike; the frozen compressor
+    encodes the rewritten candidates without gradient and only the query reasoner trains."""
+    from clara_ray.training.worlds import CounterfactualWorlds
+
+    model, tokenizer = make_model()
+    model.set_trainable([Role.QUERY_REASONER], backbone=False)
+    settings = Stage3Settings.from_config(load_config(None, [
+        "stage3.steps=10", "stage3.num_candidates=4", "stage3.counterfactual_rate=1.0"]))
+    assert settings.counterfactual_rate == 1.0 and not settings.trainable_compressor
+    updater = TorchUpdater(model, settings.optimiser)
+    doc_ids = [f"d{i}" for i in range(len(TEXTS))]
+    texts = dict(zip(doc_ids, TEXTS))
+    source = ExactSearch(doc_ids, _memory(model, tokenizer, TEXTS))
+    batch = QuestionBatch(["q0", "q1"], ["Which city was Zorvan Kellit born in?", "What does Quipel Silhir own?"],
+                          ["Marlow", "cello"], [("d0",), ("d2",)])
+    worlds = CounterfactualWorlds(["Marlow", "cello", "baker"], 1.0, seed=0)
+    world = worlds.draw(1)
+    assert world.mapping["Marlow"] != "Marlow"
+    seen = {}
+    forward = updater.forward
+
+    def recording_forward(objective, **inputs):
+        seen.update(inputs)
+        return forward(objective, **inputs)
+
+    updater.forward = recording_forward
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    metrics = stage3_step(updater, tokenizer, batch, source, settings, LENGTHS, 1, ParameterAnchor(model, 0.0),
+                          lambda ids: [texts[i] for i in ids], worlds)
+    assert np.isfinite(metrics["loss"]) and metrics["counterfactual"] == 1.0
+    # The target and the question are the rewritten ones.
+    expected = stage3_batch(world.texts(batch.questions), world.texts(batch.answers), tokenizer, LENGTHS)
+    assert torch.equal(seen["target_ids"], expected["target_ids"])
+    assert torch.equal(seen["question_ids"], expected["question_ids"])
+    # Every candidate's memory is the compressor's encoding of a rewritten text, and
+    # the documents that state a value are no longer read as stored.
+    rewritten, stored = _memory(model, tokenizer, world.texts(TEXTS)), _memory(model, tokenizer, TEXTS)
+    memory = seen["candidate_memory"].numpy()  # (B, L, n, d)
+    assert memory.shape[:2] == (2, 4)
+    distance = lambda m, table: min(np.abs(m - row).max() for row in table)  # noqa: E731
+    assert max(distance(m, rewritten) for row in memory for m in row) < 1e-5
+    stating = [0, 3]  # Marlow and baker early in the text (document 4's Marlow is cut at 16 tokens)
+    assert all(world.text(TEXTS[i]) != TEXTS[i] and distance(rewritten[i], stored) > 1e-3 for i in stating)
+    for step in (2, 3):  # the schedule's first two updates run at rate 0
+        stage3_step(updater, tokenizer, batch, source, settings, LENGTHS, step, ParameterAnchor(model, 0.0),
+                    lambda ids: [texts[i] for i in ids], worlds)
+    changed = _changed(model, before)
+    assert changed and changed <= set(model.role_parameters(Role.QUERY_REASONER))
+    with pytest.raises(ValueError, match="needs `documents`"):
+        stage3_step(updater, tokenizer, batch, source, settings, LENGTHS, 4, ParameterAnchor(model, 0.0), None, worlds)
