@@ -116,11 +116,12 @@ def encode_settings(config: Config) -> EncodeSettings:
 
 
 def check_inputs(config: Config) -> None:
-    """The model the config names can be found, and each data file it names exists
-    (checked before Ray starts)."""
+    """The model the config names can be found, each data file it names exists, and
+    its run directory is new or holds a run of this config (checked before Ray starts)."""
     if not config.model.is_tiny:
         resolve_backbone(config.model.backbone)  # a missing GGUF file or bundled package: BackboneError
     check_data_files(config)
+    check_run_dir(config)
 
 
 def check_data_files(config: Config) -> None:
@@ -248,8 +249,8 @@ def _same_config(saved: Path, config: Config) -> bool:
         return False
 
 
-def _open_run_dir(config: Config, log) -> Path:
-    """A new run directory, or the one of an interrupted run of the same config."""
+def check_run_dir(config: Config) -> Path:
+    """The run directory `config` names, if it is new or holds a run of the same config."""
     run_dir = (Path(config.run.output_dir) / config.run.name).resolve()
     saved = run_dir / "config.yaml"
     if saved.exists():
@@ -258,10 +259,18 @@ def _open_run_dir(config: Config, log) -> Path:
                 f"run directory {run_dir} belongs to a run with another config: pick another run.name, "
                 f"or rerun with the config in {saved} to continue that run"
             )
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run directory {run_dir} is not empty and holds no run: pick another run.name")
+    return run_dir
+
+
+def _open_run_dir(config: Config, log) -> Path:
+    """A new run directory, or the one of an interrupted run of the same config."""
+    run_dir = check_run_dir(config)
+    saved = run_dir / "config.yaml"
+    if saved.exists():
         log(f"[pipeline] continuing the run in {run_dir}")
         return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"run directory {run_dir} is not empty and holds no run: pick another run.name")
     run_dir.mkdir(parents=True, exist_ok=True)
     partial = run_dir / "config.yaml.partial"
     partial.write_text(config.to_yaml())

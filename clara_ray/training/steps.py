@@ -115,23 +115,7 @@ def stage3_step(
     clock.lap("query")
     found = candidates.candidates(query_memory.flatten(1).float().cpu().numpy(), settings.num_candidates, batch.question_ids)
     clock.lap("search")
-    if settings.trainable_compressor or world is not None:
-        if documents is None:
-            raise ValueError("a trainable compressor re-encodes its candidates: stage3_step needs `documents`")
-        distinct, rows = np.unique(found.doc_ids.astype(str), return_inverse=True)
-        texts = documents(distinct.tolist())
-        tokens = tokenize_texts(tokenizer, texts if world is None else world.texts(texts), lengths.doc,
-                                pad_to_max_length=True)
-        rows = torch.from_numpy(rows.reshape(found.doc_ids.shape)).to(device)  # (B, L) into the distinct
-        if settings.trainable_compressor:
-            candidate_inputs = {"candidate_memory": None, "candidate_doc_ids": tokens.ids.to(device),
-                                "candidate_doc_mask": tokens.mask.to(device), "candidate_rows": rows}
-        else:
-            with torch.no_grad():
-                fresh, _ = model.encode(Role.COMPRESSOR, tokens.ids.to(device), tokens.mask.to(device))  # (U, n, d)
-            candidate_inputs = {"candidate_memory": fresh.float()[rows]}  # (B, L, n, d)
-    else:
-        candidate_inputs = {"candidate_memory": torch.from_numpy(found.memory.astype(np.float32)).to(device)}  # (B, L, n, d)
+    candidate_inputs, encoded = _candidate_inputs(model, tokenizer, found, settings, lengths, documents, world)
     temperature = annealed_temperature(step, settings.steps, settings.initial_temperature, settings.temperature)
     out = updater.forward(Objective.JOINT, **inputs, **candidate_inputs, k=settings.top_k, temperature=temperature,
                           sample=settings.gumbel_top_k,
@@ -149,8 +133,8 @@ def stage3_step(
     metrics = {"loss": out["loss"].item(), "temperature": temperature, "tokens": tokens,
                **({"distillation_loss": out["distillation_loss"].item()} if "distillation_loss" in out else {}),
                "seconds_step": sum(clock.seconds.values()), **clock.seconds}
-    if settings.trainable_compressor:
-        metrics["candidates_encoded"] = len(distinct)
+    if settings.trainable_compressor or worlds is not None:
+        metrics["candidates_encoded"] = encoded
     if worlds is not None:
         metrics["counterfactual"] = float(world is not None)
     if batch.gold_doc_ids is not None:
@@ -165,6 +149,37 @@ def stage3_step(
     gains = model.retrieval_gain[Role.QUERY_REASONER.value].weight.detach().exp().flatten().tolist()  # empty under ZeRO-3
     metrics.update({f"retrieval_gain_{slot}": gain for slot, gain in enumerate(gains)})
     return metrics
+
+
+def _candidate_inputs(model, tokenizer, found, settings: Stage3Settings, lengths: Lengths, documents,
+                      world) -> tuple[dict, int]:
+    """The joint objective's candidate arguments, and how many candidates are compressed
+    again: the stored memories (none); or, with a trainable compressor, the distinct
+    candidates' tokens (all, in the forward pass, with gradient); or, in a
+    counterfactual world with a frozen compressor, the stored memories with those of
+    the candidates the world rewrites compressed again (those)."""
+    device = next(model.parameters()).device
+    if not settings.trainable_compressor and world is None:
+        return {"candidate_memory": torch.from_numpy(found.memory.astype(np.float32)).to(device)}, 0  # (B, L, n, d)
+    if documents is None:
+        raise ValueError("a trainable compressor re-encodes its candidates: stage3_step needs `documents`")
+    distinct, first, rows = np.unique(found.doc_ids.astype(str), return_index=True, return_inverse=True)
+    rows = torch.from_numpy(rows.reshape(found.doc_ids.shape)).to(device)  # (B, L) into the U distinct
+    texts = documents(distinct.tolist())
+    if settings.trainable_compressor:
+        tokens = tokenize_texts(tokenizer, texts if world is None else world.texts(texts), lengths.doc,
+                                pad_to_max_length=True)
+        return {"candidate_memory": None, "candidate_doc_ids": tokens.ids.to(device),
+                "candidate_doc_mask": tokens.mask.to(device), "candidate_rows": rows}, len(texts)
+    memory = torch.from_numpy(found.memory.reshape(-1, *found.memory.shape[2:])[first].astype(np.float32))  # (U, n, d)
+    rewritten = world.texts(texts)
+    changed = [i for i, (text, new) in enumerate(zip(texts, rewritten)) if new != text]
+    if changed:
+        tokens = tokenize_texts(tokenizer, [rewritten[i] for i in changed], lengths.doc, pad_to_max_length=True)
+        with torch.no_grad():
+            fresh, _ = model.encode(Role.COMPRESSOR, tokens.ids.to(device), tokens.mask.to(device))
+        memory[changed] = fresh.float().cpu()
+    return {"candidate_memory": memory.to(device)[rows]}, len(changed)  # (B, L, n, d)
 
 
 class MetricWindow:

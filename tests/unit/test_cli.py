@@ -135,3 +135,19 @@ def test_overrides_after_encode_input_files_are_overrides(tmp_path, monkeypatch)
     assert main(["encode", "--model-dir", "m", "--output", "o", "--input", "x.jsonl", "a.b=c",
                  "encode.batch_size=8"]) == 0
     assert seen == {"inputs": ["x.jsonl", "a.b=c"], "batch_size": 8}
+
+
+def test_a_run_directory_of_another_config_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import clara_ray.cli
+
+    monkeypatch.setattr(clara_ray.cli, "start_ray", lambda *args, **kwargs: pytest.fail("Ray started"))
+    run_dir = tmp_path / "runs" / "demo"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("run:\n  name: demo\nstage3:\n  steps: 7\n")
+    assert main(["demo", f"run.output_dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "belongs to a run with another config" in err
+    (run_dir / "config.yaml").unlink()
+    (run_dir / "notes.txt").write_text("not a run")
+    assert main(["demo", f"run.output_dir={tmp_path / 'runs'}"]) == 2
+    assert "is not empty and holds no run" in capsys.readouterr().err

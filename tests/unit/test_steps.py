@@ -200,6 +200,9 @@ def test_stage3_step_in_a_counterfactual_world_reads_rewritten_candidates_and_an
         return forward(objective, **inputs)
 
     updater.forward = recording_forward
+    found = []
+    search = source.candidates
+    source.candidates = lambda *args: found.append(search(*args)) or found[-1]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     metrics = stage3_step(updater, tokenizer, batch, source, settings, LENGTHS, 1, ParameterAnchor(model, 0.0),
                           lambda ids: [texts[i] for i in ids], worlds)
@@ -208,19 +211,21 @@ def test_stage3_step_in_a_counterfactual_world_reads_rewritten_candidates_and_an
     expected = stage3_batch(world.texts(batch.questions), world.texts(batch.answers), tokenizer, LENGTHS)
     assert torch.equal(seen["target_ids"], expected["target_ids"])
     assert torch.equal(seen["question_ids"], expected["question_ids"])
-    # Every candidate's memory is the compressor's encoding of a rewritten text, and
-    # the documents that state a value are no longer read as stored.
-    rewritten, stored = _memory(model, tokenizer, world.texts(TEXTS)), _memory(model, tokenizer, TEXTS)
-    memory = seen["candidate_memory"].numpy()  # (B, L, n, d)
-    assert memory.shape[:2] == (2, 4)
-    distance = lambda m, table: min(np.abs(m - row).max() for row in table)  # noqa: E731
-    assert max(distance(m, rewritten) for row in memory for m in row) < 1e-5
-    stating = [0, 3]  # Marlow and baker early in the text (document 4's Marlow is cut at 16 tokens)
-    assert all(world.text(TEXTS[i]) != TEXTS[i] and distance(rewritten[i], stored) > 1e-3 for i in stating)
+    # A candidate the world rewrites is read as the compressor's encoding of its new
+    # text; one it leaves alone (no value in it) as stored.
+    rewritten, stored = _memory(model, tokenizer, world.texts(TEXTS)), source.memory.astype(np.float32)
+    memory, rows = seen["candidate_memory"].numpy(), [int(d[1:]) for d in found[0].doc_ids.ravel()]
+    changed = [world.text(TEXTS[i]) != TEXTS[i] for i in rows]
+    assert memory.shape[:2] == (2, 4) and any(changed) and not all(changed)
+    assert metrics["candidates_encoded"] == len({i for i, c in zip(rows, changed) if c})
+    for m, i, c in zip(memory.reshape(8, *memory.shape[2:]), rows, changed):
+        assert np.abs(m - (rewritten[i] if c else stored[i])).max() <= (1e-5 if c else 0)
+    assert all(np.abs(rewritten[i] - stored[i]).max() > 1e-3 for i in rows if world.text(TEXTS[i]) != TEXTS[i]
+               and i != 4)  # document 4's Marlow is cut at 16 tokens
     for step in (2, 3):  # the schedule's first two updates run at rate 0
         stage3_step(updater, tokenizer, batch, source, settings, LENGTHS, step, ParameterAnchor(model, 0.0),
                     lambda ids: [texts[i] for i in ids], worlds)
-    changed = _changed(model, before)
-    assert changed and changed <= set(model.role_parameters(Role.QUERY_REASONER))
+    trained = _changed(model, before)
+    assert trained and trained <= set(model.role_parameters(Role.QUERY_REASONER))
     with pytest.raises(ValueError, match="needs `documents`"):
         stage3_step(updater, tokenizer, batch, source, settings, LENGTHS, 4, ParameterAnchor(model, 0.0), None, worlds)
