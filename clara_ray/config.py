@@ -450,6 +450,11 @@ class Stage3Config(_Section):
     # reasoner cannot fit its training questions by remembering their answers and
     # must match the question's subject to the document's. 0 = off (CLaRa).
     counterfactual_rate: float = Field(0.0, ge=0, le=1)
+    # Worlds start after this fraction of the steps: a world swaps values across kinds
+    # (a city question's answer may become an instrument), so before retrieval has taken
+    # off it hides what takes it off, that another subject's document of the asked kind
+    # reads better than an echo of the question.
+    counterfactual_start_fraction: float = Field(0.5, ge=0, lt=1)
     # Share of the training questions held out (whole gold documents at a time) to
     # measure retrieval while stage 3 runs: validation recall@1, @5 and MRR in every
     # report window. 0 trains on all of them; sweeps hold out sweep.validation_fraction.

@@ -170,6 +170,7 @@ class Stage3Settings:
     trainable_compressor: bool = False  # candidates re-encoded with gradient every step
     refresh_every: int = 0  # steps between background index refreshes (0: after the last step only)
     counterfactual_rate: float = 0.0  # share of steps in a counterfactual world (training/worlds.py)
+    counterfactual_start_step: int = 0  # worlds are drawn only after this step
 
     @classmethod
     def from_config(cls, config: Config) -> Stage3Settings:
@@ -199,4 +200,5 @@ class Stage3Settings:
             trainable_compressor=s3.compressor == CompressorMode.TRAINABLE,
             refresh_every=s3.refresh_every,
             counterfactual_rate=s3.counterfactual_rate,
+            counterfactual_start_step=round(s3.counterfactual_start_fraction * steps),
         )

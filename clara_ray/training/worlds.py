@@ -42,17 +42,17 @@ class World:
 
 
 class CounterfactualWorlds:
-    """For each step, with probability `rate`, a fresh permutation of `answer_pool`
-    (distinct non-empty answers); drawn from (seed, step, rank), so a resumed run
-    draws the same worlds."""
+    """For each step after `start_step`, with probability `rate`, a fresh permutation
+    of `answer_pool` (distinct non-empty answers); drawn from (seed, step, rank), so a
+    resumed run draws the same worlds."""
 
-    def __init__(self, answer_pool: Sequence[str], rate: float, seed: int, rank: int = 0):
+    def __init__(self, answer_pool: Sequence[str], rate: float, seed: int, rank: int = 0, start_step: int = 0):
         self.pool = sorted({a.strip() for a in answer_pool if a and a.strip()})
-        self.rate, self.seed, self.rank = rate, seed, rank
+        self.rate, self.seed, self.rank, self.start_step = rate, seed, rank, start_step
 
     def draw(self, step: int) -> World | None:
         rng = random.Random(f"counterfactual-world:{self.seed}:{step}:{self.rank}")
-        if len(self.pool) < 2 or rng.random() >= self.rate:
+        if step <= self.start_step or len(self.pool) < 2 or rng.random() >= self.rate:
             return None
         shuffled = list(self.pool)
         rng.shuffle(shuffled)

@@ -28,3 +28,9 @@ def test_the_rate_is_the_share_of_steps_in_a_counterfactual_world():
     share = sum(CounterfactualWorlds(["a", "b"], 0.3, 0).draw(step) is not None for step in range(1, 2001)) / 2000
     assert 0.25 < share < 0.35
     assert CounterfactualWorlds(["only"], 1.0, 0).draw(1) is None  # nothing to swap with
+
+
+def test_no_world_before_the_start_step():
+    worlds = CounterfactualWorlds(["a", "b"], 1.0, 0, start_step=10)
+    assert all(worlds.draw(step) is None for step in range(1, 11))
+    assert all(worlds.draw(step) is not None for step in range(11, 20))
