@@ -324,9 +324,9 @@ def stage3_loop(run: dict):
     documents = DocumentTable(run["documents_path"]).texts_of if rewrites else None
     worlds = None
     if settings.counterfactual_rate > 0:
-        worlds = CounterfactualWorlds(read_table(run["questions_path"]).column("answer").to_pylist(),
-                                      settings.counterfactual_rate, worker.seed, w.rank,
-                                      settings.counterfactual_start_step)
+        asked = read_table(run["questions_path"]).select(["question", "answer"]).to_pydict()
+        worlds = CounterfactualWorlds.of_questions(asked["question"], asked["answer"], settings.counterfactual_rate,
+                                                   worker.seed, w.rank, settings.counterfactual_start_step)
     for step, rows in rank_batches(settings.micro_batch_size, w.rank, start):
         current["step"] = step
         batch = questions_from_rows(rows)

@@ -103,8 +103,9 @@ def train_stage3(
                              free_top_layers=settings.anchor_free_top_layers)
     worlds = None
     if settings.counterfactual_rate > 0:
-        worlds = CounterfactualWorlds(questions.answers, settings.counterfactual_rate, worker.seed,
-                                      start_step=settings.counterfactual_start_step)
+        worlds = CounterfactualWorlds.of_questions(questions.questions, questions.answers,
+                                                   settings.counterfactual_rate, worker.seed,
+                                                   start_step=settings.counterfactual_start_step)
     window, history, started = MetricWindow(settings.report_every, settings.steps), [], time.perf_counter()
     for step, batch in stage3_batches(questions, settings.micro_batch_size, settings.steps, worker.seed):
         learning_rate = updater.learning_rate()

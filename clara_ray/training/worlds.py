@@ -6,23 +6,30 @@ training questions the reasoner can lower that loss without knowing whose
 document it retrieves: it can learn the answer value itself ("X -> Paris") and
 look for any document stating that value, another person's as well as X's. That
 fits the training questions and carries nothing to a question about someone it
-never saw. In a world drawn here every value in the answer pool is replaced by
-another, the same way everywhere in one micro-batch (question, candidate
+never saw. In a world drawn here every training answer's value is replaced by
+another of its kind, the same way everywhere in one micro-batch (question, candidate
 documents and target), so a remembered value points at the wrong documents and
 only matching the question's subject to the document's finds the one that
 answers. Gold labels are not used: the permutation is the same for every
 document.
 
-    worlds = CounterfactualWorlds(answer_pool, rate=0.5, seed=0, rank=0)
-    world = worlds.draw(step)          # None for the steps trained in the real world
+    worlds = CounterfactualWorlds.of_questions(questions, answers, rate=1.0, seed=0, rank=0)
+    world = worlds.draw(step)            # None for the steps trained in the real world
     world.text("Ann was born in Oslo.")  # -> "Ann was born in Lima."
+
+Values are permuted within their kind (`answer_kinds`): a city for a city, so a
+document of the asked kind about another subject still reads better than an echo
+of the question, the signal that first takes retrieval off.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from collections.abc import Sequence
+
+_WORD = re.compile(r"\w+")
 
 
 class World:
@@ -41,19 +48,63 @@ class World:
         return [self.text(t) for t in texts]
 
 
+def answer_kinds(questions: Sequence[str], answers: Sequence[str], min_share: float = 0.02) -> list[list[str]]:
+    """The training answers grouped by kind, from the questions alone: two answers are
+    of one kind when they answer questions of one wording. A question's wording is its
+    words that at least `min_share` of all questions use ("which city was born in"),
+    which leaves out the subject's name when there are enough subjects (a name is in
+    1 / subjects of the questions); answers to one wording are then joined across the
+    wordings they share (union-find). Answers of a wording no other question uses stay
+    alone, and a world leaves them as they are: with few subjects (names above
+    `min_share`) every wording names its subject and no answer has a kind."""
+    tokens = [_WORD.findall(q.lower()) for q in questions]
+    counts = Counter(w for words in tokens for w in set(words))
+    frequent = {w for w, n in counts.items() if n >= min_share * len(questions)}
+    parent: dict[str, str] = {}
+
+    def root(value: str) -> str:
+        while parent.setdefault(value, value) != value:
+            parent[value] = parent[parent[value]]
+            value = parent[value]
+        return value
+
+    first_of_wording: dict[tuple[str, ...], str] = {}
+    for words, answer in zip(tokens, answers):
+        answer = answer.strip()
+        if not answer:
+            continue
+        root(answer)
+        wording = tuple(w for w in words if w in frequent)
+        if wording:
+            parent[root(answer)] = root(first_of_wording.setdefault(wording, answer))
+    kinds: dict[str, list[str]] = {}
+    for value in parent:
+        kinds.setdefault(root(value), []).append(value)
+    return sorted(sorted(kind) for kind in kinds.values())
+
+
 class CounterfactualWorlds:
     """For each step after `start_step`, with probability `rate`, a fresh permutation
-    of `answer_pool` (distinct non-empty answers); drawn from (seed, step, rank), so a
-    resumed run draws the same worlds."""
+    of the answers within each of their kinds (``answer_kinds``: a city's answer becomes
+    another city, so the documents of the asked kind still read better than echoes of
+    the question); drawn from (seed, step, rank), so a resumed run draws the same worlds."""
 
-    def __init__(self, answer_pool: Sequence[str], rate: float, seed: int, rank: int = 0, start_step: int = 0):
-        self.pool = sorted({a.strip() for a in answer_pool if a and a.strip()})
+    def __init__(self, kinds: Sequence[Sequence[str]], rate: float, seed: int, rank: int = 0, start_step: int = 0):
+        self.kinds = [sorted(set(kind)) for kind in kinds if len(set(kind)) > 1]
         self.rate, self.seed, self.rank, self.start_step = rate, seed, rank, start_step
+
+    @classmethod
+    def of_questions(cls, questions: Sequence[str], answers: Sequence[str], rate: float, seed: int, rank: int = 0,
+                     start_step: int = 0) -> CounterfactualWorlds:
+        return cls(answer_kinds(questions, answers), rate, seed, rank, start_step)
 
     def draw(self, step: int) -> World | None:
         rng = random.Random(f"counterfactual-world:{self.seed}:{step}:{self.rank}")
-        if step <= self.start_step or len(self.pool) < 2 or rng.random() >= self.rate:
+        if step <= self.start_step or not self.kinds or rng.random() >= self.rate:
             return None
-        shuffled = list(self.pool)
-        rng.shuffle(shuffled)
-        return World(dict(zip(self.pool, shuffled)))
+        mapping = {}
+        for kind in self.kinds:
+            shuffled = list(kind)
+            rng.shuffle(shuffled)
+            mapping.update(zip(kind, shuffled))
+        return World(mapping)

@@ -189,7 +189,7 @@ def test_stage3_step_in_a_counterfactual_world_reads_rewritten_candidates_and_an
     source = ExactSearch(doc_ids, _memory(model, tokenizer, TEXTS))
     batch = QuestionBatch(["q0", "q1"], ["Which city was Zorvan Kellit born in?", "What does Quipel Silhir own?"],
                           ["Marlow", "cello"], [("d0",), ("d2",)])
-    worlds = CounterfactualWorlds(["Marlow", "cello", "baker"], 1.0, seed=0)
+    worlds = CounterfactualWorlds([["Marlow", "cello", "baker"]], 1.0, seed=0)
     world = worlds.draw(1)
     assert world.mapping["Marlow"] != "Marlow"
     seen = {}

@@ -1,6 +1,9 @@
 """Counterfactual worlds for stage 3 (clara_ray/training/worlds.py)."""
 
-from clara_ray.training.worlds import CounterfactualWorlds, World
+import pytest
+
+from clara_ray.data.trap import generate_trap_corpus
+from clara_ray.training.worlds import CounterfactualWorlds, World, answer_kinds
 
 
 def test_a_world_swaps_whole_values_everywhere_the_same_way():
@@ -12,25 +15,60 @@ def test_a_world_swaps_whole_values_everywhere_the_same_way():
     assert world.texts(["Oslo", "no value"]) == ["Lima", "no value"]
 
 
-def test_worlds_are_a_permutation_drawn_per_step_and_rank_reproducibly():
-    pool = ["Oslo", "Lima", "Rome", "Kyiv", "cello", "baker", "Oslo", " ", ""]
-    worlds = CounterfactualWorlds(pool, rate=1.0, seed=3, rank=0)
+def _asked(people):
+    """Two wordings per relation, a name of its own per person."""
+    questions, answers = [], []
+    for name, city, job in people:
+        questions += [f"Which city was {name} born in?", f"Where did {name} grow up?",
+                      f"What does {name} do for a living?", f"Which job does {name} have?"]
+        answers += [city, city, job, job]
+    return questions, answers
+
+
+def test_answers_are_grouped_by_the_wordings_of_their_questions_not_by_names():
+    people = [("Ann Berg", "Oslo", "baker"), ("Bo Lund", "Lima", "smith"), ("Cy Dahl", "Oslo", "nurse"),
+              ("Di Holm", "Rome", "baker"), ("Ed Falk", "Kyiv", "judge"), ("Fa Gren", "Lima", "nurse"),
+              ("Gu Hed", "Rome", "smith"), ("Hy Ivar", "Oslo", "judge")]
+    # Each name is in 4 of the 32 questions (under min_share), each wording in 8.
+    assert answer_kinds(*_asked(people), min_share=0.2) == [
+        ["Kyiv", "Lima", "Oslo", "Rome"], ["baker", "judge", "nurse", "smith"]]
+    # A question whose wording nobody else uses leaves its answer alone.
+    questions, answers = _asked(people)
+    assert ["unique"] in answer_kinds(questions + ["Zzz qqq?"], answers + ["unique"], min_share=0.2)
+
+
+@pytest.mark.parametrize("family", ["bundled", "wide", "near_miss"])
+def test_the_trap_corpora_have_one_kind_per_relation(family):
+    """At the demo's 160 people; a few values only people with a common name syllable
+    hold stay alone (their wordings include the syllable)."""
+    corpus = generate_trap_corpus(160, 0.5, 0, family)
+    kinds = answer_kinds([q.question for q in corpus.train_qa], [q.answers[0] for q in corpus.train_qa])
+    relations = {"bundled": 3, "wide": 5, "near_miss": 2}[family]
+    kinds_of_relation = [kind for kind in kinds if len(kind) > 1]
+    assert len(kinds_of_relation) == relations and all(len(kind) >= 20 for kind in kinds_of_relation)
+    assert sum(map(len, kinds)) == len({q.answers[0] for q in corpus.train_qa})
+
+
+def test_worlds_permute_within_kinds_per_step_and_rank_reproducibly():
+    kinds = [["Kyiv", "Lima", "Oslo", "Rome"], ["baker", "nurse", "smith"], ["alone"]]
+    worlds = CounterfactualWorlds(kinds, rate=1.0, seed=3, rank=0)
     world = worlds.draw(7)
-    assert sorted(world.mapping) == sorted(world.mapping.values()) == ["Kyiv", "Lima", "Oslo", "Rome", "baker", "cello"]
-    assert CounterfactualWorlds(pool, 1.0, 3, 0).draw(7).mapping == world.mapping  # a resumed run draws the same
-    drawn = {tuple(sorted(worlds.draw(step).mapping.items())) for step in range(1, 30)}
-    assert len(drawn) > 20  # a new world most steps
-    assert CounterfactualWorlds(pool, 1.0, 3, 1).draw(7).mapping != world.mapping  # ranks differ
+    for kind in kinds:
+        assert sorted(world.mapping.get(v, v) for v in kind) == kind
+    assert "alone" not in world.mapping
+    assert CounterfactualWorlds(kinds, 1.0, 3, 0).draw(7).mapping == world.mapping  # a resumed run draws the same
+    assert len({tuple(sorted(worlds.draw(step).mapping.items())) for step in range(1, 30)}) > 20
+    assert CounterfactualWorlds(kinds, 1.0, 3, 1).draw(7).mapping != world.mapping  # ranks differ
 
 
 def test_the_rate_is_the_share_of_steps_in_a_counterfactual_world():
-    assert all(CounterfactualWorlds(["a", "b"], 0.0, 0).draw(step) is None for step in range(1, 50))
-    share = sum(CounterfactualWorlds(["a", "b"], 0.3, 0).draw(step) is not None for step in range(1, 2001)) / 2000
+    assert all(CounterfactualWorlds([["a", "b"]], 0.0, 0).draw(step) is None for step in range(1, 50))
+    share = sum(CounterfactualWorlds([["a", "b"]], 0.3, 0).draw(step) is not None for step in range(1, 2001)) / 2000
     assert 0.25 < share < 0.35
-    assert CounterfactualWorlds(["only"], 1.0, 0).draw(1) is None  # nothing to swap with
+    assert CounterfactualWorlds([["only"], ["alone"]], 1.0, 0).draw(1) is None  # nothing to swap with
 
 
 def test_no_world_before_the_start_step():
-    worlds = CounterfactualWorlds(["a", "b"], 1.0, 0, start_step=10)
+    worlds = CounterfactualWorlds([["a", "b"]], 1.0, 0, start_step=10)
     assert all(worlds.draw(step) is None for step in range(1, 11))
     assert all(worlds.draw(step) is not None for step in range(11, 20))
