@@ -455,6 +455,10 @@ class Stage3Config(_Section):
     # off it hides what takes it off, that another subject's document of the asked kind
     # reads better than an echo of the question.
     counterfactual_start_fraction: float = Field(0.5, ge=0, lt=1)
+    # Worlds are drawn from this many fixed ones, whose rewritten documents the frozen
+    # compressor encodes once each (then a world step costs about what a real one
+    # does); 0 = a fresh world every step, its candidates compressed every time.
+    counterfactual_worlds: int = Field(16, ge=0)
     # Share of the training questions held out (whole gold documents at a time) to
     # measure retrieval while stage 3 runs: validation recall@1, @5 and MRR in every
     # report window. 0 trains on all of them; sweeps hold out sweep.validation_fraction.

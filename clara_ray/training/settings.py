@@ -171,6 +171,7 @@ class Stage3Settings:
     refresh_every: int = 0  # steps between background index refreshes (0: after the last step only)
     counterfactual_rate: float = 0.0  # share of steps in a counterfactual world (training/worlds.py)
     counterfactual_start_step: int = 0  # worlds are drawn only after this step
+    counterfactual_worlds: int = 0  # fixed worlds to draw from (0: a fresh one every step)
 
     @classmethod
     def from_config(cls, config: Config) -> Stage3Settings:
@@ -201,4 +202,5 @@ class Stage3Settings:
             refresh_every=s3.refresh_every,
             counterfactual_rate=s3.counterfactual_rate,
             counterfactual_start_step=round(s3.counterfactual_start_fraction * steps),
+            counterfactual_worlds=s3.counterfactual_worlds,
         )

@@ -157,7 +157,8 @@ def _candidate_inputs(model, tokenizer, found, settings: Stage3Settings, lengths
     again: the stored memories (none); or, with a trainable compressor, the distinct
     candidates' tokens (all, in the forward pass, with gradient); or, in a
     counterfactual world with a frozen compressor, the stored memories with those of
-    the candidates the world rewrites compressed again (those)."""
+    the candidates the world rewrites compressed again (those the world has not
+    compressed before)."""
     device = next(model.parameters()).device
     if not settings.trainable_compressor and world is None:
         return {"candidate_memory": torch.from_numpy(found.memory.astype(np.float32)).to(device)}, 0  # (B, L, n, d)
@@ -174,12 +175,15 @@ def _candidate_inputs(model, tokenizer, found, settings: Stage3Settings, lengths
     memory = torch.from_numpy(found.memory.reshape(-1, *found.memory.shape[2:])[first].astype(np.float32))  # (U, n, d)
     rewritten = world.texts(texts)
     changed = [i for i, (text, new) in enumerate(zip(texts, rewritten)) if new != text]
-    if changed:
-        tokens = tokenize_texts(tokenizer, [rewritten[i] for i in changed], lengths.doc, pad_to_max_length=True)
+    missing = [i for i in changed if distinct[i] not in world.memory]  # a world drawn again remembers its own
+    if missing:
+        tokens = tokenize_texts(tokenizer, [rewritten[i] for i in missing], lengths.doc, pad_to_max_length=True)
         with torch.no_grad():
             fresh, _ = model.encode(Role.COMPRESSOR, tokens.ids.to(device), tokens.mask.to(device))
-        memory[changed] = fresh.float().cpu()
-    return {"candidate_memory": memory.to(device)[rows]}, len(changed)  # (B, L, n, d)
+        world.memory.update(zip(distinct[missing].tolist(), fresh.float().cpu()))
+    for i in changed:
+        memory[i] = world.memory[distinct[i]]
+    return {"candidate_memory": memory.to(device)[rows]}, len(missing)  # (B, L, n, d)
 
 
 class MetricWindow:

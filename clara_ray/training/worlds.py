@@ -33,10 +33,13 @@ _WORD = re.compile(r"\w+")
 
 
 class World:
-    """One permutation of the answer pool's values, applied to whole words."""
+    """One permutation of the answer pool's values, applied to whole words. `memory`
+    keeps the frozen compressor's memory of each document this world rewrote, by id,
+    for as long as the world is drawn again (``CounterfactualWorlds.num_worlds``)."""
 
     def __init__(self, mapping: dict[str, str]):
         self.mapping = mapping
+        self.memory: dict[str, object] = {}
         # Longest first, so a value inside a longer one ("York", "New York") never wins.
         values = sorted(mapping, key=len, reverse=True)
         self._pattern = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(v) for v in values) + r")(?!\w)")
@@ -84,24 +87,32 @@ def answer_kinds(questions: Sequence[str], answers: Sequence[str], min_share: fl
 
 
 class CounterfactualWorlds:
-    """For each step after `start_step`, with probability `rate`, a fresh permutation
-    of the answers within each of their kinds (``answer_kinds``: a city's answer becomes
+    """For each step after `start_step`, with probability `rate`, a permutation of the
+    answers within each of their kinds (``answer_kinds``: a city's answer becomes
     another city, so the documents of the asked kind still read better than echoes of
-    the question); drawn from (seed, step, rank), so a resumed run draws the same worlds."""
+    the question): one of `num_worlds` fixed ones, the same on every rank, whose
+    rewritten documents are compressed once each (``World.memory``); or, with
+    `num_worlds` 0, a fresh one every step. Drawn from (seed, step, rank), so a resumed
+    run draws the same worlds."""
 
-    def __init__(self, kinds: Sequence[Sequence[str]], rate: float, seed: int, rank: int = 0, start_step: int = 0):
+    def __init__(self, kinds: Sequence[Sequence[str]], rate: float, seed: int, rank: int = 0, start_step: int = 0,
+                 num_worlds: int = 0):
         self.kinds = [sorted(set(kind)) for kind in kinds if len(set(kind)) > 1]
         self.rate, self.seed, self.rank, self.start_step = rate, seed, rank, start_step
+        self.fixed = [self._permuted(random.Random(f"counterfactual-worlds:{seed}:{i}")) for i in range(num_worlds)]
 
     @classmethod
     def of_questions(cls, questions: Sequence[str], answers: Sequence[str], rate: float, seed: int, rank: int = 0,
-                     start_step: int = 0) -> CounterfactualWorlds:
-        return cls(answer_kinds(questions, answers), rate, seed, rank, start_step)
+                     start_step: int = 0, num_worlds: int = 0) -> CounterfactualWorlds:
+        return cls(answer_kinds(questions, answers), rate, seed, rank, start_step, num_worlds)
 
     def draw(self, step: int) -> World | None:
         rng = random.Random(f"counterfactual-world:{self.seed}:{step}:{self.rank}")
         if step <= self.start_step or not self.kinds or rng.random() >= self.rate:
             return None
+        return self.fixed[rng.randrange(len(self.fixed))] if self.fixed else self._permuted(rng)
+
+    def _permuted(self, rng: random.Random) -> World:
         mapping = {}
         for kind in self.kinds:
             shuffled = list(kind)

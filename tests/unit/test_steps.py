@@ -225,6 +225,14 @@ def test_stage3_step_in_a_counterfactual_world_reads_rewritten_candidates_and_an
     for step in (2, 3):  # the schedule's first two updates run at rate 0
         stage3_step(updater, tokenizer, batch, source, settings, LENGTHS, step, ParameterAnchor(model, 0.0),
                     lambda ids: [texts[i] for i in ids], worlds)
+    # One of a fixed set of worlds, drawn again with the same candidates, compresses nothing again.
+    fixed = CounterfactualWorlds([["Marlow", "cello", "baker"]], 1.0, seed=4, num_worlds=1)
+    assert fixed.fixed[0].mapping["Marlow"] == "baker"
+    model.eval()  # no dropout: the same candidates both times
+    first, again = (stage3_step(updater, tokenizer, batch, source, settings, LENGTHS, 1, ParameterAnchor(model, 0.0),
+                                lambda ids: [texts[i] for i in ids], fixed) for _ in range(2))
+    assert first["candidates_encoded"] > 0 and again["candidates_encoded"] == 0
+    assert fixed.fixed[0].memory
     trained = _changed(model, before)
     assert trained and trained <= set(model.role_parameters(Role.QUERY_REASONER))
     with pytest.raises(ValueError, match="needs `documents`"):

@@ -72,3 +72,11 @@ def test_no_world_before_the_start_step():
     worlds = CounterfactualWorlds([["a", "b"]], 1.0, 0, start_step=10)
     assert all(worlds.draw(step) is None for step in range(1, 11))
     assert all(worlds.draw(step) is not None for step in range(11, 20))
+
+
+def test_fixed_worlds_are_shared_by_ranks_and_drawn_again():
+    kinds = [["Kyiv", "Lima", "Oslo", "Rome"], ["baker", "nurse", "smith"]]
+    ranks = [CounterfactualWorlds(kinds, 1.0, seed=5, rank=r, num_worlds=3) for r in (0, 1)]
+    assert [w.mapping for w in ranks[0].fixed] == [w.mapping for w in ranks[1].fixed]
+    drawn = [ranks[0].draw(step) for step in range(1, 40)]
+    assert {id(w) for w in drawn} == {id(w) for w in ranks[0].fixed}  # the same objects, with their memory
