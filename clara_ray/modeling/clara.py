@@ -254,7 +254,8 @@ class ClaraModel(nn.Module):
     def _standardized(self, states: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
         """(states - center) * scale; `center` defaults to each memory slot's (states: (..., n_mem, d))."""
         center = self.memory_center if center is None else center
-        return (states - center.to(states.dtype)) * self.memory_scale.to(states.dtype)
+        # Copies: stage 1 may move the buffers (`_track_memory_statistics`) before backward.
+        return (states - center.to(states.dtype).clone()) * self.memory_scale.to(states.dtype).clone()
 
     def _generator_embeddings(self, memory, prompt_ids, prompt_mask, memory_mask=None):
         """[memory | prompt] embeddings and mask. memory: (B, M, d); memory_mask: (B, M) or None."""
