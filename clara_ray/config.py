@@ -312,10 +312,6 @@ class Stage1Config(_Section):
     learning_rate: float = Field(1.0e-3, gt=0)
     micro_batch_size_per_worker: int = Field(16, gt=0)
     mse_weight: float = Field(0.1, ge=0)
-    # > 0 (a standardised, i.e. pretrained, backbone): the memory standardisation follows
-    # the compressor's memories during stage 1, an exponential average with this weight
-    # per step (ClaraModel._track_memory_statistics); 0 keeps the one set at the start.
-    memory_momentum: float = Field(0.0, ge=0, le=1)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     # See clara_ray/training/batches.py: reversed reconstruction and counterfactual
     # answers keep a small model from memorising facts instead of reading memory.

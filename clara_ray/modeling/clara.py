@@ -98,8 +98,6 @@ class ClaraModel(nn.Module):
         # set it. Buffers, never trained; saved with the adapters.
         self.register_buffer("memory_center", torch.zeros(num_memory_tokens, hidden_size))
         self.register_buffer("memory_scale", torch.ones(()))
-        # > 0: stage 1 keeps the standardisation current (`_track_memory_statistics`).
-        self.memory_momentum = 0.0
         self._trainable: dict[str, bool] = {}
         self.set_trainable(roles=(), backbone=False)
 
@@ -227,35 +225,10 @@ class ClaraModel(nn.Module):
             memory = memory * gain.unsqueeze(0).to(memory.dtype)
         return memory, hidden[:, : -self.num_memory_tokens]
 
-    def _track_memory_statistics(self, memory: torch.Tensor) -> None:
-        """With `memory_momentum` m > 0, in training, on a standardised model: move the
-        standardisation towards this batch's memories (centre <- (1 - m) centre + m
-        batch mean per slot, scale likewise towards the token-embedding norm over the
-        batch's mean spread), averaged over the ranks so every rank keeps the same.
-        The fixed standardisation removes the component all memories share when stage 1
-        starts, not one the compressor learns after: on one SmolLM2 seed the memories of
-        any two documents ended at cosine 0.997 and the generator read none of them."""
-        if self.memory_momentum <= 0 or not self.training or not bool(self.memory_center.any()):
-            return
-        with torch.no_grad():
-            raw = memory.detach().float() / self.memory_scale + self.memory_center  # (N, n, d) before standardising
-            center = raw.mean(0)
-            stats = torch.cat([center.flatten(), (raw - center).norm(dim=-1).mean().view(1)])
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(stats)
-                stats /= torch.distributed.get_world_size()
-            m = self.memory_momentum
-            self.memory_center.mul_(1 - m).add_(m * stats[:-1].view_as(self.memory_center).to(self.memory_center.dtype))
-            weight = self.lm.get_input_embeddings().weight
-            if weight.numel():  # not a ZeRO-3 partition
-                target = weight.detach().float().norm(dim=-1).median()
-                self.memory_scale.mul_(1 - m).add_(m * (target / stats[-1].clamp(min=1e-6)).to(self.memory_scale.dtype))
-
     def _standardized(self, states: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
         """(states - center) * scale; `center` defaults to each memory slot's (states: (..., n_mem, d))."""
         center = self.memory_center if center is None else center
-        # Copies: stage 1 may move the buffers (`_track_memory_statistics`) before backward.
-        return (states - center.to(states.dtype).clone()) * self.memory_scale.to(states.dtype).clone()
+        return (states - center.to(states.dtype)) * self.memory_scale.to(states.dtype)
 
     def _generator_embeddings(self, memory, prompt_ids, prompt_mask, memory_mask=None):
         """[memory | prompt] embeddings and mask. memory: (B, M, d); memory_mask: (B, M) or None."""
@@ -345,7 +318,6 @@ class ClaraModel(nn.Module):
         doc_slot[i] of example doc_group[i]. memory_mask: (B, M) real memory slots.
         """
         memory, token_states = self.encode(Role.COMPRESSOR, doc_ids, doc_mask)  # (N, n, d), (N, T, d)
-        self._track_memory_statistics(memory)
         batch_size, width = memory_mask.shape
         n = self.num_memory_tokens
         grouped = memory.new_zeros(batch_size, width // n, n, memory.shape[-1])

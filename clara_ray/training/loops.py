@@ -190,7 +190,6 @@ def _memory_qa_loop(run: dict, stage: str, trainable: list[Role], step_function,
                          [] if w.resumed is None else w.resumed["history"], start, run)
     save = _saver(w, stage, settings.steps, reporter, settings.train_backbone, batch_rng)
     documents, answers = DocumentTable(run["documents_path"]), read_answer_pool(run["examples_path"])
-    w.updater.module.memory_momentum = getattr(settings, "memory_momentum", 0.0)  # stage 1's, not stage 2's
     for step, rows in rank_batches(settings.micro_batch_size, w.rank, start):
         batch = memory_qa_batch([example_from_row(r) for r in rows], documents, settings, step, worker.lengths,
                                 w.tokenizer, w.updater.module.num_memory_tokens, batch_rng, answers)

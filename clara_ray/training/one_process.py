@@ -50,7 +50,6 @@ def _memory_qa(stage: str, step_function, trainable: list[Role], copy_compressor
     torch.manual_seed(worker.seed)
     model.set_trainable(trainable, backbone=settings.train_backbone)
     model.train()
-    model.memory_momentum = getattr(settings, "memory_momentum", 0.0)  # stage 1's, not stage 2's
     settings = dataclasses.replace(settings, micro_batch_size=settings.micro_batch_size * workers)
     updater = TorchUpdater(model, settings.optimiser, bf16=worker.bf16)
     window, history, started = MetricWindow(settings.report_every, settings.steps), [], time.perf_counter()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clara_ray.config import load_config
-from clara_ray.modeling.clara import Objective, Role
+from clara_ray.modeling.clara import Role
 from clara_ray.modeling.text import tokenize_texts
 from clara_ray.training.batches import Lengths, Stage1Example, stage1_batch, stage3_batch
 from clara_ray.training.candidates import ExactSearch, FixedCandidates
@@ -237,29 +237,3 @@ def test_stage3_step_in_a_counterfactual_world_reads_rewritten_candidates_and_an
     assert trained and trained <= set(model.role_parameters(Role.QUERY_REASONER))
     with pytest.raises(ValueError, match="needs `documents`"):
         stage3_step(updater, tokenizer, batch, source, settings, LENGTHS, 4, ParameterAnchor(model, 0.0), None, worlds)
-
-
-def test_stage1_keeps_a_standardised_models_memory_statistics_current_with_a_momentum():
-    model, tokenizer = make_model()
-    model.set_trainable([Role.COMPRESSOR, Role.GENERATOR], backbone=False)
-    tokens = tokenize_texts(tokenizer, TEXTS, LENGTHS.doc)
-    model.standardize_memory(tokens.ids, tokens.mask)
-    examples = [Stage1Example(0), Stage1Example(1, "Which city?", "Marlow", (2,))]
-    batch = stage1_batch(examples, TEXTS, 2, model.num_memory_tokens, tokenizer, LENGTHS, random.Random(0))
-    fixed = (model.memory_center.clone(), model.memory_scale.clone())
-
-    def forward(momentum, training=True):
-        model.memory_momentum = momentum
-        model.train(training)
-        model(Objective.COMPRESSOR_PRETRAINING, **batch, mse_weight=0.1)["loss"].backward()  # buffers moved before
-
-    forward(0.0)
-    forward(0.5, training=False)
-    assert torch.equal(model.memory_center, fixed[0]) and torch.equal(model.memory_scale, fixed[1])
-    # Push every memory the same way: the centre follows half-way per step.
-    with torch.no_grad():
-        model.memory_tokens[Role.COMPRESSOR.value].weight.add_(3.0)
-    raw = model.encode(Role.COMPRESSOR, batch["doc_ids"], batch["doc_mask"])[0].detach() / fixed[1] + fixed[0]
-    forward(0.5)
-    assert torch.allclose(model.memory_center, 0.5 * fixed[0] + 0.5 * raw.mean(0), atol=1e-4)
-    assert not torch.equal(model.memory_scale, fixed[1])
