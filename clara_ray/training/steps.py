@@ -105,8 +105,9 @@ def stage3_step(
     model, device = updater.module, updater.device
     clock = _Clock(device)
     world = worlds.draw(step) if worlds is not None else None
-    if world is not None and documents is None:
-        raise ValueError("a counterfactual world rewrites its candidates: stage3_step needs `documents`")
+    if (world is not None or settings.trainable_compressor) and documents is None:
+        raise ValueError("a trainable compressor or a counterfactual world compresses candidates again: "
+                         "stage3_step needs `documents`")
     questions, answers = (batch.questions, batch.answers) if world is None else (
         world.texts(batch.questions), world.texts(batch.answers))
     inputs = {k: v.to(device) for k, v in stage3_batch(questions, answers, tokenizer, lengths).items()}
@@ -162,8 +163,6 @@ def _candidate_inputs(model, tokenizer, found, settings: Stage3Settings, lengths
     device = next(model.parameters()).device
     if not settings.trainable_compressor and world is None:
         return {"candidate_memory": torch.from_numpy(found.memory.astype(np.float32)).to(device)}, 0  # (B, L, n, d)
-    if documents is None:
-        raise ValueError("a trainable compressor re-encodes its candidates: stage3_step needs `documents`")
     distinct, first, rows = np.unique(found.doc_ids.astype(str), return_index=True, return_inverse=True)
     rows = torch.from_numpy(rows.reshape(found.doc_ids.shape)).to(device)  # (B, L) into the U distinct
     texts = documents(distinct.tolist())
