@@ -312,6 +312,9 @@ class Stage1Config(_Section):
     learning_rate: float = Field(1.0e-3, gt=0)
     micro_batch_size_per_worker: int = Field(16, gt=0)
     mse_weight: float = Field(0.1, ge=0)
+    # Share of the generation loss that is the QA examples' mean token loss (the rest
+    # is the reconstructions'), whatever their token counts.
+    qa_loss_weight: float = Field(0.5, gt=0, lt=1)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     # See clara_ray/training/batches.py: reversed reconstruction and counterfactual
     # answers keep a small model from memorising facts instead of reading memory.

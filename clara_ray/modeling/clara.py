@@ -56,6 +56,11 @@ class LoraSettings:
     target_modules: tuple[str, ...]
 
 
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` where `mask` holds (0 where it holds nowhere)."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip padding: (B, T) mask -> (B, T) positions."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -309,28 +314,46 @@ class ClaraModel(nn.Module):
 
     def _compressor_pretraining(
         self, doc_ids, doc_mask, doc_group, doc_slot, memory_mask,
-        prompt_ids, prompt_mask, target_ids, target_mask, mse_weight: float,
+        prompt_ids, prompt_mask, target_ids, target_mask, is_qa, mse_weight: float, qa_weight: float,
     ):
         """Stage 1: generate QA answers / reconstructions from documents' memory,
         plus MSE between each document's mean memory vector and mean token state.
 
         doc_ids: (N, T) all documents of the batch; document i is slot
         doc_slot[i] of example doc_group[i]. memory_mask: (B, M) real memory slots.
+        is_qa: (B,) which examples are QA (the others reconstruct). The generation
+        loss is `qa_weight` x the QA examples' mean token loss + the rest x the
+        reconstructions': a mean over all tokens would give QA, whose answers are a few
+        tokens against a document's dozens, about a seventh of the gradient, and a
+        generator that never learns to read answers would hide behind a low loss.
         """
         memory, token_states = self.encode(Role.COMPRESSOR, doc_ids, doc_mask)  # (N, n, d), (N, T, d)
         batch_size, width = memory_mask.shape
         n = self.num_memory_tokens
         grouped = memory.new_zeros(batch_size, width // n, n, memory.shape[-1])
         grouped = grouped.index_put((doc_group, doc_slot), memory)  # (B, slots, n, d)
-        generation = self.generator_loss(
+        logits, labels = self._target_logits(
             grouped.flatten(1, 2), prompt_ids, prompt_mask, target_ids, target_mask, memory_mask
         )
+        per_token = nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view(labels.shape)
+        qa_loss, reconstruction_loss = (
+            _masked_mean(per_token, (labels != IGNORE_INDEX) & rows[:, None]) for rows in (is_qa, ~is_qa)
+        )
+        if not is_qa.any():
+            generation = reconstruction_loss
+        elif is_qa.all():
+            generation = qa_loss
+        else:
+            generation = qa_weight * qa_loss + (1 - qa_weight) * reconstruction_loss
         weights = doc_mask.unsqueeze(-1).to(token_states.dtype)
         mean_tokens = (token_states * weights).sum(1) / weights.sum(1).clamp(min=1)
         # In memory's standardised coordinates (affine, so standardising the mean is enough).
         mean_tokens = self._standardized(mean_tokens, self.memory_center.mean(0))
         mse = nn.functional.mse_loss(memory.mean(1).float(), mean_tokens.float())
-        return {"loss": generation + mse_weight * mse, "generation_loss": generation, "mse_loss": mse}
+        return {"loss": generation + mse_weight * mse, "generation_loss": generation, "mse_loss": mse,
+                "qa_loss": qa_loss.detach(), "reconstruction_loss": reconstruction_loss.detach()}
 
     def _joint(
         self, question_ids, question_mask, candidate_memory, prompt_ids, prompt_mask,

@@ -341,6 +341,7 @@ def stage1_batch(
         "prompt_mask": prompt.mask,
         "target_ids": target.ids,
         "target_mask": target.mask,
+        "is_qa": torch.tensor([e.question is not None for e in examples]),
     }
 
 

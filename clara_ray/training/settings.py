@@ -65,6 +65,7 @@ class Stage1Settings:
     micro_batch_size: int
     optimiser: OptimiserSettings
     mse_weight: float
+    qa_loss_weight: float
     reconstruction_order: ReconstructionOrder
     counterfactual_rate: float
     hard_distractor_fraction: float
@@ -86,6 +87,7 @@ class Stage1Settings:
             micro_batch_size=s1.micro_batch_size_per_worker,
             optimiser=_optimiser(steps, s1.learning_rate, s1.warmup_fraction, config.train.gradient_clipping),
             mse_weight=s1.mse_weight,
+            qa_loss_weight=s1.qa_loss_weight,
             reconstruction_order=s1.reconstruction_order,
             counterfactual_rate=s1.counterfactual_rate,
             hard_distractor_fraction=s1.hard_distractor_fraction,
