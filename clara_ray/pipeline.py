@@ -224,6 +224,21 @@ def _answer_and_score(config: Config, model, tokenizer, rankings, test_qa, memor
     return score(rankings, answers, test_qa)
 
 
+def _gold_reading(config: Config, model, tokenizer, rankings, test_qa, memory_of, corpus_ids: set[str]) -> dict | None:
+    """EM and F1 of the generator given each test question's gold documents first in its
+    top-k (the rest from `rankings`): the answers' ceiling under perfect retrieval, which
+    tells a generator that cannot read from a retriever that does not find. None when no
+    test question names a gold document in the corpus."""
+    rows = [i for i, q in enumerate(test_qa) if q.gold_doc_ids and set(q.gold_doc_ids) <= corpus_ids]
+    if not rows:
+        return None
+    questions = [test_qa[i] for i in rows]
+    gold_first = [list(q.gold_doc_ids) + [d for d in rankings[i] if d not in q.gold_doc_ids]
+                  for i, q in zip(rows, questions)]
+    scores = _answer_and_score(config, model, tokenizer, gold_first, questions, memory_of, "gold documents")
+    return {"questions": len(rows), "em": scores.exact_match, "f1": scores.f1}
+
+
 STEPS_DIR = "steps"
 
 
@@ -506,8 +521,10 @@ class Run:
             name = "query reasoner after stage 3"
             rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search, name)
             results[name] = _answer_and_score(config, model, tokenizer, rankings, test_qa, memory_of, name).as_dict()
+            gold = _gold_reading(config, model, tokenizer, rankings, test_qa, memory_of,
+                                 {d.id for d in prepared.inputs.corpus.records})
         self._timed("evaluate", started)
-        return self._summary(results, stage3)
+        return self._summary(results, stage3, gold)
 
     def pipeline(self) -> dict:
         """Every step in order, finished ones skipped; returns the evaluation's summary."""
@@ -600,7 +617,7 @@ class Run:
                 if actor is not None:
                     ray.kill(actor)
 
-    def _summary(self, results: dict, stage3: dict) -> dict:
+    def _summary(self, results: dict, stage3: dict, gold_reading: dict | None) -> dict:
         prepared = self.prepare_data()
         inputs, run_dir = prepared.inputs, self.run_dir
         encoded = json.loads((run_dir / "memory" / MEMORY_MANIFEST).read_text())
@@ -616,6 +633,7 @@ class Run:
             "doc_max_len": prepared.config.model.doc_max_len,
             "lengths": prepared.lengths.as_dict(),
             "results": results,
+            "gold_reading": gold_reading,
             "data": {
                 "corpus": inputs.source,
                 "num_test_questions": len(inputs.test_qa.records),

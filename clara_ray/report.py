@@ -59,6 +59,15 @@ def _refresh_lines(refresh: dict | None) -> list[str]:
     return lines + [""]
 
 
+def _gold_reading_lines(gold: dict | None) -> list[str]:
+    if not gold:
+        return []
+    return [(f"The final generator given each test question's gold document ({gold['questions']} questions): "
+             f"**EM {gold['em']:.3f}**, F1 {gold['f1']:.3f}. That is the answers' ceiling: where the rows above fall "
+             "short of it, retrieval missed; where it is low itself, the generator does not read its memory "
+             "(stage 1)."), ""]
+
+
 def write_report(run_dir: Path, summary: dict, stage1_history: list[dict], stage3_history: list[dict]) -> Path:
     """report.md + training.png + metrics.json in `run_dir`."""
     run_dir = Path(run_dir)
@@ -84,6 +93,7 @@ def write_report(run_dir: Path, summary: dict, stage1_history: list[dict], stage
         f"top-{summary['top_k']} documents (the stage-1 generator for the query reasoner before "
         "stage 3, the final generator otherwise)."),
         "",
+        *_gold_reading_lines(summary.get("gold_reading")),
         "## Data accounting",
         "",
         "| file | rows in | used | quarantined |",

@@ -76,7 +76,11 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
     for scores in summary["results"].values():
         assert set(scores) == {"recall@1", "recall@5", "em", "f1"}
         assert all(0.0 <= value <= 1.0 for value in scores.values())
+    # the generator reading each test question's gold document (first of its top-2): the answers' ceiling
+    gold = summary["gold_reading"]
+    assert gold["questions"] == 2 and 0.0 <= gold["em"] <= gold["f1"] <= 1.0
     report = (run_dir / "report.md").read_text()
+    assert "given each test question's gold document (2 questions): **EM" in report
     assert "| corpus | 17 | 12 | 5 |" in report and "| train_qa | 10 | 8 | 2 |" in report
     assert "model.answer_max_len = 8 [set]" in report and "model.doc_max_len = 32 [auto (q0.98" in report
     assert (run_dir / "training.png").stat().st_size > 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clara_ray.config import load_config
-from clara_ray.modeling.clara import Role
+from clara_ray.modeling.clara import Objective, Role
 from clara_ray.modeling.text import tokenize_texts
 from clara_ray.training.batches import Lengths, Stage1Example, stage1_batch, stage3_batch
 from clara_ray.training.candidates import ExactSearch, FixedCandidates
@@ -74,6 +74,28 @@ def test_stage1_step_trains_compressor_and_generator_only():
     changed = _changed(model, before)
     roles = set(model.role_parameters(Role.COMPRESSOR)) | set(model.role_parameters(Role.GENERATOR))
     assert changed and changed <= roles
+
+
+def test_stage1_loss_gives_qa_its_set_share_whatever_the_token_counts():
+    model, tokenizer = make_model()
+    model.eval()
+    qa, reconstruction = Stage1Example(1, "Which city?", "Marlow", (2,)), Stage1Example(0)
+
+    def generation(examples, qa_weight):
+        batch = stage1_batch(examples, TEXTS, 2, model.num_memory_tokens, tokenizer, LENGTHS, random.Random(0))
+        with torch.no_grad():
+            return model(Objective.COMPRESSOR_PRETRAINING, **batch, mse_weight=0.0, qa_weight=qa_weight)
+
+    alone_qa, alone_reconstruction = generation([qa], 0.5), generation([reconstruction], 0.5)
+    for weight in (0.2, 0.5, 0.9):
+        mixed = generation([qa, reconstruction], weight)
+        # Each kind's loss is its own examples' mean, unchanged by the other kind's tokens.
+        torch.testing.assert_close(mixed["qa_loss"], alone_qa["generation_loss"])
+        torch.testing.assert_close(mixed["reconstruction_loss"], alone_reconstruction["generation_loss"])
+        torch.testing.assert_close(
+            mixed["generation_loss"],
+            weight * alone_qa["generation_loss"] + (1 - weight) * alone_reconstruction["generation_loss"],
+        )
 
 
 def test_stage3_step_trains_only_the_query_reasoner_from_any_candidate_source():
