@@ -65,9 +65,10 @@ class Stage1Settings:
     micro_batch_size: int
     optimiser: OptimiserSettings
     mse_weight: float
-    qa_loss_weight: float
+    qa_loss_weight: float | None
     reconstruction_order: ReconstructionOrder
     counterfactual_rate: float
+    reconstruction_counterfactual_rate: float
     hard_distractor_fraction: float
     rival_steps: int  # rivals join the distractors for steps 1..rival_steps
     min_context_docs: int
@@ -90,6 +91,7 @@ class Stage1Settings:
             qa_loss_weight=s1.qa_loss_weight,
             reconstruction_order=s1.reconstruction_order,
             counterfactual_rate=s1.counterfactual_rate,
+            reconstruction_counterfactual_rate=s1.reconstruction_counterfactual_rate,
             hard_distractor_fraction=s1.hard_distractor_fraction,
             rival_steps=round(s1.rival_steps_fraction * steps),
             min_context_docs=s1.min_context_docs,
@@ -118,6 +120,7 @@ class Stage2Settings:
     checkpoint_every: int
     rival_steps: int = 0
     counterfactual_rate: float = 0.0
+    reconstruction_counterfactual_rate: float = 0.0  # no reconstruction examples
     hard_distractor_fraction: float = 1.0
     reconstruction_order: ReconstructionOrder = ReconstructionOrder.FORWARD  # no reconstruction examples
     question_memory_rate: float = 0.0

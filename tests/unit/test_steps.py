@@ -96,6 +96,12 @@ def test_stage1_loss_gives_qa_its_set_share_whatever_the_token_counts():
             mixed["generation_loss"],
             weight * alone_qa["generation_loss"] + (1 - weight) * alone_reconstruction["generation_loss"],
         )
+    # No weight: one mean over every target token, so each kind weighs by its token count.
+    tokens = [stage1_batch([e], TEXTS, 2, model.num_memory_tokens, tokenizer, LENGTHS, random.Random(0))[
+        "target_mask"].sum() for e in (qa, reconstruction)]
+    pooled = generation([qa, reconstruction], None)["generation_loss"]
+    expected = (tokens[0] * alone_qa["generation_loss"] + tokens[1] * alone_reconstruction["generation_loss"]) / sum(tokens)
+    torch.testing.assert_close(pooled, expected)
 
 
 def test_stage3_step_trains_only_the_query_reasoner_from_any_candidate_source():
