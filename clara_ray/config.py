@@ -332,9 +332,12 @@ class Stage1Config(_Section):
     # Rivals (clara_ray/training/rivals.py): gold documents of training questions
     # that ask the same thing about another subject. Up to `rival_pool` per
     # question join its hard distractors for the first `rival_steps_fraction` of
-    # the steps (rival_pool 0 = never).
+    # the steps (rival_pool 0 = never), after the single-document ones below.
     rival_pool: int = Field(8, ge=0)
     rival_steps_fraction: float = Field(0.25, gt=0, le=1)
+    # For this first share of the steps a QA example reads its gold document alone:
+    # reading an answer from memory, before finding the memory that holds it.
+    single_document_fraction: float = Field(0.0, ge=0, lt=1)
     # A QA example reads between min_ and max_context_docs documents (drawn per
     # example): single-document examples teach reading memory early on, several
     # teach finding the one that answers.

@@ -229,13 +229,15 @@ def memory_qa_batch(
     lengths: Lengths, tokenizer, num_memory_tokens: int, rng: random.Random, answers: list[str],
 ) -> dict[str, torch.Tensor]:
     """Model inputs of step `step` (stage 1, or stage 2 whose settings read the same
-    way) from this rank's examples of that step: rivals join the distractors up to
+    way) from this rank's examples of that step: QA examples read their gold document
+    alone up to `settings.single_document_steps`, then rivals join the distractors for
     `settings.rival_steps`; `answers` is `answer_pool` of every example."""
+    single = step <= settings.single_document_steps
     return stage1_batch(
-        examples, documents, settings.max_context_docs, num_memory_tokens, tokenizer, lengths, rng,
+        examples, documents, 1 if single else settings.max_context_docs, num_memory_tokens, tokenizer, lengths, rng,
         settings.reconstruction_order, settings.counterfactual_rate, answers, settings.hard_distractor_fraction,
-        settings.min_context_docs, settings.question_memory_rate, settings.unanswerable_rate,
-        rivals_as_distractors=step <= settings.rival_steps,
+        1 if single else settings.min_context_docs, settings.question_memory_rate, settings.unanswerable_rate,
+        rivals_as_distractors=not single and step <= settings.single_document_steps + settings.rival_steps,
         reconstruction_counterfactual_rate=settings.reconstruction_counterfactual_rate,
     )
 

@@ -70,7 +70,8 @@ class Stage1Settings:
     counterfactual_rate: float
     reconstruction_counterfactual_rate: float
     hard_distractor_fraction: float
-    rival_steps: int  # rivals join the distractors for steps 1..rival_steps
+    single_document_steps: int  # QA examples read their gold document alone for steps 1..single_document_steps
+    rival_steps: int  # then rivals join the distractors for this many steps
     min_context_docs: int
     max_context_docs: int
     question_memory_rate: float
@@ -93,6 +94,7 @@ class Stage1Settings:
             counterfactual_rate=s1.counterfactual_rate,
             reconstruction_counterfactual_rate=s1.reconstruction_counterfactual_rate,
             hard_distractor_fraction=s1.hard_distractor_fraction,
+            single_document_steps=round(s1.single_document_fraction * steps),
             rival_steps=round(s1.rival_steps_fraction * steps),
             min_context_docs=s1.min_context_docs,
             question_memory_rate=s1.question_memory_rate,
@@ -119,6 +121,7 @@ class Stage2Settings:
     report_every: int
     checkpoint_every: int
     rival_steps: int = 0
+    single_document_steps: int = 0
     counterfactual_rate: float = 0.0
     reconstruction_counterfactual_rate: float = 0.0  # no reconstruction examples
     hard_distractor_fraction: float = 1.0
