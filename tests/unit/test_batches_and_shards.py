@@ -187,3 +187,32 @@ def test_a_counterfactual_reconstruction_swaps_the_stated_answer_in_memory_and_t
     assert state.random() == random.Random(0).random()
     assert [tokenizer.decode(row, skip_special_tokens=True).strip() for row in plain["doc_ids"]] == [
         TEXTS[e.document] for e in examples]
+
+
+def test_qa_reads_its_gold_document_alone_first_then_among_rivals_then_among_neighbours():
+    """stage1.single_document_fraction 0.2, rival_steps_fraction 0.3 of 10 steps: steps 1-2
+    read one document per QA example, steps 3-5 draw their distractor from the neighbour
+    and the rival, later steps from the neighbour only."""
+    from clara_ray.config import load_config
+    from clara_ray.training.batches import memory_qa_batch
+    from clara_ray.training.settings import Stage1Settings
+
+    _, tokenizer = make_model()
+    settings = Stage1Settings.from_config(load_config(None, [
+        "stage1.steps=10", "stage1.single_document_fraction=0.2", "stage1.rival_steps_fraction=0.3",
+        "stage1.min_context_docs=2", "stage1.max_context_docs=2", "stage1.hard_distractor_fraction=1.0"]))
+    assert (settings.single_document_steps, settings.rival_steps) == (2, 3)
+    examples = [Stage1Example(3, "Which job does Radjor Galdun do?", "baker", neighbours=(1,), rivals=(0,))] * 8
+    lengths = Lengths(doc=64, question=64, answer=6, reconstruction=30)
+
+    def read(step):
+        batch = memory_qa_batch(examples, TEXTS[:4], settings, step, lengths, tokenizer, 2, random.Random(step), [])
+        texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in batch["doc_ids"]]
+        return {t for t in texts if not t.startswith("Radjor")}, len(texts)
+
+    assert read(1) == (set(), 8) and read(2) == (set(), 8)  # the gold document alone
+    rivals_phase = [read(step) for step in (3, 4, 5)]
+    assert all(n == 16 for _, n in rivals_phase)  # two documents each, drawn from the neighbour and the rival
+    assert set().union(*(texts for texts, _ in rivals_phase)) == {TEXTS[0], TEXTS[1]}
+    for step in (6, 10):
+        assert read(step) == ({TEXTS[1]}, 16)  # the neighbour only
