@@ -503,9 +503,14 @@ class Run:
                 model, tokenizer = _load_for_eval(self._tuned_model_dir())
                 name = "query reasoner before stage 3"
                 rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search, name)
-                before = _mark_done(self.run_dir, "evaluate_before_stage3", _answer_and_score(
-                    config, model, tokenizer, rankings, test_qa, memory_of, name).as_dict())
+                scores = _answer_and_score(config, model, tokenizer, rankings, test_qa, memory_of, name).as_dict()
+                gold = _gold_reading(config, model, tokenizer, rankings, test_qa, memory_of,
+                                     {d.id for d in prepared.inputs.corpus.records})
+                self._log_gold_reading(gold)
+                before = _mark_done(self.run_dir, "evaluate_before_stage3", {**scores, "gold_reading": gold})
             self._timed("evaluate before stage 3", started)
+        before = dict(before)
+        gold_before = before.pop("gold_reading", None)
         stage3 = _done(self.run_dir, "stage3")
         if stage3 is None:
             return {"query reasoner before stage 3": before}
@@ -524,7 +529,19 @@ class Run:
             gold = _gold_reading(config, model, tokenizer, rankings, test_qa, memory_of,
                                  {d.id for d in prepared.inputs.corpus.records})
         self._timed("evaluate", started)
-        return self._summary(results, stage3, gold)
+        return self._summary(results, stage3, {"before stage 3": gold_before, "after stage 3": gold})
+
+    def _log_gold_reading(self, gold: dict | None) -> None:
+        """The tuned generator's answers given the gold documents: below half right, stage 3
+        has little to learn from (its only signal is how well the generator reads)."""
+        if gold is None:
+            return
+        self.log(f"[pipeline] given each test question's gold document, the generator answers EM {gold['em']:.3f} "
+                 f"({gold['questions']} questions)")
+        if gold["em"] < 0.5:
+            self.log("[pipeline] WARNING: the generator reads few answers from memory even given the gold document; "
+                     "stage 3 learns retrieval only through what it reads. Train stage 1 longer, or see "
+                     "qa_loss in its log (README, \"When stage 1 does not read\").")
 
     def pipeline(self) -> dict:
         """Every step in order, finished ones skipped; returns the evaluation's summary."""
@@ -617,7 +634,7 @@ class Run:
                 if actor is not None:
                     ray.kill(actor)
 
-    def _summary(self, results: dict, stage3: dict, gold_reading: dict | None) -> dict:
+    def _summary(self, results: dict, stage3: dict, gold_reading: dict) -> dict:
         prepared = self.prepare_data()
         inputs, run_dir = prepared.inputs, self.run_dir
         encoded = json.loads((run_dir / "memory" / MEMORY_MANIFEST).read_text())

@@ -60,12 +60,15 @@ def _refresh_lines(refresh: dict | None) -> list[str]:
 
 
 def _gold_reading_lines(gold: dict | None) -> list[str]:
-    if not gold:
+    """The generator given each test question's gold document, before and after stage 3."""
+    found = {when: g for when, g in (gold or {}).items() if g}
+    if not found:
         return []
-    return [(f"The final generator given each test question's gold document ({gold['questions']} questions): "
-             f"**EM {gold['em']:.3f}**, F1 {gold['f1']:.3f}. That is the answers' ceiling: where the rows above fall "
-             "short of it, retrieval missed; where it is low itself, the generator does not read its memory "
-             "(stage 1)."), ""]
+    figures = "; ".join(f"{when} **EM {g['em']:.3f}**, F1 {g['f1']:.3f}" for when, g in found.items())
+    questions = next(iter(found.values()))["questions"]
+    return [(f"The generator given each test question's gold document ({questions} questions): {figures}. "
+             "That is the answers' ceiling: where the rows above fall short of it, retrieval missed; where "
+             "it is low itself, the generator does not read its memory (stage 1)."), ""]
 
 
 def write_report(run_dir: Path, summary: dict, stage1_history: list[dict], stage3_history: list[dict]) -> Path:

@@ -77,10 +77,12 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
         assert set(scores) == {"recall@1", "recall@5", "em", "f1"}
         assert all(0.0 <= value <= 1.0 for value in scores.values())
     # the generator reading each test question's gold document (first of its top-2): the answers' ceiling
-    gold = summary["gold_reading"]
-    assert gold["questions"] == 2 and 0.0 <= gold["em"] <= gold["f1"] <= 1.0
+    for gold in summary["gold_reading"].values():  # before and after stage 3
+        assert gold["questions"] == 2 and 0.0 <= gold["em"] <= gold["f1"] <= 1.0
+    assert set(summary["gold_reading"]) == {"before stage 3", "after stage 3"}
     report = (run_dir / "report.md").read_text()
-    assert "given each test question's gold document (2 questions): **EM" in report
+    assert "given each test question's gold document (2 questions): before stage 3 **EM" in report
+    assert any("given each test question's gold document, the generator answers EM" in m for m in messages)
     assert "| corpus | 17 | 12 | 5 |" in report and "| train_qa | 10 | 8 | 2 |" in report
     assert "model.answer_max_len = 8 [set]" in report and "model.doc_max_len = 32 [auto (q0.98" in report
     assert (run_dir / "training.png").stat().st_size > 0
