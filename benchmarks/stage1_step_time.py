@@ -59,7 +59,7 @@ def _time_steps(updater, batches, steps: int) -> dict[str, float]:
         t0 = time.perf_counter()
         _, batch = next(batches)
         t1 = time.perf_counter()
-        out = updater.forward(Objective.COMPRESSOR_PRETRAINING, **batch, mse_weight=0.1, qa_weight=0.5)
+        out = updater.forward(Objective.COMPRESSOR_PRETRAINING, **batch, mse_weight=0.1)
         t2 = time.perf_counter()
         updater.backward(out["loss"])
         t3 = time.perf_counter()

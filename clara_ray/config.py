@@ -312,19 +312,11 @@ class Stage1Config(_Section):
     learning_rate: float = Field(1.0e-3, gt=0)
     micro_batch_size_per_worker: int = Field(16, gt=0)
     mse_weight: float = Field(0.1, ge=0)
-    # Share of the generation loss that is the QA examples' mean token loss (the rest
-    # is the reconstructions'), whatever their token counts; null = one mean over all
-    # target tokens, where QA's short answers weigh little.
-    qa_loss_weight: float | None = Field(None, gt=0, lt=1)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     # See clara_ray/training/batches.py: reversed reconstruction and counterfactual
     # answers keep a small model from memorising facts instead of reading memory.
     reconstruction_order: ReconstructionOrder = ReconstructionOrder.REVERSED
     counterfactual_rate: float = Field(1.0, ge=0, le=1)
-    # Share of reconstruction examples whose document states a training answer that
-    # is swapped for another first: memory must then carry the text, not only which
-    # corpus document it is.
-    reconstruction_counterfactual_rate: float = Field(0.0, ge=0, le=1)
     # Share of a QA example's other documents taken from the question's BM25
     # neighbours (the rest are random), out of its `hard_distractor_pool` nearest.
     hard_distractor_fraction: float = Field(0.75, ge=0, le=1)

@@ -314,7 +314,7 @@ class ClaraModel(nn.Module):
 
     def _compressor_pretraining(
         self, doc_ids, doc_mask, doc_group, doc_slot, memory_mask,
-        prompt_ids, prompt_mask, target_ids, target_mask, is_qa, mse_weight: float, qa_weight: float | None,
+        prompt_ids, prompt_mask, target_ids, target_mask, is_qa, mse_weight: float,
     ):
         """Stage 1: generate QA answers / reconstructions from documents' memory,
         plus MSE between each document's mean memory vector and mean token state.
@@ -322,11 +322,10 @@ class ClaraModel(nn.Module):
         doc_ids: (N, T) all documents of the batch; document i is slot
         doc_slot[i] of example doc_group[i]. memory_mask: (B, M) real memory slots.
         is_qa: (B,) which examples are QA (the others reconstruct). The generation
-        loss is the mean over all target tokens, or with `qa_weight` set, that share
-        times the QA examples' mean token loss + the rest times the reconstructions'
-        (over all tokens, QA's few answer tokens weigh about a seventh against the
-        documents' dozens). Both are returned apart: a generator that never learns to
-        read answers hides behind a low pooled loss.
+        loss is the mean over all target tokens; the QA and reconstruction examples'
+        own means are returned too: QA's few answer tokens weigh about a seventh
+        against the documents' dozens, so a generator that never learns to read
+        answers hides behind a low pooled loss.
         """
         memory, token_states = self.encode(Role.COMPRESSOR, doc_ids, doc_mask)  # (N, n, d), (N, T, d)
         batch_size, width = memory_mask.shape
@@ -342,14 +341,7 @@ class ClaraModel(nn.Module):
         qa_loss, reconstruction_loss = (
             _masked_mean(per_token, (labels != IGNORE_INDEX) & rows[:, None]) for rows in (is_qa, ~is_qa)
         )
-        if qa_weight is None:
-            generation = _masked_mean(per_token, labels != IGNORE_INDEX)
-        elif not is_qa.any():
-            generation = reconstruction_loss
-        elif is_qa.all():
-            generation = qa_loss
-        else:
-            generation = qa_weight * qa_loss + (1 - qa_weight) * reconstruction_loss
+        generation = _masked_mean(per_token, labels != IGNORE_INDEX)
         weights = doc_mask.unsqueeze(-1).to(token_states.dtype)
         mean_tokens = (token_states * weights).sum(1) / weights.sum(1).clamp(min=1)
         # In memory's standardised coordinates (affine, so standardising the mean is enough).

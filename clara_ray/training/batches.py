@@ -19,11 +19,6 @@ Stage 1 (compressor pretraining) mixes two kinds of example:
   training answer swapped in, in document and target alike: the question alone
   no longer determines the answer, so the generator learns to read it from
   memory instead of memorising question -> answer.
-  Reconstruction can be counterfactual too (`reconstruction_counterfactual_rate`):
-  a document whose stated answer is swapped is one the model has never seen, so
-  its memory must carry what the text says; a memory that only names which corpus
-  document it is, with the generator recalling the rest from its weights, no
-  longer reconstructs it.
   Rivals (see `clara_ray.training.rivals`: documents stating the asked kind of
   fact about another subject) can join the hard distractors, so that the
   generator must tell the subjects apart to find the answering memory.
@@ -238,7 +233,6 @@ def memory_qa_batch(
         settings.reconstruction_order, settings.counterfactual_rate, answers, settings.hard_distractor_fraction,
         1 if single else settings.min_context_docs, settings.question_memory_rate, settings.unanswerable_rate,
         rivals_as_distractors=not single and step <= settings.single_document_steps + settings.rival_steps,
-        reconstruction_counterfactual_rate=settings.reconstruction_counterfactual_rate,
     )
 
 
@@ -285,7 +279,6 @@ def stage1_batch(
     question_memory_rate: float = 0.0,
     unanswerable_rate: float = 0.0,
     rivals_as_distractors: bool = True,
-    reconstruction_counterfactual_rate: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Model inputs for `ClaraModel(Objective.COMPRESSOR_PRETRAINING, ...)`.
 
@@ -294,9 +287,7 @@ def stage1_batch(
     probability `unanswerable_rate` a QA example with rivals reads one of them in
     place of its gold document (its stated answer swapped like a counterfactual one),
     and the target is UNANSWERABLE. Rivals join the distractors while
-    `rivals_as_distractors`. With probability `reconstruction_counterfactual_rate` a
-    reconstruction example's document has the longest pool answer it states swapped
-    for another, in memory and target alike.
+    `rivals_as_distractors`.
 
     A QA example reads between `min_context_docs` (default: all) and
     `num_context_docs` documents, the count drawn uniformly per example.
@@ -309,8 +300,6 @@ def stage1_batch(
     for example in examples:
         if example.question is None:
             context = [documents[example.document]]
-            if reconstruction_counterfactual_rate and answer_pool:
-                context = [_stated_counterfactual(context[0], answer_pool, reconstruction_counterfactual_rate, rng)]
             prompts.append(formats.reconstruction())
             targets.append(reconstruction_target(context[0], reconstruction_order))
         else:

@@ -65,10 +65,8 @@ class Stage1Settings:
     micro_batch_size: int
     optimiser: OptimiserSettings
     mse_weight: float
-    qa_loss_weight: float | None
     reconstruction_order: ReconstructionOrder
     counterfactual_rate: float
-    reconstruction_counterfactual_rate: float
     hard_distractor_fraction: float
     single_document_steps: int  # QA examples read their gold document alone for steps 1..single_document_steps
     rival_steps: int  # then rivals join the distractors for this many steps
@@ -89,10 +87,8 @@ class Stage1Settings:
             micro_batch_size=s1.micro_batch_size_per_worker,
             optimiser=_optimiser(steps, s1.learning_rate, s1.warmup_fraction, config.train.gradient_clipping),
             mse_weight=s1.mse_weight,
-            qa_loss_weight=s1.qa_loss_weight,
             reconstruction_order=s1.reconstruction_order,
             counterfactual_rate=s1.counterfactual_rate,
-            reconstruction_counterfactual_rate=s1.reconstruction_counterfactual_rate,
             hard_distractor_fraction=s1.hard_distractor_fraction,
             single_document_steps=round(s1.single_document_fraction * steps),
             rival_steps=round(s1.rival_steps_fraction * steps),
@@ -123,7 +119,6 @@ class Stage2Settings:
     rival_steps: int = 0
     single_document_steps: int = 0
     counterfactual_rate: float = 0.0
-    reconstruction_counterfactual_rate: float = 0.0  # no reconstruction examples
     hard_distractor_fraction: float = 1.0
     reconstruction_order: ReconstructionOrder = ReconstructionOrder.FORWARD  # no reconstruction examples
     question_memory_rate: float = 0.0

@@ -36,7 +36,6 @@ def stage1_step(updater, batch: dict[str, torch.Tensor], settings: Stage1Setting
         Objective.COMPRESSOR_PRETRAINING,
         **{k: v.to(updater.device) for k, v in batch.items()},
         mse_weight=settings.mse_weight,
-        qa_weight=settings.qa_loss_weight,
     )
     updater.backward(out["loss"])
     updater.step()
@@ -50,8 +49,7 @@ def stage2_step(updater, batch: dict[str, torch.Tensor], settings: Stage2Setting
     generator's loss on the answer, reading every given document's memory."""
     started = time.perf_counter()
     out = updater.forward(
-        Objective.COMPRESSOR_PRETRAINING, **{k: v.to(updater.device) for k, v in batch.items()}, mse_weight=0.0,
-        qa_weight=1.0,
+        Objective.COMPRESSOR_PRETRAINING, **{k: v.to(updater.device) for k, v in batch.items()}, mse_weight=0.0
     )
     updater.backward(out["loss"])
     updater.step()
