@@ -329,7 +329,7 @@ class Stage1Config(_Section):
     rival_steps_fraction: float = Field(0.25, gt=0, le=1)
     # For this first share of the steps a QA example reads its gold document alone:
     # reading an answer from memory, before finding the memory that holds it.
-    single_document_fraction: float = Field(0.0, ge=0, lt=1)
+    single_document_fraction: float = Field(0.25, ge=0, lt=1)
     # A QA example reads between min_ and max_context_docs documents (drawn per
     # example): single-document examples teach reading memory early on, several
     # teach finding the one that answers.
@@ -397,7 +397,7 @@ class Stage3Config(_Section):
     # tells the query reasoner which of them help. Evaluation always takes the best.
     # false = CLaRa's hard top-k.
     gumbel_top_k: bool = True
-    num_candidates: int = Field(64, gt=0)
+    num_candidates: int = Field(128, gt=0)
     # Loss distillation (0 = off): this many candidates per question, drawn from
     # softmax(scores / distillation_temperature), are each read alone by the generator
     # (no gradient); the query reasoner's softmax over them is pulled towards
@@ -502,7 +502,7 @@ class SweepConfig(_Section):
     initial_temperature: tuple[float, float] = (0.03, 0.5)
     learning_rate: tuple[float, float] = (1.0e-4, 2.0e-3)
     top_k: list[int] = [1, 2]
-    num_candidates: list[int] = [32, 64]
+    num_candidates: list[int] = [64, 128]
 
     @model_validator(mode="after")
     def _ranges(self) -> SweepConfig:
