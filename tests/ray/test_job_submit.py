@@ -69,6 +69,7 @@ class Head:
         self.base, self.log, self.env = base, log, env
         self.gcs_port, dashboard_port, client_port, agent_port = free_ports(4)
         self.job_api = f"http://127.0.0.1:{dashboard_port}"
+        self.job_agent = f"http://127.0.0.1:{agent_port}"
         isolation = (f" --port {self.gcs_port} --dashboard-port {dashboard_port} --ray-client-server-port {client_port}"
                      f" --dashboard-agent-listen-port {agent_port} --temp-dir {base / 'ray'} --block")
         with open(log, "ab") as out:
@@ -76,20 +77,22 @@ class Head:
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_until_serving(self, token: str, timeout: float = 180) -> bool:
-        """True once the job API answers; False if the head exited first."""
-        request = urllib.request.Request(self.job_api + "/api/version", headers={"Authorization": f"Bearer {token}"})
+        """True once the job API answers and the head's job agent serves HTTP; False if
+        the head exited first. The API is up before the agent that runs submitted jobs,
+        and a submission that finds no agent within Ray's 10 s fails with "No available
+        agent to submit job, please try again later" (seen on a loaded machine)."""
+        headers = {"Authorization": f"Bearer {token}"}
+        version = urllib.request.Request(self.job_api + "/api/version", headers=headers)
+        agent = urllib.request.Request(self.job_agent + "/api/job_agent/jobs/none/logs", headers=headers)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 return False
-            try:
-                with urllib.request.urlopen(request, timeout=5) as response:
-                    if response.status == 200:
-                        return True
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+            if _answers(version, ok_only=True) and _answers(agent, ok_only=False):
+                return True
             time.sleep(0.5)
-        raise AssertionError(f"the head's job API did not answer in {timeout} s:\n{self.log.read_text()[-3000:]}")
+        raise AssertionError(f"the head's job API or job agent did not answer in {timeout} s:\n"
+                             f"{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
         import psutil
@@ -120,6 +123,17 @@ class Head:
             except psutil.Error:
                 pass
         psutil.wait_procs(left, timeout=10)
+
+
+def _answers(request: urllib.request.Request, ok_only: bool) -> bool:
+    """Whether an HTTP server answers `request` (with 200 when `ok_only`, else any status)."""
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status == 200 or not ok_only
+    except urllib.error.HTTPError:
+        return not ok_only  # it answered, with an error status (e.g. no such job)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
 
 
 def run(command: str, env: dict[str, str], log: Path, timeout: float) -> str:
