@@ -496,6 +496,7 @@ class Run:
         writes metrics.json and report.md, and returns that summary."""
         prepared = self.prepare_data()
         config, test_qa = prepared.config, prepared.inputs.test_qa.records
+        corpus_ids = {d.id for d in prepared.inputs.corpus.records}
         before = _done(self.run_dir, "evaluate_before_stage3")
         if before is None:
             started = time.perf_counter()
@@ -504,8 +505,7 @@ class Run:
                 name = "query reasoner before stage 3"
                 rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search, name)
                 scores = _answer_and_score(config, model, tokenizer, rankings, test_qa, memory_of, name).as_dict()
-                gold = _gold_reading(config, model, tokenizer, rankings, test_qa, memory_of,
-                                     {d.id for d in prepared.inputs.corpus.records})
+                gold = _gold_reading(config, model, tokenizer, rankings, test_qa, memory_of, corpus_ids)
                 self._log_gold_reading(gold)
                 before = _mark_done(self.run_dir, "evaluate_before_stage3", {**scores, "gold_reading": gold})
             self._timed("evaluate before stage 3", started)
@@ -526,8 +526,7 @@ class Run:
             name = "query reasoner after stage 3"
             rankings = _query_reasoner_rankings(config, model, tokenizer, test_qa, search, name)
             results[name] = _answer_and_score(config, model, tokenizer, rankings, test_qa, memory_of, name).as_dict()
-            gold = _gold_reading(config, model, tokenizer, rankings, test_qa, memory_of,
-                                 {d.id for d in prepared.inputs.corpus.records})
+            gold = _gold_reading(config, model, tokenizer, rankings, test_qa, memory_of, corpus_ids)
         self._timed("evaluate", started)
         return self._summary(results, stage3, {"before stage 3": gold_before, "after stage 3": gold})
 

@@ -56,6 +56,13 @@ class LoraSettings:
     target_modules: tuple[str, ...]
 
 
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, A) next-token cross-entropy of (B, A, V) logits against labels (0 where ignored)."""
+    return nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(labels.shape)
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` where `mask` holds (0 where it holds nowhere)."""
     return (values * mask).sum() / mask.sum().clamp(min=1)
@@ -254,9 +261,7 @@ class ClaraModel(nn.Module):
     def generator_losses(self, memory, prompt_ids, prompt_mask, target_ids, target_mask) -> torch.Tensor:
         """(B,) next-token loss of each example, the mean over its own target tokens."""
         logits, labels = self._target_logits(memory, prompt_ids, prompt_mask, target_ids, target_mask)
-        per_token = nn.functional.cross_entropy(
-            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view(labels.shape)
+        per_token = _token_losses(logits, labels)
         return per_token.sum(1) / (labels != IGNORE_INDEX).sum(1).clamp(min=1)
 
     def _target_logits(self, memory, prompt_ids, prompt_mask, target_ids, target_mask, memory_mask=None):
@@ -335,9 +340,7 @@ class ClaraModel(nn.Module):
         logits, labels = self._target_logits(
             grouped.flatten(1, 2), prompt_ids, prompt_mask, target_ids, target_mask, memory_mask
         )
-        per_token = nn.functional.cross_entropy(
-            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view(labels.shape)
+        per_token = _token_losses(logits, labels)
         qa_loss, reconstruction_loss = (
             _masked_mean(per_token, (labels != IGNORE_INDEX) & rows[:, None]) for rows in (is_qa, ~is_qa)
         )
