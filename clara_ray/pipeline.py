@@ -11,7 +11,9 @@ Run directory (<run.output_dir>/<run.name>/):
     models/init          the untrained model (tiny: tokenizer trained here + random weights)
     models/stage1        after compressor pretraining (query reasoner = compressor)
     models/stage2        after instruction tuning (when stage2.enabled); it encodes the corpus
-    models/stage3        after joint training
+    models/stage3        after joint training (with stage3.attempts > 1: a copy of the kept attempt's)
+    attempts/stage3/<i>/ with stage3.attempts > 1: attempt i's own models/, ray_train/, tensorboard/
+                         and attempt.json (its seed, history and fit once it finished)
     memory/              memory shards of the corpus, encoded by models/stage2 (or stage1)
     index/               index versions over memory/ (clara_ray/index/versions.py); CURRENT names
                          the live one (with a trainable compressor, stage 3's last refresh)
@@ -83,6 +85,7 @@ from clara_ray.training.stages import (
     run_stage1,
     run_stage2,
     run_stage3,
+    run_stage3_attempts,
     steps_for_data,
     write_training_data,
 )
@@ -623,11 +626,13 @@ class Run:
                 scheduler = start_refresh_scheduler(index, plan, refresh_scheduler_name(run_dir),
                                                     live_step=ray.get(index.info.remote())["step"])
                 refresh = (scheduler, plan)
-            result = run_stage3(config, prepared.data, tuned, IndexActorCandidates(index), run_dir, refresh=refresh)
-            record = {}
             if trainable:
-                record["refresh"] = _final_refresh(config, index, scheduler, result.model_dir, self.log)
-            return result, record
+                result = run_stage3(config, prepared.data, tuned, IndexActorCandidates(index), run_dir,
+                                    refresh=refresh)
+                return result, {"refresh": _final_refresh(config, index, scheduler, result.model_dir, self.log)}
+            result, attempts = run_stage3_attempts(config, prepared.data, tuned, IndexActorCandidates(index),
+                                                   run_dir, self.log)
+            return result, {"attempts": attempts} if attempts else {}
         finally:
             for actor in (scheduler, index):
                 if actor is not None:
@@ -662,6 +667,7 @@ class Run:
                        "stage2": None if stages["stage2"] is None else stages["stage2"]["model_dir"],
                        "stage3": stage3["model_dir"]},
             "refresh": stage3.get("refresh"),
+            "stage3_attempts": stage3.get("attempts", []),
             "resumed_after": {"stage1": stages["stage1"]["resumed_after"],
                               "stage2": [] if stages["stage2"] is None else stages["stage2"]["resumed_after"],
                               "stage3": stage3["resumed_after"]},

@@ -59,6 +59,21 @@ def _refresh_lines(refresh: dict | None) -> list[str]:
     return lines + [""]
 
 
+def _attempt_lines(attempts: list[dict]) -> list[str]:
+    """Stage 3's attempts (stage3.attempts > 1), the kept one in bold."""
+    if not attempts:
+        return []
+    kept = max(attempts, key=lambda a: a["fit_value"])
+    lines = ["## Stage-3 attempts", "",
+             f"Stage 3 ran {len(attempts)} time(s), each with its own seed; attempt {kept['attempt'] + 1} is kept "
+             "(the best fit over the last two report windows; the plot shows its curves).", "",
+             "| attempt | seed | fit | value |", "|---|---|---|---|"]
+    for a in attempts:
+        value = f"**{a['fit_value']:.3f}**" if a is kept else f"{a['fit_value']:.3f}"
+        lines.append(f"| {a['attempt'] + 1} | {a['seed']} | {a['fit']} | {value} |")
+    return lines + [""]
+
+
 def _gold_reading_lines(gold: dict | None) -> list[str]:
     """The generator given each test question's gold document, before and after stage 3."""
     found = {when: g for when, g in (gold or {}).items() if g}
@@ -110,6 +125,7 @@ def write_report(run_dir: Path, summary: dict, stage1_history: list[dict], stage
         f"({data['num_truncated'] / max(1, data['num_encoded']):.1%}) were truncated** at {summary['doc_max_len']} tokens."),
         "",
         *_refresh_lines(summary.get("refresh")),
+        *_attempt_lines(summary.get("stage3_attempts")),
         "## Token lengths",
         "",
         *[f"- {line}" for line in LengthReport.from_dict(summary["lengths"]).lines()],

@@ -3,7 +3,8 @@
     data = write_training_data(config, documents, train_qa, run_dir)   # <run_dir>/data/*.arrow
     stage1 = run_stage1(config, data, init_model_dir, run_dir)
     stage2 = run_stage2(config, data, stage1.model_dir, run_dir)   # when config.stage2.enabled
-    stage3 = run_stage3(config, data, stage2.model_dir, IndexActorCandidates(router), run_dir)
+    stage3, attempts = run_stage3_attempts(config, data, stage2.model_dir, IndexActorCandidates(router), run_dir)
+    # (run_stage3: one attempt; a sweep's trials call it)
 
 The stages read their examples from the files `write_training_data` wrote
 (``tables.py``), through a Ray Data draw plan split across the workers
@@ -14,6 +15,7 @@ Train's storage into <run_dir>/models/<stage>) and the metric history.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from pathlib import Path
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from clara_ray.config import Config, epochs_of
+from clara_ray.config import Config, config_from_dict, epochs_of
 from clara_ray.errors import DataError
 from clara_ray.placement import train_placement
 from clara_ray.progress import PROGRESS_FILE, StageBar, use_bars
@@ -206,3 +208,61 @@ def run_stage3(config: Config, data: TrainingData, stage1_model_dir: Path, candi
                    "refresh_plan": None if refresh is None else refresh[1]}
     return _fit(stage3_loop, loop_config, config, run_dir, "stage3", data.stage3_questions, settings.steps,
                 settings.micro_batch_size, callbacks)
+
+
+ATTEMPTS_DIR = "attempts"  # <run_dir>/attempts/stage3/<i>/: one stage-3 attempt's own run directory
+ATTEMPT_DONE = "attempt.json"  # in an attempt's directory once it finished: its result
+ATTEMPT_SEED_STRIDE = 1000  # attempt i trains with run.seed + i x this
+
+
+def attempt_fit(history: list[dict]) -> tuple[str, float]:
+    """How well a stage-3 attempt fits: its validation recall@1 when it held questions out,
+    else its training recall@1, as the mean of its last two report windows."""
+    key = "val_recall_at_1" if any("val_recall_at_1" in window for window in history) else "train_recall_at_1"
+    values = [window[key] for window in history if key in window][-2:]
+    return key, sum(values) / len(values) if values else 0.0
+
+
+def run_stage3_attempts(config: Config, data: TrainingData, model_dir: Path, candidates: CandidateSource,
+                        run_dir: Path, log=print) -> tuple[StageResult, list[dict]]:
+    """Stage 3 up to stage3.attempts times, each with its own seed in its own directory
+    (<run_dir>/attempts/stage3/<i>/, laid out as a run directory), until one fits its
+    questions to stage3.attempt_target_recall (``attempt_fit``); the best fit is copied to
+    <run_dir>/models/stage3. Returns its result and one record per attempt run. A rerun
+    skips the attempts that finished and resumes the one that did not from its checkpoint.
+    With one attempt this is ``run_stage3`` in <run_dir> itself."""
+    settings = config.stage3
+    if settings.num_attempts == 1:
+        return run_stage3(config, data, model_dir, candidates, run_dir), []
+    tried = []
+    for attempt in range(settings.num_attempts):
+        directory = Path(run_dir) / ATTEMPTS_DIR / "stage3" / str(attempt)
+        seed = config.run.seed + ATTEMPT_SEED_STRIDE * attempt
+        marker = directory / ATTEMPT_DONE
+        if marker.exists():
+            record = json.loads(marker.read_text())
+        else:
+            tree = config.to_dict()
+            tree["run"]["seed"] = seed
+            result = run_stage3(config_from_dict(tree), data, model_dir, candidates, directory)
+            record = {"attempt": attempt, "seed": seed, "model_dir": str(result.model_dir),
+                      "history": result.history, "resumed_after": result.resumed_after}
+            partial = marker.with_suffix(".partial")
+            partial.write_text(json.dumps(record))
+            partial.replace(marker)
+        record["fit"], record["fit_value"] = attempt_fit(record["history"])
+        tried.append(record)
+        log(f"[stage3] attempt {attempt + 1} of {settings.num_attempts} (seed {seed}): {record['fit']} "
+            f"{record['fit_value']:.3f} over the last two report windows")
+        if record["fit_value"] >= settings.attempt_target_recall:
+            break
+    best = max(tried, key=lambda r: r["fit_value"])  # the first of equals
+    log(f"[stage3] keeping attempt {best['attempt'] + 1} ({best['fit']} {best['fit_value']:.3f})")
+    chosen, partial = Path(run_dir) / "models" / "stage3", Path(run_dir) / "models" / "stage3.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(best["model_dir"], partial)
+    if chosen.exists():
+        shutil.rmtree(chosen)
+    partial.rename(chosen)
+    summary = [{k: r[k] for k in ("attempt", "seed", "fit", "fit_value", "model_dir")} for r in tried]
+    return StageResult(chosen, best["history"], best["resumed_after"]), summary

@@ -36,7 +36,7 @@ SMALL_PIPELINE = [
     "data.trap.num_entities=12", "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
     "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300", "train.num_workers=1",
     "stage1.steps=4", "stage1.report_every=2", "stage1.micro_batch_size_per_worker=4",
-    "stage3.steps=2", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4",
+    "stage3.steps=2", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4", "stage3.attempts=1",
     "stage3.top_k=2", "stage3.num_candidates=8", "eval.baselines=[bm25]", "encode.max_actors=1",
 ]
 

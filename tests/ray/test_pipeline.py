@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,7 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
         "stage1.steps=4", "stage1.report_every=2", "stage1.micro_batch_size_per_worker=2",
         "stage3.steps=2 epochs", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=2",
         "stage3.top_k=2", "stage3.num_candidates=4", "eval.baselines=[bm25]", "encode.max_actors=1",
+        "stage3.attempts=2", "stage3.attempt_target_recall=1.0",  # both attempts run (a tiny run fits nothing)
         "model.answer_max_len=8",  # given, so the long answers are set aside (auto would fit them)
     ])
     messages = []
@@ -90,6 +92,19 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
     # the 8 training questions that fit, 2 per worker on 2 workers, twice over
     assert "[pipeline] stage3.steps = 4 (2 epochs of 8 training questions, 4 per step)" in messages
     assert json.loads((run_dir / "steps" / "stage3.json").read_text())["history"][-1]["step"] == 4
+    # two stage-3 attempts, each with its own seed and directory; the better fit is models/stage3
+    attempts = summary["stage3_attempts"]
+    assert [(a["attempt"], a["seed"], a["fit"]) for a in attempts] == [(0, 0, "train_recall_at_1"),
+                                                                      (1, 1000, "train_recall_at_1")]
+    for a in attempts:
+        record = json.loads((run_dir / "attempts" / "stage3" / str(a["attempt"]) / "attempt.json").read_text())
+        assert record["seed"] == a["seed"] and record["history"][-1]["step"] == 4
+        assert (Path(a["model_dir"]) / "adapters.safetensors").exists()
+    kept = max(attempts, key=lambda a: a["fit_value"])
+    assert (run_dir / "models" / "stage3" / "adapters.safetensors").read_bytes() == (
+        Path(kept["model_dir"]) / "adapters.safetensors").read_bytes()
+    assert f"[stage3] keeping attempt {kept['attempt'] + 1}" in " ".join(messages)
+    assert "## Stage-3 attempts" in report
 
 
 _DRIVER = """
@@ -109,7 +124,7 @@ def _small_trap_run(output_dir, name: str) -> list[str]:
         "stage1.steps=6", "stage1.report_every=2", "stage1.micro_batch_size_per_worker=4",
         "stage2.enabled=true", "stage2.steps=4", "stage2.report_every=2", "stage2.micro_batch_size_per_worker=4",
         "stage2.num_documents=2",
-        "stage3.steps=4", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4",
+        "stage3.steps=4", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4", "stage3.attempts=1",
         "stage3.top_k=2", "stage3.num_candidates=8", "eval.baselines=[bm25]", "encode.max_actors=1",
     ]
 

@@ -15,7 +15,7 @@ RUN = [
     "data.trap.num_entities=16", "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
     "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300",
     "stage1.steps=30", "stage1.report_every=10", "stage1.micro_batch_size_per_worker=4",
-    "stage3.steps=2", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4",
+    "stage3.steps=2", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4", "stage3.attempts=1",
     "stage3.top_k=1", "stage3.num_candidates=8", "eval.baselines=[bm25]", "encode.max_actors=1",
     # One training worker: each trial is a Ray Train run, and on 2 cores starting a
     # second DeepSpeed worker per trial is most of a trial's time. Two workers are

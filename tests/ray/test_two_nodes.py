@@ -93,7 +93,7 @@ def _overrides(output_dir) -> list[str]:
         "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
         "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300",
         "stage1.steps=4", "stage1.report_every=2", "stage1.micro_batch_size_per_worker=4",
-        "stage3.steps=4", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4",
+        "stage3.steps=4", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4", "stage3.attempts=1",
         "stage3.top_k=2", "stage3.num_candidates=8", "eval.baselines=[bm25]",
         # the placement under test
         "train.num_workers=2", "train.placement_strategy=strict_spread",
