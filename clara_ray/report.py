@@ -59,14 +59,15 @@ def _refresh_lines(refresh: dict | None) -> list[str]:
     return lines + [""]
 
 
-def _attempt_lines(attempts: list[dict]) -> list[str]:
+def _attempt_lines(attempts: list[dict], max_attempts: int) -> list[str]:
     """Stage 3's attempts (stage3.attempts > 1), the kept one in bold."""
     if not attempts:
         return []
     kept = max(attempts, key=lambda a: a["fit_value"])
     lines = ["## Stage-3 attempts", "",
-             f"Stage 3 ran {len(attempts)} time(s), each with its own seed; attempt {kept['attempt'] + 1} is kept "
-             "(the best fit over the last two report windows; the plot shows its curves).", "",
+             (f"Stage 3 ran {'once' if len(attempts) == 1 else f'{len(attempts)} times, each with its own seed'} "
+              f"(up to {max_attempts}); attempt {kept['attempt'] + 1} is kept: the best fit over the last two report "
+              "windows (the plot shows its curves)."), "",
              "| attempt | seed | fit | value |", "|---|---|---|---|"]
     for a in attempts:
         value = f"**{a['fit_value']:.3f}**" if a is kept else f"{a['fit_value']:.3f}"
@@ -125,7 +126,7 @@ def write_report(run_dir: Path, summary: dict, stage1_history: list[dict], stage
         f"({data['num_truncated'] / max(1, data['num_encoded']):.1%}) were truncated** at {summary['doc_max_len']} tokens."),
         "",
         *_refresh_lines(summary.get("refresh")),
-        *_attempt_lines(summary.get("stage3_attempts")),
+        *_attempt_lines(summary.get("stage3_attempts"), summary.get("stage3_max_attempts", 1)),
         "## Token lengths",
         "",
         *[f"- {line}" for line in LengthReport.from_dict(summary["lengths"]).lines()],
