@@ -63,7 +63,7 @@ def _attempt_lines(attempts: list[dict], max_attempts: int) -> list[str]:
     """Stage 3's attempts (stage3.attempts > 1), the kept one in bold."""
     if not attempts:
         return []
-    kept = max(attempts, key=lambda a: a["fit_value"])
+    (kept,) = [a for a in attempts if a["kept"]]
     lines = ["## Stage-3 attempts", "",
              (f"Stage 3 ran {'once' if len(attempts) == 1 else f'{len(attempts)} times, each with its own seed'} "
               f"(up to {max_attempts}); attempt {kept['attempt'] + 1} is kept: the best fit over the last two report "

@@ -153,16 +153,22 @@ def _fit(loop, loop_config: dict, config: Config, run_dir: Path, stage: str, exa
         result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"{stage} failed") from result.error
-    # Copied beside its place and renamed: models/<stage> appears whole or not at all.
-    model_dir, partial = run_dir / "models" / stage, run_dir / "models" / f"{stage}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
     with result.checkpoint.as_directory() as directory:
-        shutil.copytree(Path(directory) / MODEL_DIR, partial)
+        model_dir = _publish_model(Path(directory) / MODEL_DIR, run_dir, stage)
         state = read_trainer_state(directory)
+    return StageResult(model_dir, state["history"], state["resumed_after"])
+
+
+def _publish_model(source: Path, run_dir: Path, stage: str) -> Path:
+    """`source` copied to <run_dir>/models/<stage>, beside its place first and then renamed:
+    the directory appears whole or not at all."""
+    model_dir, partial = Path(run_dir) / "models" / stage, Path(run_dir) / "models" / f"{stage}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
     if model_dir.exists():
         shutil.rmtree(model_dir)
     partial.rename(model_dir)
-    return StageResult(model_dir, state["history"], state["resumed_after"])
+    return model_dir
 
 
 def run_stage1(config: Config, data: TrainingData, init_model_dir: Path, run_dir: Path,
@@ -230,6 +236,7 @@ def run_stage3_attempts(config: Config, data: TrainingData, model_dir: Path, can
     questions to stage3.attempt_target_recall (``attempt_fit``); the best fit is copied to
     <run_dir>/models/stage3. Returns its result and one record per attempt run. A rerun
     skips the attempts that finished and resumes the one that did not from its checkpoint.
+    Each record: attempt, seed, fit (its metric), fit_value, model_dir, kept.
     With one attempt this is ``run_stage3`` in <run_dir> itself."""
     settings = config.stage3
     if settings.num_attempts == 1:
@@ -258,11 +265,7 @@ def run_stage3_attempts(config: Config, data: TrainingData, model_dir: Path, can
             break
     best = max(tried, key=lambda r: r["fit_value"])  # the first of equals
     log(f"[stage3] keeping attempt {best['attempt'] + 1} ({best['fit']} {best['fit_value']:.3f})")
-    chosen, partial = Path(run_dir) / "models" / "stage3", Path(run_dir) / "models" / "stage3.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(best["model_dir"], partial)
-    if chosen.exists():
-        shutil.rmtree(chosen)
-    partial.rename(chosen)
-    summary = [{k: r[k] for k in ("attempt", "seed", "fit", "fit_value", "model_dir")} for r in tried]
+    chosen = _publish_model(Path(best["model_dir"]), run_dir, "stage3")
+    summary = [{**{k: r[k] for k in ("attempt", "seed", "fit", "fit_value", "model_dir")}, "kept": r is best}
+               for r in tried]
     return StageResult(chosen, best["history"], best["resumed_after"]), summary
