@@ -385,7 +385,9 @@ class Stage3Config(_Section):
 
     steps: StepCount = 400  # or "<n> epochs" over the training questions (less any validation split)
     learning_rate: float = Field(5.0e-4, gt=0)
-    micro_batch_size_per_worker: int = Field(16, gt=0)
+    # 2 workers x 32: at 2 x 16 a stage-1 model's failing relation stayed at the echoes
+    # (BENCHMARKS.md, "A larger stage-3 batch").
+    micro_batch_size_per_worker: int = Field(32, gt=0)
     top_k: int = Field(1, ge=1)
     temperature: float = Field(0.02, gt=0)
     # Anneal the top-k temperature geometrically from this value down to
@@ -475,7 +477,9 @@ class Stage3Config(_Section):
     # reaches attempt_target_recall (BENCHMARKS.md, "Stage-3 attempts"). null: 3 with a
     # frozen compressor, 1 with a trainable one (it refreshes the run's one index as it trains).
     attempts: int | None = Field(None, ge=1)
-    attempt_target_recall: float = Field(0.95, gt=0, le=1)
+    # 0.9: one question wording of the bundled nine left at 0 caps the fit at 0.89; above it the
+    # errors are unseen names, which another seed does not fix.
+    attempt_target_recall: float = Field(0.9, gt=0, le=1)
 
     @property
     def num_attempts(self) -> int:

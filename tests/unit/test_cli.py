@@ -84,7 +84,7 @@ def test_too_few_training_questions_is_one_line_not_a_worker_traceback(tmp_path,
     assert main(["demo", *_user_files(tmp_path, 1)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("clara-ray: stage") and "cannot fill one step of 16 per worker on 2 workers" in err
+    assert err.startswith("clara-ray: stage") and "cannot fill one step of 32 per worker on 2 workers" in err
 
 
 def test_a_rerun_on_changed_data_files_is_refused(tmp_path, capsys, monkeypatch):
