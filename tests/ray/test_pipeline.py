@@ -142,49 +142,43 @@ def _driver(local_ray, overrides, log_path):
         )
 
 
-def test_two_pipelines_started_at_once_on_one_cluster_both_finish(local_ray, tmp_path):
-    # One training worker each and no stage 2: the two runs' stages then fit beside
-    # each other on the 4 logical CPUs and really run at the same time.
-    logs = [tmp_path / f"{name}.log" for name in ("first", "second")]
-    runs = [[*_small_trap_run(tmp_path, name), "train.num_workers=1", "stage2.enabled=false"] for name in ("first", "second")]
-    drivers = [_driver(local_ray, run, log) for run, log in zip(runs, logs)]
-    for driver, log in zip(drivers, logs):
-        assert driver.wait(timeout=1200) == 0, log.read_text(errors="replace")[-3000:]
-    for name in ("first", "second"):
-        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
-        assert set(metrics["results"]) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
-
-
-def test_pipeline_killed_after_stage1_skips_it_when_rerun(local_ray, tmp_path):
-    """The driver is killed once stage 1 has finished, wherever it then is (or after
-    it finished everything): a rerun of the same config never trains stage 1 again
-    and finishes the run."""
+def test_two_pipelines_on_one_cluster_one_killed_after_stage1_and_rerun(local_ray, tmp_path):
+    """Two drivers started at once on one cluster. One is killed once its stage 1 has
+    finished, wherever it then is (or after it finished everything); the other finishes
+    all the same, and a rerun of the killed one's config never trains stage 1 again
+    and finishes its run (with stage 2). One training worker each: the two runs' stages
+    fit beside each other on the 4 logical CPUs and really run at the same time."""
     import os
     import signal
     import time
 
-    overrides = _small_trap_run(tmp_path / "runs", "killed")
-    run_dir = tmp_path / "runs" / "killed"
-    driver = _driver(local_ray, overrides, tmp_path / "driver.log")
+    runs = {"other": [*_small_trap_run(tmp_path, "other"), "train.num_workers=1", "stage2.enabled=false"],
+            "killed": [*_small_trap_run(tmp_path, "killed"), "train.num_workers=1"]}
+    drivers = {name: _driver(local_ray, overrides, tmp_path / f"{name}.log") for name, overrides in runs.items()}
+    killed, run_dir = drivers["killed"], tmp_path / "killed"
     try:
         deadline = time.monotonic() + 600
         while not (run_dir / "steps" / "stage1.json").exists():
-            assert driver.poll() is None, "the driver died before stage 1 finished"
+            assert killed.poll() is None, "the driver died before stage 1 finished"
             assert time.monotonic() < deadline, "stage 1 did not finish in 10 minutes"
             time.sleep(0.05)
     finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
     stage1_files = {p: p.stat().st_mtime_ns for p in (run_dir / "models" / "stage1").rglob("*") if p.is_file()}
 
     messages: list[str] = []
-    summary = run_pipeline(load_config(None, overrides), log=messages.append)
+    summary = run_pipeline(load_config(None, runs["killed"]), log=messages.append)
     assert any("stage1 finished in an earlier attempt" in m for m in messages)
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "models" / "stage1").rglob("*") if p.is_file()} == stage1_files
     assert (run_dir / "steps" / "stage2.json").exists() and (run_dir / "steps" / "stage3.json").exists()
     assert (run_dir / "report.md").exists()
     assert set(summary["results"]) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
     assert os.path.exists(summary["models"]["stage3"])
+
+    assert drivers["other"].wait(timeout=1200) == 0, (tmp_path / "other.log").read_text(errors="replace")[-3000:]
+    metrics = json.loads((tmp_path / "other" / "metrics.json").read_text())
+    assert set(metrics["results"]) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
 
 
 def test_run_directory_of_another_config_is_refused(local_ray, tmp_path):

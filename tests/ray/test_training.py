@@ -18,7 +18,7 @@ SMALL = [
     "model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
     "model.tiny.intermediate_size=128", "model.tiny.vocab_size=500",
     "stage1.micro_batch_size_per_worker=8", "stage1.learning_rate=3e-3", "stage3.top_k=2",
-    "stage3.num_candidates=8",
+    "stage3.num_candidates=8", "stage3.micro_batch_size_per_worker=8",
 ]
 STAGE1 = SMALL + ["stage1.steps=40", "stage1.report_every=5", "stage1.checkpoint_every=10", "train.num_workers=2",
                   "train.zero_stage=2"]
