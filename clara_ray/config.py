@@ -435,12 +435,6 @@ class Stage3Config(_Section):
     # what the generator's loss asks. 0 = off (CLaRa). Needs train.zero_stage 0-2.
     lower_anchor_weight: float = Field(1.0e-2, ge=0)
     anchor_free_top_layers: int = Field(1, ge=1)
-    # The query reasoner's memory of a question plus this times the compressor's memory
-    # of it (no gradient): a query then scores a document by what stage 3 learned plus
-    # this times the similarity score, whose sense of whom a text is about holds for
-    # names no training question asked about. Kept with the model (clara.json), so
-    # evaluation and `clara-ray ask` score the same way. 0 = off (CLaRa).
-    query_prior_weight: float = Field(0.0, ge=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     # The generator's adapter trains alongside the query reasoner (CLaRa); off
     # leaves the stage-1 generator as it is, so only retrieval can lower the loss.

@@ -93,7 +93,6 @@ def save_model(model: ClaraModel, tokenizer, directory: str | Path, backbone_ref
             "target_modules": sorted(lora.target_modules),
         },
         "compressor_fingerprint": compressor_fingerprint(model, None if save_backbone else backbone_ref),
-        "query_prior_weight": model.query_prior_weight,
     }
     partial = directory / f"{MANIFEST}.partial"
     partial.write_text(json.dumps(manifest, indent=2))
@@ -131,5 +130,4 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32):
     if missing:
         raise ValueError(f"{directory / ADAPTERS} lacks {len(missing)} adapter tensors, e.g. {sorted(missing)[:3]}")
     model.load_state_dict(adapters, strict=False)
-    model.query_prior_weight = float(manifest.get("query_prior_weight", 0.0))  # absent: saved before it existed
     return model, tokenizer, manifest

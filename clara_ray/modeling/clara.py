@@ -110,9 +110,6 @@ class ClaraModel(nn.Module):
         # set it. Buffers, never trained; saved with the adapters.
         self.register_buffer("memory_center", torch.zeros(num_memory_tokens, hidden_size))
         self.register_buffer("memory_scale", torch.ones(()))
-        # The query reasoner's memory plus this times the compressor's memory of the same
-        # question, without gradient (see `encode`); set by stage 3, saved in clara.json.
-        self.query_prior_weight = 0.0
         self._trainable: dict[str, bool] = {}
         self.set_trainable(roles=(), backbone=False)
 
@@ -221,20 +218,9 @@ class ClaraModel(nn.Module):
         Returns (memory, token_states) where token_states are the
         last hidden states of the text tokens (B, T, d) for the alignment loss, not
         standardised (memory is; see `standardize_memory`).
-
-        With `query_prior_weight` w > 0 the query reasoner's memory is its own plus w
-        times the compressor's memory of the same text, without gradient. Scores are
-        inner products, so a query scores a document by the query reasoner's score plus
-        w times the similarity score: stage 3 learns a correction to similarity (which
-        relation, which document form answers) and keeps, for names it never trained
-        on, the compressor's sense of whom a text is about.
         """
         if role not in (Role.COMPRESSOR, Role.QUERY_REASONER):
             raise ValueError(f"encode takes the compressor or query reasoner role, not {role}")
-        prior = None
-        if role is Role.QUERY_REASONER and self.query_prior_weight > 0:
-            with torch.no_grad():
-                prior, _ = self.encode(Role.COMPRESSOR, input_ids, attention_mask)
         self.use(role)
         batch_size = input_ids.shape[0]
         token_embeds = self.lm.get_input_embeddings()(input_ids)  # (B, T, d)
@@ -249,8 +235,6 @@ class ClaraModel(nn.Module):
         if role.value in self.retrieval_gain:
             gain = self.retrieval_gain[role.value](slots).exp()  # (n_mem, 1)
             memory = memory * gain.unsqueeze(0).to(memory.dtype)
-        if prior is not None:
-            memory = memory + self.query_prior_weight * prior.to(memory.dtype)
         return memory, hidden[:, : -self.num_memory_tokens]
 
     def _standardized(self, states: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:

@@ -298,7 +298,6 @@ def stage3_loop(run: dict):
     trainable = ([Role.QUERY_REASONER] + ([Role.COMPRESSOR] if settings.trainable_compressor else [])
                  + ([Role.GENERATOR] if settings.train_generator else []))
     w = _setup(run, trainable, False, settings.optimiser, settings.micro_batch_size)
-    w.updater.module.query_prior_weight = settings.query_prior_weight
     start = 1 if w.resumed is None else w.resumed["step"] + 1
     if w.checkpoint_dir is not None:
         load_rank_state(w.checkpoint_dir, w.rank, w.updater.optimizer, w.updater.scheduler)

@@ -50,7 +50,6 @@ def _memory_qa(stage: str, step_function, trainable: list[Role], copy_compressor
     torch.manual_seed(worker.seed)
     model.set_trainable(trainable, backbone=settings.train_backbone)
     model.train()
-    model.query_prior_weight = settings.query_prior_weight
     settings = dataclasses.replace(settings, micro_batch_size=settings.micro_batch_size * workers)
     updater = TorchUpdater(model, settings.optimiser, bf16=worker.bf16)
     window, history, started = MetricWindow(settings.report_every, settings.steps), [], time.perf_counter()
@@ -98,7 +97,6 @@ def train_stage3(
     model.set_trainable([Role.QUERY_REASONER] + ([Role.COMPRESSOR] if settings.trainable_compressor else [])
                         + ([Role.GENERATOR] if settings.train_generator else []), backbone=False)
     model.train()
-    model.query_prior_weight = settings.query_prior_weight
     settings = dataclasses.replace(settings, micro_batch_size=settings.micro_batch_size * workers)
     updater = TorchUpdater(model, settings.optimiser, bf16=worker.bf16)
     anchor = ParameterAnchor(model, settings.anchor_weight, lower_weight=settings.lower_anchor_weight,

@@ -167,7 +167,6 @@ class Stage3Settings:
     anchor_start_step: int  # the pull back to the start counts after this step
     lower_anchor_weight: float  # the pull of the lower layers' LoRA, from the first step
     anchor_free_top_layers: int
-    query_prior_weight: float  # the compressor's memory of the question, this much, added to the query's
     train_generator: bool
     report_every: int
     checkpoint_every: int
@@ -199,7 +198,6 @@ class Stage3Settings:
             anchor_start_step=round(s3.anchor_start_fraction * steps),
             lower_anchor_weight=s3.lower_anchor_weight,
             anchor_free_top_layers=s3.anchor_free_top_layers,
-            query_prior_weight=s3.query_prior_weight,
             train_generator=s3.train_generator,
             report_every=s3.report_every,
             checkpoint_every=s3.checkpoint_every,

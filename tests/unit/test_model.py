@@ -128,29 +128,6 @@ def test_joint_gradient_reaches_query_reasoner_not_frozen_compressor():
         assert all(p.grad is None for p in params.values())
 
 
-def test_query_prior_adds_the_compressors_memory_without_gradient_and_is_saved_with_the_model(tmp_path):
-    model, tokenizer = make_model(num_memory_tokens=2)
-    model.eval()
-    with torch.no_grad():
-        compressor = _encode(model, tokenizer, Role.COMPRESSOR, TEXTS[:2])
-        plain = _encode(model, tokenizer, Role.QUERY_REASONER, TEXTS[:2])
-    model.query_prior_weight = 0.5
-    model.set_trainable([Role.QUERY_REASONER], backbone=False)
-    query = _encode(model, tokenizer, Role.QUERY_REASONER, TEXTS[:2])
-    assert torch.allclose(query, plain + 0.5 * compressor, atol=1e-5)
-    query.sum().backward()  # the query reasoner trains; the compressor's part is a constant
-    assert any(p.grad is not None and p.grad.abs().sum() > 0
-               for n, p in model.role_parameters(Role.QUERY_REASONER).items() if "lora_A" in n)
-    assert all(p.grad is None for p in model.role_parameters(Role.COMPRESSOR).values())
-    with torch.no_grad():  # the compressor's own encoding is untouched by the weight
-        assert torch.equal(compressor, _encode(model, tokenizer, Role.COMPRESSOR, TEXTS[:2]))
-    loaded, loaded_tokenizer, manifest = load_model(save_model(model, tokenizer, tmp_path / "m", "tiny", True))
-    loaded.eval()
-    assert manifest["query_prior_weight"] == loaded.query_prior_weight == 0.5
-    with torch.no_grad():
-        assert torch.allclose(_encode(loaded, loaded_tokenizer, Role.QUERY_REASONER, TEXTS[:2]), query, atol=1e-5)
-
-
 def test_save_load_round_trip(tmp_path):
     model, tokenizer = make_model()
     model.eval()
