@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Ray Train's controller polls its workers every 2 s by default and a stage waits out
-# several polls between start and finish; 0.25 s takes ~7 s off each small stage here.
+# several polls between start and finish; 0.25 s takes 5-7 s off each small stage here.
 # Processes the tests start (a local cluster, `ray start`, job drivers) inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
