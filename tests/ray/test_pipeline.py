@@ -148,14 +148,27 @@ def test_two_pipelines_on_one_cluster_one_killed_after_stage1_and_rerun(local_ra
     all the same, and a rerun of the killed one's config never trains stage 1 again
     and finishes its run (with stage 2). One training worker each: the two runs' stages
     fit beside each other on the 4 logical CPUs and really run at the same time."""
+    runs = {"other": [*_small_trap_run(tmp_path, "other"), "train.num_workers=1", "stage2.enabled=false"],
+            "killed": [*_small_trap_run(tmp_path, "killed"), "train.num_workers=1"]}
+    drivers = {name: _driver(local_ray, overrides, tmp_path / f"{name}.log") for name, overrides in runs.items()}
+    try:
+        _kill_after_stage1_and_rerun(drivers["killed"], tmp_path / "killed", runs["killed"])
+        assert drivers["other"].wait(timeout=1200) == 0, (tmp_path / "other.log").read_text(errors="replace")[-3000:]
+    finally:  # a failure above must not leave the other driver running on the session's cluster
+        if drivers["other"].poll() is None:
+            drivers["other"].kill()
+            drivers["other"].wait()
+    metrics = json.loads((tmp_path / "other" / "metrics.json").read_text())
+    assert set(metrics["results"]) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
+
+
+def _kill_after_stage1_and_rerun(killed, run_dir, overrides):
+    """Kill the driver `killed` once its run's stage 1 has finished, then rerun its
+    config here: stage 1 is not trained again and the run finishes."""
     import os
     import signal
     import time
 
-    runs = {"other": [*_small_trap_run(tmp_path, "other"), "train.num_workers=1", "stage2.enabled=false"],
-            "killed": [*_small_trap_run(tmp_path, "killed"), "train.num_workers=1"]}
-    drivers = {name: _driver(local_ray, overrides, tmp_path / f"{name}.log") for name, overrides in runs.items()}
-    killed, run_dir = drivers["killed"], tmp_path / "killed"
     try:
         deadline = time.monotonic() + 600
         while not (run_dir / "steps" / "stage1.json").exists():
@@ -168,17 +181,13 @@ def test_two_pipelines_on_one_cluster_one_killed_after_stage1_and_rerun(local_ra
     stage1_files = {p: p.stat().st_mtime_ns for p in (run_dir / "models" / "stage1").rglob("*") if p.is_file()}
 
     messages: list[str] = []
-    summary = run_pipeline(load_config(None, runs["killed"]), log=messages.append)
+    summary = run_pipeline(load_config(None, overrides), log=messages.append)
     assert any("stage1 finished in an earlier attempt" in m for m in messages)
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "models" / "stage1").rglob("*") if p.is_file()} == stage1_files
     assert (run_dir / "steps" / "stage2.json").exists() and (run_dir / "steps" / "stage3.json").exists()
     assert (run_dir / "report.md").exists()
     assert set(summary["results"]) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
     assert os.path.exists(summary["models"]["stage3"])
-
-    assert drivers["other"].wait(timeout=1200) == 0, (tmp_path / "other.log").read_text(errors="replace")[-3000:]
-    metrics = json.loads((tmp_path / "other" / "metrics.json").read_text())
-    assert set(metrics["results"]) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
 
 
 def test_run_directory_of_another_config_is_refused(local_ray, tmp_path):
