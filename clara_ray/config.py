@@ -90,6 +90,13 @@ class ReconstructionOrder(str, enum.Enum):
     REVERSED = "reversed"
 
 
+class UnanswerableFrom(str, enum.Enum):
+    """Which document a stage-1 unanswerable example reads in place of its gold one."""
+
+    RIVALS = "rivals"  # the same ask's gold document about another subject
+    NEIGHBOURS = "neighbours"  # a BM25 neighbour of the question that does not state its answer
+
+
 class CompressorMode(str, enum.Enum):
     """Whether stage 3 trains the compressor (and so re-encodes the corpus as it goes)."""
 
@@ -340,12 +347,15 @@ class Stage1Config(_Section):
     # matches the question's memory against the documents' (the compressor is the
     # query reasoner's start, so questions and documents learn one encoding of names).
     question_memory_rate: float = Field(0.0, ge=0, le=1)
-    # Share of QA examples made unanswerable: the gold document is left out and one
-    # of the question's rivals (the same ask about another subject) read instead,
-    # the target "unknown". The generator must then check whose fact it reads, so
-    # stage 3's loss tells the right subject's document from another subject's that
-    # happens to state the same value (needs rival_pool > 0).
+    # Share of QA examples made unanswerable: the gold document is left out, another
+    # read in its place, and the target is "unknown". unanswerable_from picks that
+    # document: rivals = one of the question's rivals (the same ask about another
+    # subject; needs rival_pool > 0), so the generator checks whose fact it reads;
+    # neighbours = one of the question's BM25 neighbours that does not contain its
+    # answer (the asked subject's echoes and near misses, "X is not V"), so the
+    # generator does not take a value from a document that only mentions it.
     unanswerable_rate: float = Field(0.0, ge=0, le=1)
+    unanswerable_from: UnanswerableFrom = UnanswerableFrom.RIVALS
     report_every: int = Field(25, gt=0)
     # A checkpoint (weights, optimizer, schedule, data position, random state) every
     # this many steps and after the last; a failed worker costs at most this many.

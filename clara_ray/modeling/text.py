@@ -17,7 +17,7 @@ RECONSTRUCTION_INSTRUCTION = "Repeat the document:"
 
 
 # The target of a stage-1 QA example whose documents do not answer it (another
-# subject's fact in place of the gold one: stage1.unanswerable_rate).
+# document in place of the gold one: stage1.unanswerable_rate).
 UNANSWERABLE = "unknown"
 
 

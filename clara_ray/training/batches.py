@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from clara_ray.config import ReconstructionOrder
+from clara_ray.config import ReconstructionOrder, UnanswerableFrom
 from clara_ray.data.formats import Document
 from clara_ray.eval.baselines import bm25_rankings
 
@@ -232,7 +232,7 @@ def memory_qa_batch(
         examples, documents, 1 if single else settings.max_context_docs, num_memory_tokens, tokenizer, lengths, rng,
         settings.reconstruction_order, settings.counterfactual_rate, answers, settings.hard_distractor_fraction,
         1 if single else settings.min_context_docs, settings.question_memory_rate, settings.unanswerable_rate,
-        rivals_as_distractors=not single and step <= settings.single_document_steps + settings.rival_steps,
+        settings.unanswerable_from, rivals_as_distractors=not single and step <= settings.single_document_steps + settings.rival_steps,
     )
 
 
@@ -278,15 +278,18 @@ def stage1_batch(
     min_context_docs: int | None = None,
     question_memory_rate: float = 0.0,
     unanswerable_rate: float = 0.0,
+    unanswerable_from: UnanswerableFrom = UnanswerableFrom.RIVALS,
     rivals_as_distractors: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Model inputs for `ClaraModel(Objective.COMPRESSOR_PRETRAINING, ...)`.
 
     With probability `question_memory_rate` a QA example's question is compressed
     too, read as its last memory, and the prompt only says to answer it. With
-    probability `unanswerable_rate` a QA example with rivals reads one of them in
-    place of its gold document (its stated answer swapped like a counterfactual one),
-    and the target is UNANSWERABLE. Rivals join the distractors while
+    probability `unanswerable_rate` a QA example reads, in place of its gold
+    document, one of its rivals or of its neighbours that does not contain its
+    answer (`unanswerable_from`; the document's stated answer swapped like a
+    counterfactual one), and the target is UNANSWERABLE; an example with no such
+    document stays answerable. Rivals join the distractors while
     `rivals_as_distractors`.
 
     A QA example reads between `min_context_docs` (default: all) and
@@ -307,10 +310,16 @@ def stage1_batch(
             if answer_pool and rng.random() < counterfactual_rate:
                 document, answer = counterfactual(document, answer, answer_pool, rng)
             drawing = example if rivals_as_distractors else dataclasses.replace(example, rivals=())
-            if example.rivals and unanswerable_rate and rng.random() < unanswerable_rate:
-                rival = rng.choice(example.rivals)
-                document, answer = _stated_counterfactual(documents[rival], answer_pool, counterfactual_rate, rng), UNANSWERABLE
-                drawing = dataclasses.replace(drawing, rivals=tuple(r for r in drawing.rivals if r != rival))
+            stand_ins = _stand_ins(example, documents, unanswerable_from) if unanswerable_rate else ()
+            if stand_ins and rng.random() < unanswerable_rate:
+                stand_in = rng.choice(stand_ins)
+                document = _stated_counterfactual(documents[stand_in], answer_pool, counterfactual_rate, rng)
+                answer = UNANSWERABLE
+                drawing = dataclasses.replace(
+                    drawing,
+                    rivals=tuple(r for r in drawing.rivals if r != stand_in),
+                    neighbours=tuple(n for n in drawing.neighbours if n != stand_in),
+                )
             size = rng.randint(min_context_docs, num_context_docs)
             context = [documents[i] for i in _distractors(drawing, len(documents), size - 1, hard_fraction, rng)]
             context.insert(rng.randrange(size), document)
@@ -345,6 +354,14 @@ def stage1_batch(
         "target_mask": target.mask,
         "is_qa": torch.tensor([e.question is not None for e in examples]),
     }
+
+
+def _stand_ins(example: Stage1Example, documents: Sequence[str], source: UnanswerableFrom) -> tuple[int, ...]:
+    """The documents an unanswerable version of `example` may read in place of its gold one."""
+    if source is UnanswerableFrom.RIVALS:
+        return example.rivals
+    answer = example.answer.lower()
+    return tuple(n for n in example.neighbours if answer not in documents[n].lower())
 
 
 def _stated_counterfactual(document: str, answer_pool: list[str], rate: float, rng: random.Random) -> str:

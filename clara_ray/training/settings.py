@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clara_ray.config import CompressorMode, Config, ConfigError, DType, ReconstructionOrder
+from clara_ray.config import CompressorMode, Config, ConfigError, DType, ReconstructionOrder, UnanswerableFrom
 from clara_ray.modeling.clara import Distillation
 from clara_ray.training.batches import Lengths
 from clara_ray.training.engine import OptimiserSettings
@@ -74,6 +74,7 @@ class Stage1Settings:
     max_context_docs: int
     question_memory_rate: float
     unanswerable_rate: float
+    unanswerable_from: UnanswerableFrom
     train_backbone: bool
     report_every: int
     checkpoint_every: int
@@ -95,6 +96,7 @@ class Stage1Settings:
             min_context_docs=s1.min_context_docs,
             question_memory_rate=s1.question_memory_rate,
             unanswerable_rate=s1.unanswerable_rate,
+            unanswerable_from=s1.unanswerable_from,
             max_context_docs=s1.max_context_docs,
             train_backbone=config.model.train_backbone_in_stage1,
             report_every=s1.report_every,
@@ -123,6 +125,7 @@ class Stage2Settings:
     reconstruction_order: ReconstructionOrder = ReconstructionOrder.FORWARD  # no reconstruction examples
     question_memory_rate: float = 0.0
     unanswerable_rate: float = 0.0
+    unanswerable_from: UnanswerableFrom = UnanswerableFrom.RIVALS
     train_backbone: bool = False
 
     @property

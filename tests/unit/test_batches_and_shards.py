@@ -159,6 +159,39 @@ def test_an_unanswerable_example_reads_a_rival_in_place_of_its_gold_document():
             assert read.startswith("Radjor Galdun works as a") and targets[j] != UNANSWERABLE
 
 
+def test_an_unanswerable_example_from_neighbours_reads_one_that_does_not_contain_its_answer():
+    """unanswerable_from=neighbours: asked about Radjor (gold 3, 'baker') with neighbours 0
+    (Zorvan, no 'baker') and 4 (names Radjor and 'baker'): an unanswerable example reads
+    document 0, never 4 (it holds the answer) nor the gold one; an example whose only
+    neighbour holds its answer always stays answerable."""
+    from clara_ray.config import UnanswerableFrom
+    from clara_ray.modeling.text import UNANSWERABLE
+
+    _, tokenizer = make_model()
+    texts = TEXTS[:4] + ["Radjor Galdun once met a baker."]
+    lengths = Lengths(doc=64, question=64, answer=6, reconstruction=30)
+
+    def read_and_targets(neighbours):
+        examples = [Stage1Example(3, "Which job does Radjor Galdun do?", "baker", neighbours=neighbours)] * 40
+        batch = stage1_batch(examples, texts, 1, 2, tokenizer, lengths, random.Random(0), answer_pool=["baker"],
+                             hard_fraction=1.0, unanswerable_rate=0.5,
+                             unanswerable_from=UnanswerableFrom.NEIGHBOURS)
+        read = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in batch["doc_ids"]]
+        targets = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in batch["target_ids"]]
+        return read, targets  # one document per example (num_context_docs 1)
+
+    read, targets = read_and_targets((0, 4))
+    unanswerable = [j for j, target in enumerate(targets) if target == UNANSWERABLE]
+    assert 0 < len(unanswerable) < 40  # about half
+    for j, text in enumerate(read):
+        if j in unanswerable:
+            assert text.startswith("Zorvan Kellit grew up in")
+        else:
+            assert text.startswith("Radjor Galdun works as a") and targets[j] != UNANSWERABLE
+    read, targets = read_and_targets((4,))
+    assert UNANSWERABLE not in targets and all(text.startswith("Radjor Galdun works as a") for text in read)
+
+
 def test_qa_reads_its_gold_document_alone_first_then_among_rivals_then_among_neighbours():
     """stage1.single_document_fraction 0.2, rival_steps_fraction 0.3 of 10 steps: steps 1-2
     read one document per QA example, steps 3-5 draw their distractor from the neighbour
