@@ -232,7 +232,8 @@ def memory_qa_batch(
         examples, documents, 1 if single else settings.max_context_docs, num_memory_tokens, tokenizer, lengths, rng,
         settings.reconstruction_order, settings.counterfactual_rate, answers, settings.hard_distractor_fraction,
         1 if single else settings.min_context_docs, settings.question_memory_rate, settings.unanswerable_rate,
-        settings.unanswerable_from, rivals_as_distractors=not single and step <= settings.single_document_steps + settings.rival_steps,
+        settings.unanswerable_from,
+        rivals_as_distractors=not single and step <= settings.single_document_steps + settings.rival_steps,
     )
 
 
