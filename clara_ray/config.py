@@ -95,6 +95,7 @@ class UnanswerableFrom(str, enum.Enum):
 
     RIVALS = "rivals"  # the same ask's gold document about another subject
     NEIGHBOURS = "neighbours"  # a BM25 neighbour of the question that does not state its answer
+    BOTH = "both"  # one of either, drawn from the two pools together
 
 
 class CompressorMode(str, enum.Enum):
@@ -353,7 +354,8 @@ class Stage1Config(_Section):
     # subject; needs rival_pool > 0), so the generator checks whose fact it reads;
     # neighbours = one of the question's BM25 neighbours that does not contain its
     # answer (the asked subject's echoes and near misses, "X is not V"), so the
-    # generator does not take a value from a document that only mentions it.
+    # generator does not take a value from a document that only mentions it; both =
+    # one drawn from the two pools together.
     unanswerable_rate: float = Field(0.0, ge=0, le=1)
     unanswerable_from: UnanswerableFrom = UnanswerableFrom.RIVALS
     report_every: int = Field(25, gt=0)

@@ -359,10 +359,12 @@ def stage1_batch(
 
 def _stand_ins(example: Stage1Example, documents: Sequence[str], source: UnanswerableFrom) -> tuple[int, ...]:
     """The documents an unanswerable version of `example` may read in place of its gold one."""
+    rivals = example.rivals if source in (UnanswerableFrom.RIVALS, UnanswerableFrom.BOTH) else ()
     if source is UnanswerableFrom.RIVALS:
-        return example.rivals
+        return rivals
     answer = example.answer.lower()
-    return tuple(n for n in example.neighbours if answer not in documents[n].lower())
+    neighbours = tuple(n for n in example.neighbours if n not in rivals and answer not in documents[n].lower())
+    return rivals + neighbours
 
 
 def _stated_counterfactual(document: str, answer_pool: list[str], rate: float, rng: random.Random) -> str:

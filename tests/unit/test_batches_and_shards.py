@@ -192,6 +192,26 @@ def test_an_unanswerable_example_from_neighbours_reads_one_that_does_not_contain
     assert UNANSWERABLE not in targets and all(text.startswith("Radjor Galdun works as a") for text in read)
 
 
+def test_an_unanswerable_example_from_both_pools_reads_a_rival_or_a_neighbour_without_its_answer():
+    """unanswerable_from=both, asked about Radjor (gold 3, 'baker') with rival 2 (Quipel's
+    cello) and neighbours 0 (Zorvan, no 'baker') and 4 (names 'baker'): unanswerable
+    examples read the rival and the neighbour 0, both, and never document 4 or the gold one."""
+    from clara_ray.config import UnanswerableFrom
+    from clara_ray.modeling.text import UNANSWERABLE
+
+    _, tokenizer = make_model()
+    texts = TEXTS[:4] + ["Radjor Galdun once met a baker."]
+    examples = [Stage1Example(3, "Which job does Radjor Galdun do?", "baker", neighbours=(0, 4), rivals=(2,))] * 60
+    batch = stage1_batch(examples, texts, 1, 2, tokenizer, Lengths(doc=64, question=64, answer=6, reconstruction=30),
+                         random.Random(0), answer_pool=["baker"], hard_fraction=1.0, unanswerable_rate=0.5,
+                         unanswerable_from=UnanswerableFrom.BOTH, rivals_as_distractors=False)
+    read = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in batch["doc_ids"]]
+    targets = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in batch["target_ids"]]
+    stand_ins = {read[j][:6] for j, target in enumerate(targets) if target == UNANSWERABLE}
+    assert stand_ins == {"Quipel", "Zorvan"}
+    assert all(read[j].startswith("Radjor Galdun works as a") for j, t in enumerate(targets) if t != UNANSWERABLE)
+
+
 def test_qa_reads_its_gold_document_alone_first_then_among_rivals_then_among_neighbours():
     """stage1.single_document_fraction 0.2, rival_steps_fraction 0.3 of 10 steps: steps 1-2
     read one document per QA example, steps 3-5 draw their distractor from the neighbour
