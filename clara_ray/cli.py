@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -76,10 +77,32 @@ def start_ray(address: str | None, dashboard: bool = True):
                   "(--address local starts a private Ray instead)", file=sys.stderr)
     if address and address != "local":
         return ray.init(address=address, runtime_env=runtime_env)
-    # Logical CPUs above the core count leave room for Ray Data's small tasks and
-    # the index actor beside the training workers; the work itself is light.
-    return ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=dashboard,
-                    runtime_env=runtime_env)
+    # A worker that asks the State API for "the" cluster (Train's placement-group
+    # cleaner does, every second) finds it from RAY_ADDRESS, else by looking for
+    # running instances; beside another instance on this machine that lookup fails,
+    # the cleaner's thread dies and a trial Tune stops keeps its CPUs for good (a
+    # sweep then waits forever). So the private instance's GCS port is picked here
+    # and its workers are told the address.
+    port = _free_port()
+    runtime_env["env_vars"]["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by Ray when it starts the head's GCS
+    try:
+        # Logical CPUs above the core count leave room for Ray Data's small tasks and
+        # the index actor beside the training workers; the work itself is light.
+        return ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=dashboard,
+                        runtime_env=runtime_env)
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT")
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def running_cluster_address() -> str | None:

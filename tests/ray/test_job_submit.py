@@ -237,3 +237,29 @@ def test_start_ray_joins_only_a_cluster_that_runs(monkeypatch):
 
     assert [(call["address"], "num_cpus" in call) for call in calls] == [
         ("10.0.0.5:6379", False), ("local", True), ("local", True), ("10.0.0.7:6379", False)]
+
+
+def test_workers_of_a_local_instance_find_it_beside_another_one(local_ray, tmp_path):
+    """With a second Ray instance on the machine, a worker's State API call (as Train's
+    placement-group cleaner makes every second) still finds its own cluster: start_ray
+    tells the workers of the instance it starts its address."""
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import ray, sys; ray.init(address='local', num_cpus=1, include_dashboard=False); "
+                               "print('up', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert other.stdout.readline().strip() == "up"
+
+        @local_ray.remote
+        def own_cluster():
+            from ray.util.state import list_nodes
+
+            nodes = [node.node_id for node in list_nodes()]  # beside another instance: which cluster?
+            return os.environ.get("RAY_ADDRESS", ""), nodes
+
+        address, nodes = local_ray.get(own_cluster.remote())
+        assert address.endswith(":" + local_ray.get_runtime_context().gcs_address.rsplit(":", 1)[1])
+        assert nodes == [local_ray.get_runtime_context().get_node_id()]
+    finally:
+        other.stdin.close()
+        other.wait(timeout=60)
