@@ -6,7 +6,7 @@ import yaml
 
 from clara_ray.cli import _parser, run_sweep_command
 from clara_ray.config import load_config
-from clara_ray.pipeline import run_pipeline
+from clara_ray.pipeline import Run
 from clara_ray.sweep import SWEPT, SourceRun, run_sweep
 
 pytestmark = pytest.mark.ray
@@ -22,26 +22,31 @@ RUN = [
     # tested in test_training.py and test_pipeline.py.
     "train.num_workers=1",
 ]
-# Four trials one at a time, so ASHA's decisions are deterministic, and made by
+# Three trials one at a time, so ASHA's decisions are deterministic, and made by
 # design rather than by how training goes: at a learning rate of 1e-6 the query
 # reasoner does not move in 4 steps, so every trial ranks the validation questions'
 # candidates alike, and a trial that keeps L = 3 candidates has a lower validation
 # MRR than one that keeps 64 (a gold document ranked 4th to 64th counts in the
-# latter only). Sweep seed 1 draws L = 64, 3, 64, 3: ASHA (grace 4, reduction
-# factor 2) stops the second trial at step 4 (below the first) and the fourth
-# (below the median of four).
+# latter only). Sweep seed 1 draws L = 64, 3, 64: ASHA (grace 4, reduction
+# factor 2) stops the second trial at step 4 (below the first) and lets the third
+# (above the median of the first two) run to step 8.
 SWEEP = [
-    "sweep.num_trials=4", "sweep.steps=8", "sweep.grace_steps=4", "sweep.reduction_factor=2",
+    "sweep.num_trials=3", "sweep.steps=8", "sweep.grace_steps=4", "sweep.reduction_factor=2",
     "sweep.max_concurrent_trials=1", "stage3.report_every=4", "sweep.num_candidates=[3, 64]",
     "sweep.learning_rate=[1.0e-6, 2.0e-6]", "sweep.seed=1",
 ]
 
 
 def test_sweep_over_stage3_stops_trials_early_and_writes_a_runnable_best_config(local_ray, tmp_path, capsys):
-    run_pipeline(load_config(None, [*RUN, f"run.output_dir={tmp_path}", "run.name=base"]), log=lambda m: None)
+    # A sweep needs a run's stage 1 and encoded corpus, not its stage 3: the run stops there.
+    base = Run(load_config(None, [*RUN, f"run.output_dir={tmp_path}", "run.name=base"]), log=lambda m: None)
+    base.train(1)
+    base.encode_corpus()
+    base.build_index()
+    assert not (tmp_path / "base" / "steps" / "stage3.json").exists()
     # The command, as a user runs it: half the sweep's settings in a --config file, half as overrides.
     sweep_file = tmp_path / "sweep.yaml"
-    sweep_file.write_text("sweep:\n  num_trials: 4\n  steps: 8\n  grace_steps: 4\n  num_candidates: [3, 64]\n"
+    sweep_file.write_text("sweep:\n  num_trials: 3\n  steps: 8\n  grace_steps: 4\n  num_candidates: [3, 64]\n"
                           "stage3:\n  report_every: 4\n")
     args = _parser().parse_args(["sweep", "--from-run", str(tmp_path / "base"), "--config", str(sweep_file),
                                  *[o for o in SWEEP if not o.startswith(("sweep.num_trials", "sweep.steps",
@@ -55,11 +60,11 @@ def test_sweep_over_stage3_stops_trials_early_and_writes_a_runnable_best_config(
 
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == summary["trials"] == 4
-    assert all(int(r["last_step"]) in (4, 8) for r in rows)
+    assert len(rows) == summary["trials"] == 3
+    assert all(int(r["last_step"]) == 8 for r in rows if r["stopped_early"] == "False")
     stopped = [r for r in rows if r["stopped_early"] == "True"]
     assert stopped and summary["stopped_early"] == len(stopped) and all(int(r["last_step"]) == 4 for r in stopped)
-    assert sorted(int(r["num_candidates"]) for r in stopped) == [3, 3]  # ASHA stopped the worse trials
+    assert [int(r["num_candidates"]) for r in stopped] == [3]  # ASHA stopped the worse trial, and only it
     assert "yes (ASHA)" in (out / "results.md").read_text()
     assert (out / "temperature.png").stat().st_size > 0
     # Validation questions are held out of the stage-3 training questions.
