@@ -228,3 +228,24 @@ def test_killed_encoder_actor_is_replaced_and_nothing_is_lost_or_doubled(local_r
     assert "summary" in result, "the encode did not finish after its actor was killed"
     assert sorted(_encoded_ids(output)) == sorted(good_ids)
     assert result["summary"].num_encoded == len(good_ids)
+
+
+@pytest.mark.parametrize("driver_max_rows", [10, 0], ids=["counted in the driver", "Ray Data groupby"])
+def test_an_id_written_to_two_shards_fails_the_exactly_once_check(local_ray, tmp_path, driver_max_rows):
+    """The manifest's last check, both ways it counts: ids unique across shards pass;
+    one id in two shards is named in the error."""
+    import numpy as np
+
+    from clara_ray.memory_shards import memory_table
+
+    def shard(name, ids):
+        path = tmp_path / name
+        pq.write_table(memory_table(ids, np.ones((len(ids), 2, 4), np.float32), [3] * len(ids), [False] * len(ids)),
+                       path)
+        return path
+
+    unique = [shard("a.parquet", ["d1", "d2"]), shard("b.parquet", ["d3"])]
+    encode._check_exactly_once(tmp_path, unique, {"num_encoded": 3}, 3, None, driver_max_rows)
+    doubled = [*unique, shard("c.parquet", ["d2"])]
+    with pytest.raises(RuntimeError, match="encoded more than once.*d2"):
+        encode._check_exactly_once(tmp_path, doubled, {"num_encoded": 4}, 4, None, driver_max_rows)
