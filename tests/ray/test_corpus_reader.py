@@ -196,8 +196,9 @@ def test_mixed_corpus_reconciles_exactly(local_ray, tmp_path):
         paths, on_bad_row=QUARANTINE, rows_per_block=200, max_line_bytes=LONG_LINE_LIMIT
     ).materialize()
 
-    duplicates = find_duplicate_ids(rows, num_partitions=2)
+    duplicates = find_duplicate_ids(rows, num_partitions=2)  # a shuffle on the cluster
     assert duplicates == {doc_id: expected_kept[doc_id] for _, doc_id in repeats}
+    assert find_duplicate_ids(rows, num_partitions=1) == duplicates  # grouped in the driver
     rows = mark_duplicate_ids(rows, duplicates, QUARANTINE).materialize()
 
     counts = count_corpus_rows(rows)
