@@ -5,7 +5,8 @@
 Each step is a streaming Ray Data job over the input files (see
 ``clara_ray/data/corpus_reader.py`` for formats and bad rows):
 
-1. duplicate ids: a groupby over the ids; only duplicated ids reach the driver.
+1. duplicate ids: a groupby over the ids; only duplicated ids reach the driver
+   (on a corpus of one shuffle partition the driver groups the ids itself).
 2. counts: input rows, good rows, bad rows by kind (a Ray aggregation).
 3. quarantine: every bad row, with its reason, to ``<output>/quarantine/*.json``.
 4. encode: good rows -> ``map_batches(CompressorActor)`` on an actor pool that
