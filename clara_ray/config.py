@@ -98,6 +98,13 @@ class UnanswerableFrom(str, enum.Enum):
     BOTH = "both"  # one of either, drawn from the two pools together
 
 
+class WorldSwap(str, enum.Enum):
+    """What a stage-3 counterfactual world permutes (clara_ray/training/worlds.py)."""
+
+    VALUES = "values"  # the training answers, within their kinds
+    NAMES = "names"  # the training questions' subjects, among themselves
+
+
 class CompressorMode(str, enum.Enum):
     """Whether stage 3 trains the compressor (and so re-encodes the corpus as it goes)."""
 
@@ -467,6 +474,11 @@ class Stage3Config(_Section):
     # reasoner cannot fit its training questions by remembering their answers and
     # must match the question's subject to the document's. 0 = off (CLaRa).
     counterfactual_rate: float = Field(0.0, ge=0, le=1)
+    # values: the answers permuted within their kinds (a remembered answer points at the
+    # wrong documents); names: the questions' subjects permuted among themselves in
+    # question and documents alike (a remembered person -> document pairing points at
+    # the wrong documents, so only matching the name carries).
+    counterfactual_swap: WorldSwap = WorldSwap.VALUES
     # Worlds start after this fraction of the steps: a world swaps values across kinds
     # (a city question's answer may become an instrument), so before retrieval has taken
     # off it hides what takes it off, that another subject's document of the asked kind

@@ -106,7 +106,8 @@ def train_stage3(
         worlds = CounterfactualWorlds.of_questions(questions.questions, questions.answers,
                                                    settings.counterfactual_rate, worker.seed,
                                                    start_step=settings.counterfactual_start_step,
-                                                   num_worlds=settings.counterfactual_worlds)
+                                                   num_worlds=settings.counterfactual_worlds,
+                                                   swap=settings.counterfactual_swap)
     window, history, started = MetricWindow(settings.report_every, settings.steps), [], time.perf_counter()
     for step, batch in stage3_batches(questions, settings.micro_batch_size, settings.steps, worker.seed):
         learning_rate = updater.learning_rate()

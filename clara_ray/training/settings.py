@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clara_ray.config import CompressorMode, Config, ConfigError, DType, ReconstructionOrder, UnanswerableFrom
+from clara_ray.config import (
+    CompressorMode, Config, ConfigError, DType, ReconstructionOrder, UnanswerableFrom, WorldSwap,
+)
 from clara_ray.modeling.clara import Distillation
 from clara_ray.training.batches import Lengths
 from clara_ray.training.engine import OptimiserSettings
@@ -177,6 +179,7 @@ class Stage3Settings:
     refresh_every: int = 0  # steps between background index refreshes (0: after the last step only)
     counterfactual_rate: float = 0.0  # share of steps in a counterfactual world (training/worlds.py)
     counterfactual_start_step: int = 0  # worlds are drawn only after this step
+    counterfactual_swap: WorldSwap = WorldSwap.VALUES  # what a world permutes
     counterfactual_worlds: int = 0  # fixed worlds to draw from (0: a fresh one every step)
 
     @classmethod
@@ -208,5 +211,6 @@ class Stage3Settings:
             refresh_every=s3.refresh_every,
             counterfactual_rate=s3.counterfactual_rate,
             counterfactual_start_step=round(s3.counterfactual_start_fraction * steps),
+            counterfactual_swap=s3.counterfactual_swap,
             counterfactual_worlds=s3.counterfactual_worlds,
         )

@@ -1,5 +1,6 @@
-"""Counterfactual worlds for stage 3: the training answers' values permuted across
-the corpus, so that a question's answer can only be read, never remembered.
+"""Counterfactual worlds for stage 3: the training answers' values, or the training
+questions' subjects, permuted across the corpus, so that what a question asks can
+only be read and matched, never remembered.
 
 Stage 3 trains the query reasoner by the generator's loss on the answer. On its
 training questions the reasoner can lower that loss without knowing whose
@@ -12,6 +13,14 @@ documents and target), so a remembered value points at the wrong documents and
 only matching the question's subject to the document's finds the one that
 answers. Gold labels are not used: the permutation is the same for every
 document.
+
+It can also learn each training person's documents one by one ("X's city question
+-> that document") instead of a way to match a name in the question to the name in
+a document. A *name* world permutes the training questions' subjects among
+themselves (`question_subjects`: a question's run of rare words, "Ann Berg"), in
+question and documents alike: X's question now asks about the person whose
+documents carry X's name, so a remembered pairing points at the wrong person and
+only the name match carries, as it must for people no training question asks about.
 
     worlds = CounterfactualWorlds.of_questions(questions, answers, rate=1.0, seed=0, rank=0)
     world = worlds.draw(step)            # None for the steps trained in the real world
@@ -28,6 +37,8 @@ import random
 import re
 from collections import Counter
 from collections.abc import Sequence
+
+from clara_ray.config import WorldSwap
 
 _WORD = re.compile(r"\w+")
 
@@ -86,11 +97,37 @@ def answer_kinds(questions: Sequence[str], answers: Sequence[str], min_share: fl
     return sorted(sorted(kind) for kind in kinds.values())
 
 
+def question_subjects(questions: Sequence[str], min_share: float = 0.02) -> list[str]:
+    """The subjects of the questions: in each, its one run of consecutive capitalised
+    words, as written ("Which city was Ann Berg born in?" -> "Ann Berg"); its first
+    word counts only if it is rare (fewer than `min_share` of the questions use it, as
+    in `answer_kinds`), so "Which" never does. A question with no such run or with
+    two has no subject. Distinct subjects, sorted."""
+    tokens = [list(_WORD.finditer(q)) for q in questions]
+    counts = Counter(w for matches in tokens for w in {m.group(0).lower() for m in matches})
+    rare = {w for w, n in counts.items() if n < min_share * len(questions)}
+    subjects = set()
+    for question, matches in zip(questions, tokens):
+        runs: list[list[re.Match]] = []
+        for i, match in enumerate(matches):
+            word = match.group(0)
+            if not word[0].isupper() or (i == 0 and word.lower() not in rare):
+                continue
+            previous = matches[i - 1] if i else None
+            if runs and runs[-1][-1] is previous and question[previous.end():match.start()].isspace():
+                runs[-1].append(match)
+            else:
+                runs.append([match])
+        if len(runs) == 1:
+            subjects.add(question[runs[0][0].start():runs[0][-1].end()])
+    return sorted(subjects)
+
+
 class CounterfactualWorlds:
-    """For each step after `start_step`, with probability `rate`, a permutation of the
-    answers within each of their kinds (``answer_kinds``: a city's answer becomes
+    """For each step after `start_step`, with probability `rate`, a permutation of
+    the values within each of their kinds (``answer_kinds``: a city's answer becomes
     another city, so the documents of the asked kind still read better than echoes of
-    the question): one of `num_worlds` fixed ones, the same on every rank, whose
+    the question; or one kind, the questions' subjects): one of `num_worlds` fixed ones, the same on every rank, whose
     rewritten documents are compressed once each (``World.memory``); or, with
     `num_worlds` 0, a fresh one every step. Drawn from (seed, step, rank), so a resumed
     run draws the same worlds."""
@@ -103,8 +140,12 @@ class CounterfactualWorlds:
 
     @classmethod
     def of_questions(cls, questions: Sequence[str], answers: Sequence[str], rate: float, seed: int, rank: int = 0,
-                     start_step: int = 0, num_worlds: int = 0) -> CounterfactualWorlds:
-        return cls(answer_kinds(questions, answers), rate, seed, rank, start_step, num_worlds)
+                     start_step: int = 0, num_worlds: int = 0,
+                     swap: WorldSwap = WorldSwap.VALUES) -> CounterfactualWorlds:
+        """Worlds that permute the answers within their kinds (`swap` values) or the
+        questions' subjects among themselves (names)."""
+        kinds = answer_kinds(questions, answers) if swap == WorldSwap.VALUES else [question_subjects(questions)]
+        return cls(kinds, rate, seed, rank, start_step, num_worlds)
 
     def draw(self, step: int) -> World | None:
         rng = random.Random(f"counterfactual-world:{self.seed}:{step}:{self.rank}")

@@ -3,7 +3,8 @@
 import pytest
 
 from clara_ray.data.trap import generate_trap_corpus
-from clara_ray.training.worlds import CounterfactualWorlds, World, answer_kinds
+from clara_ray.config import WorldSwap
+from clara_ray.training.worlds import CounterfactualWorlds, World, answer_kinds, question_subjects
 
 
 def test_a_world_swaps_whole_values_everywhere_the_same_way():
@@ -80,3 +81,32 @@ def test_fixed_worlds_are_shared_by_ranks_and_drawn_again():
     assert [w.mapping for w in ranks[0].fixed] == [w.mapping for w in ranks[1].fixed]
     drawn = [ranks[0].draw(step) for step in range(1, 40)]
     assert {id(w) for w in drawn} == {id(w) for w in ranks[0].fixed}  # the same objects, with their memory
+
+
+def test_the_subject_of_a_question_is_its_run_of_capitalised_words():
+    questions = ["Which city was Ann Berg born in?", "What does Ann Berg do?", "Which city was Bo born in?",
+                 "Which city was Cy Dahl born in?", "Did Ann meet Bo?", "which city was born in?",
+                 "Eve Falk was born where?"]
+    # "Which" opens many questions; "Eve" opens one (rare): a name at the start counts.
+    assert question_subjects(questions, min_share=0.2) == ["Ann Berg", "Bo", "Cy Dahl", "Eve Falk"]
+
+
+@pytest.mark.parametrize("family", ["bundled", "wide", "near_miss"])
+def test_name_worlds_permute_the_training_people_everywhere_and_leave_the_others(family):
+    corpus = generate_trap_corpus(160, 0.5, 0, family)
+    questions = [q.question for q in corpus.train_qa]
+    subjects = question_subjects(questions)
+    assert len(subjects) == 80 and all(len(s.split()) == 2 for s in subjects)  # the 80 training people
+    worlds = CounterfactualWorlds.of_questions(questions, [q.answers[0] for q in corpus.train_qa], 1.0, seed=0,
+                                               num_worlds=4, swap=WorldSwap.NAMES)
+    world = worlds.draw(1)
+    assert sorted(world.mapping) == subjects and sorted(world.mapping.values()) == subjects
+    assert sum(a != b for a, b in world.mapping.items()) > 70
+    documents = {d.id: d.text for d in corpus.documents}
+    for qa in corpus.train_qa[:20]:
+        subject = next(s for s in subjects if s in qa.question)
+        renamed = world.mapping[subject]
+        assert world.text(qa.question) == qa.question.replace(subject, renamed)
+        assert world.text(documents[qa.gold_doc_ids[0]]) == documents[qa.gold_doc_ids[0]].replace(subject, renamed)
+    for qa in corpus.test_qa:  # people no training question asks about keep their documents
+        assert world.text(documents[qa.gold_doc_ids[0]]) == documents[qa.gold_doc_ids[0]]
