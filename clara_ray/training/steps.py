@@ -99,9 +99,10 @@ def stage3_step(
     and those fresh memories are re-scored and read.
 
     In a step that `worlds` draws a counterfactual world for (see
-    ``clara_ray.training.worlds``), question, candidate texts (`documents(ids)`) and
-    answer are rewritten in that world; the candidates are compressed again, by the
-    frozen compressor without gradient unless it trains."""
+    ``clara_ray.training.worlds``), the real question proposes the L candidates, then
+    question, candidate texts (`documents(ids)`) and answer are rewritten in that world;
+    the candidates are compressed again, by the frozen compressor without gradient
+    unless it trains, and scored against the rewritten question."""
     model, device = updater.module, updater.device
     clock = _Clock(device)
     world = worlds.draw(step) if worlds is not None else None
@@ -111,8 +112,13 @@ def stage3_step(
     questions, answers = (batch.questions, batch.answers) if world is None else (
         world.texts(batch.questions), world.texts(batch.answers))
     inputs = {k: v.to(device) for k, v in stage3_batch(questions, answers, tokenizer, lengths).items()}
+    # The index holds the real world's memories, so the real question proposes the
+    # candidates: a name world's question names someone else, whose real documents are
+    # not the ones its renamed subject's are. They are scored in the world below.
+    search = inputs if questions == batch.questions else {
+        k: v.to(device) for k, v in stage3_batch(batch.questions, batch.answers, tokenizer, lengths).items()}
     with torch.no_grad():
-        query_memory, _ = model.encode(Role.QUERY_REASONER, inputs["question_ids"], inputs["question_mask"])
+        query_memory, _ = model.encode(Role.QUERY_REASONER, search["question_ids"], search["question_mask"])
     clock.lap("query")
     found = candidates.candidates(query_memory.flatten(1).float().cpu().numpy(), settings.num_candidates, batch.question_ids)
     clock.lap("search")

@@ -259,3 +259,43 @@ def test_stage3_step_in_a_counterfactual_world_reads_rewritten_candidates_and_an
     assert trained and trained <= set(model.role_parameters(Role.QUERY_REASONER))
     with pytest.raises(ValueError, match="needs `documents`"):
         stage3_step(updater, tokenizer, batch, source, settings, LENGTHS, 4, ParameterAnchor(model, 0.0), None, worlds)
+
+
+def test_in_a_name_world_the_real_question_proposes_the_candidates_and_the_renamed_one_scores_them():
+    """The index holds the real world: the renamed question would find the real documents
+    of the person whose name it now carries, not those of the person it asks about."""
+    from clara_ray.training.worlds import World
+
+    model, tokenizer = make_model()
+    model.set_trainable([Role.QUERY_REASONER], backbone=False)
+    settings = Stage3Settings.from_config(load_config(None, [
+        "stage3.steps=10", "stage3.num_candidates=4", "stage3.counterfactual_rate=1.0",
+        "stage3.counterfactual_swap=names"]))
+    updater = TorchUpdater(model, settings.optimiser)
+    doc_ids = [f"d{i}" for i in range(len(TEXTS))]
+    texts = dict(zip(doc_ids, TEXTS))
+    source = ExactSearch(doc_ids, _memory(model, tokenizer, TEXTS))
+    batch = QuestionBatch(["q0"], ["Which city was Zorvan Kellit born in?"], ["Marlow"], [("d0",)])
+    world = World({"Zorvan Kellit": "Radjor Galdun", "Radjor Galdun": "Zorvan Kellit"})
+
+    class OneWorld:
+        def draw(self, step):
+            return world
+
+    queries, seen = [], {}
+    search, forward = source.candidates, updater.forward
+    source.candidates = lambda query, *args: queries.append(query) or search(query, *args)
+    updater.forward = lambda objective, **inputs: seen.update(inputs) or forward(objective, **inputs)
+
+    def encoded(questions):
+        tokens = stage3_batch(questions, ["Marlow"], tokenizer, LENGTHS)
+        with torch.no_grad():
+            return model.encode(Role.QUERY_REASONER, tokens["question_ids"], tokens["question_mask"])[0]
+
+    real, renamed = encoded(batch.questions), encoded(world.texts(batch.questions))  # before the step trains
+    stage3_step(updater, tokenizer, batch, source, settings, LENGTHS, 1, ParameterAnchor(model, 0.0),
+                lambda ids: [texts[i] for i in ids], OneWorld())
+    assert np.allclose(queries[0], real.flatten(1).numpy(), atol=1e-6)
+    assert not np.allclose(queries[0], renamed.flatten(1).numpy(), atol=1e-3)
+    expected = stage3_batch(["Which city was Radjor Galdun born in?"], ["Marlow"], tokenizer, LENGTHS)
+    assert torch.equal(seen["question_ids"], expected["question_ids"])
