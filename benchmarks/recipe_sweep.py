@@ -52,14 +52,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clara_ray.config import Config, load_config  # noqa: E402
+from clara_ray.config import Config, ReconstructionOrder, load_config  # noqa: E402
 from clara_ray.data.lengths import choose_lengths  # noqa: E402
 from clara_ray.data.trap import generate_trap_corpus  # noqa: E402
-from clara_ray.eval.evaluate import generate_answers, query_reasoner_rankings, score  # noqa: E402
+from clara_ray.eval.evaluate import decode_answers, generate_answers, query_reasoner_rankings, score  # noqa: E402
 from clara_ray.modeling.checkpoint import load_model, save_model  # noqa: E402
 from clara_ray.modeling.clara import Role  # noqa: E402
 from clara_ray.modeling.initial import build_initial_model  # noqa: E402
-from clara_ray.modeling.text import document_input, tokenize_texts  # noqa: E402
+from clara_ray.modeling.text import Prompts, document_input, tokenize_texts  # noqa: E402
 from clara_ray.training.batches import QuestionBatch, prepare_stage1_examples, prepare_stage2_examples  # noqa: E402
 from clara_ray.training.candidates import ExactSearch  # noqa: E402
 from clara_ray.training.one_process import train_stage1, train_stage2, train_stage3  # noqa: E402
@@ -114,6 +114,32 @@ class Probe:
     def oracle_em(self, qa) -> float:
         """EM of the generator reading each question's gold document (stage-1 quality)."""
         return score([list(q.gold_doc_ids) for q in qa], self._answers(qa, [list(q.gold_doc_ids) for q in qa]), qa).exact_match
+
+    @torch.no_grad()
+    def reconstruction(self, qa) -> dict:
+        """Does the memory hold what a question needs? The generator reconstructs each
+        question's gold document from its memory alone (greedy, the reconstruction
+        prompt): the share whose subject's name, and whose answer, come back, and the
+        share reconstructed word for word. A generator that cannot answer from gold
+        memory (oracle EM) while the memory holds the answer has not learnt to read;
+        one whose memory has lost it, to compress."""
+        ids = [q.gold_doc_ids[0] for q in qa]
+        prompt = tokenize_texts(self.tokenizer, [Prompts(self.tokenizer).reconstruction()] * len(ids), 16)
+        texts = []
+        for start in range(0, len(ids), 64):
+            memory = torch.from_numpy(np.stack([self.memory_of[d] for d in ids[start:start + 64]]).astype(np.float32))
+            rows = slice(start, start + 64)
+            generated = self.model.generate(memory.to(self.device), prompt.ids[rows].to(self.device),
+                                            prompt.mask[rows].to(self.device),
+                                            max_new_tokens=self.config.model.reconstruction_max_len,
+                                            eos_token_id=self.tokenizer.eos_token_id)
+            texts += decode_answers(self.tokenizer, generated.cpu())
+        if self.config.stage1.reconstruction_order == ReconstructionOrder.REVERSED:
+            texts = [" ".join(reversed(t.split())) for t in texts]
+        n = len(qa)
+        return {"name": sum(NAME.search(q.question).group(0) in t for q, t in zip(qa, texts)) / n,
+                "answer": sum(q.answers[0] in t for q, t in zip(qa, texts)) / n,
+                "exact": sum(t.split() == self.documents[d].split() for d, t in zip(ids, texts)) / n}
 
     @torch.no_grad()
     def person_match(self, qa, gold_ids: list[str]) -> dict:
@@ -202,7 +228,7 @@ def run_one(args) -> None:
 
 
 def probe(model_dir: Path, config_path: Path | None, overrides: list[str]) -> None:
-    """Person match and oracle EM of a saved model (e.g. runs/<run>/models/stage1 of
+    """Person match, oracle EM and reconstruction of a saved model (e.g. runs/<run>/models/stage1 of
     a `clara-ray demo`), on the trap corpus of the config it was trained with."""
     config = load_config(config_path, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -213,7 +239,8 @@ def probe(model_dir: Path, config_path: Path | None, overrides: list[str]) -> No
     diagnostics = Probe(model.to(device), tokenizer, documents, config, device)
     gold_ids = sorted({q.gold_doc_ids[0] for q in corpus.train_qa + corpus.test_qa})
     result = {"person_match": diagnostics.person_match(corpus.test_qa, gold_ids),
-              "oracle_em": diagnostics.oracle_em(corpus.test_qa)}
+              "oracle_em": diagnostics.oracle_em(corpus.test_qa),
+              "reconstruction": diagnostics.reconstruction(corpus.test_qa)}
     print(json.dumps(result))
 
 
