@@ -90,6 +90,13 @@ class ReconstructionOrder(str, enum.Enum):
     REVERSED = "reversed"
 
 
+class ReconstructionWeighting(str, enum.Enum):
+    """How a stage-1 reconstruction's tokens weigh in its loss."""
+
+    UNIFORM = "uniform"  # every token alike
+    IDF = "idf"  # by its word's inverse document frequency (names and values over boilerplate)
+
+
 class UnanswerableFrom(str, enum.Enum):
     """Which document a stage-1 unanswerable example reads in place of its gold one."""
 
@@ -331,6 +338,11 @@ class Stage1Config(_Section):
     # See clara_ray/training/batches.py: reversed reconstruction and counterfactual
     # answers keep a small model from memorising facts instead of reading memory.
     reconstruction_order: ReconstructionOrder = ReconstructionOrder.REVERSED
+    # uniform: every reconstructed token weighs alike. idf: by its word's inverse
+    # document frequency (normalised per document), so the words that tell a document
+    # from the others -- its subject's name, its value -- weigh more than template and
+    # boilerplate words that most documents share (clara_ray/training/batches.py).
+    reconstruction_weighting: ReconstructionWeighting = ReconstructionWeighting.UNIFORM
     counterfactual_rate: float = Field(1.0, ge=0, le=1)
     # Share of a QA example's other documents taken from the question's BM25
     # neighbours (the rest are random), out of its `hard_distractor_pool` nearest.

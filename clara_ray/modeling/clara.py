@@ -64,7 +64,8 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where `mask` holds (0 where it holds nowhere)."""
+    """Mean of `values` where `mask` holds, or weighted by a float `mask` whose weights
+    sum to at least 1 (0 where it holds nowhere)."""
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -319,7 +320,7 @@ class ClaraModel(nn.Module):
 
     def _compressor_pretraining(
         self, doc_ids, doc_mask, doc_group, doc_slot, memory_mask,
-        prompt_ids, prompt_mask, target_ids, target_mask, is_qa, mse_weight: float,
+        prompt_ids, prompt_mask, target_ids, target_mask, is_qa, mse_weight: float, target_weight=None,
     ):
         """Stage 1: generate QA answers / reconstructions from documents' memory,
         plus MSE between each document's mean memory vector and mean token state.
@@ -330,7 +331,8 @@ class ClaraModel(nn.Module):
         loss is the mean over all target tokens; the QA and reconstruction examples'
         own means are returned too: QA's few answer tokens weigh about a seventh
         against the documents' dozens, so a generator that never learns to read
-        answers hides behind a low pooled loss.
+        answers hides behind a low pooled loss. target_weight: (B, A) per-token weights
+        (None = 1; ``batches.reconstruction_weights``), each a weighted mean.
         """
         memory, token_states = self.encode(Role.COMPRESSOR, doc_ids, doc_mask)  # (N, n, d), (N, T, d)
         batch_size, width = memory_mask.shape
@@ -341,10 +343,10 @@ class ClaraModel(nn.Module):
             grouped.flatten(1, 2), prompt_ids, prompt_mask, target_ids, target_mask, memory_mask
         )
         per_token = _token_losses(logits, labels)
-        qa_loss, reconstruction_loss = (
-            _masked_mean(per_token, (labels != IGNORE_INDEX) & rows[:, None]) for rows in (is_qa, ~is_qa)
-        )
-        generation = _masked_mean(per_token, labels != IGNORE_INDEX)
+        real = (labels != IGNORE_INDEX).to(per_token.dtype)
+        weight = real if target_weight is None else real * target_weight.to(per_token.dtype)
+        qa_loss, reconstruction_loss = (_masked_mean(per_token, weight * rows[:, None]) for rows in (is_qa, ~is_qa))
+        generation = _masked_mean(per_token, weight)
         weights = doc_mask.unsqueeze(-1).to(token_states.dtype)
         mean_tokens = (token_states * weights).sum(1) / weights.sum(1).clamp(min=1)
         # In memory's standardised coordinates (affine, so standardising the mean is enough).

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -41,13 +43,51 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from clara_ray.config import ReconstructionOrder, UnanswerableFrom
+from clara_ray.config import ReconstructionOrder, ReconstructionWeighting, UnanswerableFrom
 from clara_ray.data.formats import Document
 from clara_ray.eval.baselines import bm25_rankings
 
 if TYPE_CHECKING:
     from clara_ray.training.settings import Stage1Settings, Stage2Settings
 from clara_ray.modeling.text import UNANSWERABLE, Prompts, tokenize_targets, tokenize_texts
+
+
+_WORD = re.compile(r"\w+")
+
+
+def word_weights(documents: Sequence[str], max_documents: int = 100_000) -> dict[str, float]:
+    """Each word's inverse document frequency, log(n / df), over the documents (an even
+    sample of `max_documents` of them): what a salient reconstruction weighs a word by.
+    A template's words and a boilerplate sentence's are in many documents and weigh
+    little; a name or a value is in a few and weighs much."""
+    stride = max(1, math.ceil(len(documents) / max_documents))
+    sample = range(0, len(documents), stride)
+    frequency: dict[str, int] = {}
+    for i in sample:
+        for word in {w.lower() for w in _WORD.findall(documents[i])}:
+            frequency[word] = frequency.get(word, 0) + 1
+    return {w: math.log(len(sample) / n) for w, n in frequency.items()}
+
+
+def reconstruction_weights(tokenizer, targets: list[str], weights: dict[str, float], max_length: int) -> torch.Tensor:
+    """(B, max_length) per-token weights of reconstruction targets as ``tokenize_targets``
+    lays them out: a token weighs what the word it starts in does (a word no document
+    holds weighs the most any does; punctuation and EOS the mean of the target's words),
+    normalised to a mean of 1 over each target's tokens, so a target's share of the loss
+    stays its token count and only moves towards its rare words."""
+    unseen = max(weights.values(), default=1.0)
+    encoded = tokenizer(list(targets), add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    out = torch.zeros(len(targets), max_length)
+    for row, (text, offsets) in enumerate(zip(targets, encoded)):
+        spans = [(m.start(), m.end(), weights.get(m.group(0).lower(), unseen)) for m in _WORD.finditer(text)]
+        mean = sum(w for _, _, w in spans) / len(spans) if spans else 1.0
+        token_weights = []
+        for start, end in offsets[: max_length - 1]:
+            token_weights.append(next((w for a, b, w in spans if a < end and start < b), mean))
+        token_weights.append(mean)  # EOS
+        row_weights = torch.tensor(token_weights)
+        out[row, : len(token_weights)] = row_weights / row_weights.mean().clamp(min=1e-6)
+    return out
 
 
 def reconstruction_target(document: str, order: ReconstructionOrder) -> str:
@@ -222,6 +262,7 @@ def answer_pool(examples) -> list[str]:
 def memory_qa_batch(
     examples: list[Stage1Example], documents: Sequence[str], settings: Stage1Settings | Stage2Settings, step: int,
     lengths: Lengths, tokenizer, num_memory_tokens: int, rng: random.Random, answers: list[str],
+    reconstruction_word_weights: dict[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Model inputs of step `step` (stage 1, or stage 2 whose settings read the same
     way) from this rank's examples of that step: QA examples read their gold document
@@ -234,6 +275,7 @@ def memory_qa_batch(
         1 if single else settings.min_context_docs, settings.question_memory_rate, settings.unanswerable_rate,
         settings.unanswerable_from,
         rivals_as_distractors=not single and step <= settings.single_document_steps + settings.rival_steps,
+        reconstruction_word_weights=reconstruction_word_weights,
     )
 
 
@@ -246,12 +288,18 @@ def stage1_batches(
     in one process (the Ray Train loops draw the same examples through Ray Data,
     ``training.data``). `rng` draws the examples' random choices (a resumed run
     passes it in the state it was saved in)."""
-    answers = answer_pool(examples)
+    answers, weights = answer_pool(examples), salient_word_weights(settings, documents)
     slices = epoch_slices(len(examples), settings.micro_batch_size, rank, world, seed, start_step - 1)
     for step in range(start_step, settings.steps + 1):
         chosen = [examples[i] for i in next(slices)]
         yield step, memory_qa_batch(chosen, documents, settings, step, lengths, tokenizer, num_memory_tokens, rng,
-                                    answers)
+                                    answers, weights)
+
+
+def salient_word_weights(settings: Stage1Settings | Stage2Settings, documents: Sequence[str]) -> dict | None:
+    """``word_weights`` of the corpus when the settings weigh reconstructions by rarity, else None."""
+    weighting = getattr(settings, "reconstruction_weighting", ReconstructionWeighting.UNIFORM)
+    return word_weights(documents) if weighting == ReconstructionWeighting.IDF else None
 
 
 def stage3_batches(
@@ -281,6 +329,7 @@ def stage1_batch(
     unanswerable_rate: float = 0.0,
     unanswerable_from: UnanswerableFrom = UnanswerableFrom.RIVALS,
     rivals_as_distractors: bool = True,
+    reconstruction_word_weights: dict[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Model inputs for `ClaraModel(Objective.COMPRESSOR_PRETRAINING, ...)`.
 
@@ -295,6 +344,10 @@ def stage1_batch(
 
     A QA example reads between `min_context_docs` (default: all) and
     `num_context_docs` documents, the count drawn uniformly per example.
+
+    With `reconstruction_word_weights` (``word_weights``) the batch carries
+    "target_weight": a reconstruction's tokens weighted by their words' rarity
+    (``reconstruction_weights``), a QA example's all 1.
     """
     min_context_docs = num_context_docs if min_context_docs is None else min_context_docs
     if not 1 <= min_context_docs <= num_context_docs:
@@ -337,6 +390,14 @@ def stage1_batch(
     prompt = tokenize_texts(tokenizer, prompts, lengths.question)
     target_length = max(lengths.answer, lengths.reconstruction)
     target = tokenize_targets(tokenizer, targets, target_length)
+    weighting = {}
+    if reconstruction_word_weights is not None:
+        weight = torch.ones(target.ids.shape)
+        rebuilt = [i for i, e in enumerate(examples) if e.question is None]
+        if rebuilt:
+            weight[rebuilt] = reconstruction_weights(tokenizer, [targets[i] for i in rebuilt],
+                                                     reconstruction_word_weights, target.ids.shape[1])
+        weighting = {"target_weight": weight * target.mask}
     # Document i of example j goes to memory group j; groups are padded to the widest.
     group = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(doc_slots))
     slot = torch.cat([torch.arange(n) for n in doc_slots])
@@ -354,6 +415,7 @@ def stage1_batch(
         "target_ids": target.ids,
         "target_mask": target.mask,
         "is_qa": torch.tensor([e.question is not None for e in examples]),
+        **weighting,
     }
 
 

@@ -30,7 +30,7 @@ from clara_ray.modeling.checkpoint import load_model, save_model
 from clara_ray.modeling.clara import Role
 from clara_ray.modeling.text import tokenize_texts
 from clara_ray.progress import write_stage_progress
-from clara_ray.training.batches import memory_qa_batch
+from clara_ray.training.batches import memory_qa_batch, salient_word_weights
 from clara_ray.training.checkpoints import (
     MODEL_DIR,
     load_rank_state,
@@ -190,9 +190,10 @@ def _memory_qa_loop(run: dict, stage: str, trainable: list[Role], step_function,
                          [] if w.resumed is None else w.resumed["history"], start, run)
     save = _saver(w, stage, settings.steps, reporter, settings.train_backbone, batch_rng)
     documents, answers = DocumentTable(run["documents_path"]), read_answer_pool(run["examples_path"])
+    weights = salient_word_weights(settings, documents)
     for step, rows in rank_batches(settings.micro_batch_size, w.rank, start):
         batch = memory_qa_batch([example_from_row(r) for r in rows], documents, settings, step, worker.lengths,
-                                w.tokenizer, w.updater.module.num_memory_tokens, batch_rng, answers)
+                                w.tokenizer, w.updater.module.num_memory_tokens, batch_rng, answers, weights)
         learning_rate = w.updater.learning_rate()  # the one this step runs at
         values = step_function(w.updater, batch, settings)
         if step == settings.steps and copy_compressor:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clara_ray.config import (
-    CompressorMode, Config, ConfigError, DType, ReconstructionOrder, UnanswerableFrom, WorldSwap,
+    CompressorMode, Config, ConfigError, DType, ReconstructionOrder, ReconstructionWeighting, UnanswerableFrom,
+    WorldSwap,
 )
 from clara_ray.modeling.clara import Distillation
 from clara_ray.training.batches import Lengths
@@ -68,6 +69,7 @@ class Stage1Settings:
     optimiser: OptimiserSettings
     mse_weight: float
     reconstruction_order: ReconstructionOrder
+    reconstruction_weighting: ReconstructionWeighting
     counterfactual_rate: float
     hard_distractor_fraction: float
     single_document_steps: int  # QA examples read their gold document alone for steps 1..single_document_steps
@@ -91,6 +93,7 @@ class Stage1Settings:
             optimiser=_optimiser(steps, s1.learning_rate, s1.warmup_fraction, config.train.gradient_clipping),
             mse_weight=s1.mse_weight,
             reconstruction_order=s1.reconstruction_order,
+            reconstruction_weighting=s1.reconstruction_weighting,
             counterfactual_rate=s1.counterfactual_rate,
             hard_distractor_fraction=s1.hard_distractor_fraction,
             single_document_steps=round(s1.single_document_fraction * steps),

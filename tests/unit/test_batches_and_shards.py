@@ -2,11 +2,13 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from clara_ray.data.formats import QAExample
 from clara_ray.index.shard import IndexShard
 from clara_ray.memory_shards import memory_table, read_memory_shards, write_manifest
-from clara_ray.training.batches import Lengths, Stage1Example, stage1_batch, stage1_examples
+from clara_ray.config import ReconstructionOrder
+from clara_ray.training.batches import Lengths, Stage1Example, reconstruction_target, stage1_batch, stage1_examples
 from tests.tiny_model import TEXTS, make_model
 
 
@@ -239,3 +241,30 @@ def test_qa_reads_its_gold_document_alone_first_then_among_rivals_then_among_nei
     assert set().union(*(texts for texts, _ in rivals_phase)) == {TEXTS[0], TEXTS[1]}
     for step in (6, 10):
         assert read(step) == ({TEXTS[1]}, 16)  # the neighbour only
+
+
+def test_salient_reconstruction_weighs_the_words_few_documents_hold_more():
+    """idf weighting: a reconstruction's name and value tokens outweigh the words most
+    documents share; each target's weights average 1; QA targets and padding keep 1 and 0."""
+    from clara_ray.training.batches import word_weights
+
+    corpus = [f"{name} was born in {city}. Rain fell steadily that spring." for name, city in
+              [("Zorvan Kellit", "Marlow"), ("Quipel Silhir", "Ostrel"), ("Radjor Galdun", "Tessin"),
+               ("Fenmar Dunbri", "Ravelle")]]
+    weights = word_weights(corpus)
+    assert weights["zorvan"] == weights["marlow"] > weights["rain"] == weights["born"] == 0.0
+    _, tokenizer = make_model()
+    examples = [Stage1Example(0), Stage1Example(1, "Where was Quipel Silhir born?", "Ostrel")]
+    lengths = Lengths(doc=64, question=32, answer=6, reconstruction=40)
+    batch = stage1_batch(examples, corpus, 1, 2, tokenizer, lengths, random.Random(0),
+                         reconstruction_word_weights=weights)
+    weight, mask = batch["target_weight"], batch["target_mask"]
+    assert torch.equal(weight[1], mask[1].float())  # the QA example
+    real = weight[0][mask[0] == 1]
+    assert abs(real.mean().item() - 1) < 1e-5 and (weight[0][mask[0] == 0] == 0).all()
+    text = reconstruction_target(corpus[0], ReconstructionOrder.FORWARD)
+    offsets = tokenizer([text], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][0]
+    of_word = lambda word: [real[i].item() for i, (a, b) in enumerate(offsets) if a < text.index(word) + len(word)
+                            and text.index(word) < b and text[a:b].strip()]
+    assert min(of_word("Marlow")) > 2 * max(of_word("Rain")) and min(of_word("Kellit")) > 2 * max(of_word("spring"))
+    assert "target_weight" not in stage1_batch(examples, corpus, 1, 2, tokenizer, lengths, random.Random(0))

@@ -98,6 +98,38 @@ def test_stage1_loss_is_the_token_mean_and_each_kind_is_reported_apart():
     assert reconstruction_tokens > qa_tokens
 
 
+def test_stage1_token_weights_make_each_loss_a_weighted_mean():
+    model, tokenizer = make_model()
+    model.eval()
+    batch = stage1_batch([Stage1Example(1, "Which city?", "Marlow", (2,)), Stage1Example(0)], TEXTS, 2,
+                         model.num_memory_tokens, tokenizer, LENGTHS, random.Random(0))
+    with torch.no_grad():
+        plain = model(Objective.COMPRESSOR_PRETRAINING, **batch, mse_weight=0.0)
+        ones = model(Objective.COMPRESSOR_PRETRAINING, **batch, mse_weight=0.0,
+                     target_weight=batch["target_mask"].float())
+        first = torch.zeros(batch["target_mask"].shape)
+        first[1, 0] = 1.0  # only the reconstruction's first token counts there
+        only = model(Objective.COMPRESSOR_PRETRAINING, **batch, mse_weight=0.0, target_weight=first + (
+            batch["target_mask"] * batch["is_qa"][:, None]).float())
+        logits, labels = model._target_logits(*_grouped_memory(model, batch), batch["prompt_ids"],
+                                              batch["prompt_mask"], batch["target_ids"], batch["target_mask"],
+                                              batch["memory_mask"])
+    for key in ("generation_loss", "qa_loss", "reconstruction_loss"):
+        torch.testing.assert_close(ones[key], plain[key])
+    torch.testing.assert_close(only["qa_loss"], plain["qa_loss"])
+    torch.testing.assert_close(only["reconstruction_loss"],
+                               torch.nn.functional.cross_entropy(logits[1, :1], labels[1, :1]))
+
+
+def _grouped_memory(model, batch):
+    """The generator's memory input of a stage-1 batch, as the model groups it."""
+    memory, _ = model.encode(Role.COMPRESSOR, batch["doc_ids"], batch["doc_mask"])
+    width = batch["memory_mask"].shape[1] // model.num_memory_tokens
+    grouped = memory.new_zeros(len(batch["is_qa"]), width, model.num_memory_tokens, memory.shape[-1])
+    grouped = grouped.index_put((batch["doc_group"], batch["doc_slot"]), memory)
+    return (grouped.flatten(1, 2),)
+
+
 def test_stage3_step_trains_only_the_query_reasoner_from_any_candidate_source():
     model, tokenizer = make_model()
     model.set_trainable([Role.QUERY_REASONER], backbone=False)
