@@ -480,25 +480,25 @@ class Stage3Config(_Section):
     # evaluation reads (clara_ray/index/refresh.py).
     compressor: CompressorMode = CompressorMode.FROZEN
     refresh_every: int = Field(0, ge=0)  # steps between index refreshes; 0 = only after the last step
-    # Share of the steps trained in a counterfactual world (clara_ray/training/worlds.py):
-    # the training answers' values permuted alike in the question, the candidate
-    # documents (compressed again, without gradient) and the target, so the query
-    # reasoner cannot fit its training questions by remembering their answers and
-    # must match the question's subject to the document's. 0 = off (CLaRa).
+    # Counterfactual worlds (clara_ray/training/worlds.py) train after the real schedule:
+    # `steps` run as they would without them (temperature, gains, anchor, learning
+    # rate), then world_steps_fraction x `steps` more, of which this share in a world.
+    # A values world permutes the training answers' values alike in the question, the
+    # candidate documents (compressed again, without gradient) and the target, so a
+    # remembered answer points at the wrong documents; a names world permutes the
+    # training questions' subjects among themselves in question and documents alike,
+    # so a remembered person -> document pairing does, and only matching the
+    # question's subject to the document's lowers the loss. 0 = off (CLaRa).
     counterfactual_rate: float = Field(0.0, ge=0, le=1)
-    # values: the answers permuted within their kinds (a remembered answer points at the
-    # wrong documents); names: the questions' subjects permuted among themselves in
-    # question and documents alike (a remembered person -> document pairing points at
-    # the wrong documents, so only matching the name carries).
     counterfactual_swap: WorldSwap = WorldSwap.VALUES
-    # Worlds start after this fraction of the steps: a world swaps values across kinds
-    # (a city question's answer may become an instrument), so before retrieval has taken
-    # off it hides what takes it off, that another subject's document of the asked kind
-    # reads better than an echo of the question.
-    counterfactual_start_fraction: float = Field(0.5, ge=0, lt=1)
-    # Worlds are drawn from this many fixed ones, whose rewritten documents the frozen
-    # compressor encodes once each (then a world step costs about what a real one
-    # does); 0 = a fresh world every step, its candidates compressed every time.
+    # After the real schedule, not during it: before retrieval has taken off a world
+    # can hide what takes it off (a values world swaps values across kinds), and a
+    # longer schedule anneals the temperature more slowly, which changes whether it
+    # takes off at all.
+    world_steps_fraction: float = Field(0.5, ge=0)
+    # The world steps' learning rate: a cosine from this share of learning_rate down,
+    # at the real schedule's last temperature.
+    counterfactual_learning_rate_ratio: float = Field(0.5, gt=0, le=1)
     counterfactual_worlds: int = Field(16, ge=0)
     # Share of the training questions held out (whole gold documents at a time) to
     # measure retrieval while stage 3 runs: validation recall@1, @5 and MRR in every
@@ -516,6 +516,10 @@ class Stage3Config(_Section):
     # 0.9: one question wording of the bundled nine left at 0 caps the fit at 0.89; above it the
     # errors are unseen names, which another seed does not fix.
     attempt_target_recall: float = Field(0.9, gt=0, le=1)
+
+    def world_steps(self, steps: int) -> int:
+        """The counterfactual world steps trained after a real schedule of `steps`."""
+        return round(self.world_steps_fraction * steps) if self.counterfactual_rate > 0 else 0
 
     @property
     def num_attempts(self) -> int:

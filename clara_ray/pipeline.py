@@ -79,6 +79,7 @@ from clara_ray.modeling.initial import build_initial_model
 from clara_ray.modeling.text import document_input
 from clara_ray.report import write_report
 from clara_ray.training.checkpoints import latest_trainer_state
+from clara_ray.training.settings import Stage3Settings
 from clara_ray.training.stages import (
     StageResult,
     TrainingData,
@@ -331,7 +332,7 @@ def _final_refresh(config: Config, index, scheduler, model_dir: Path, log) -> di
     """With a trainable compressor: the corpus encoded by the final compressor into
     the last index version (after any refresh still running), for the evaluation.
     Returns the scheduler's record of every refresh."""
-    steps = config.stage3.steps
+    steps = Stage3Settings.from_config(config).steps  # counterfactual world steps included
     ray.get(scheduler.request_final.remote(steps, str(model_dir)))
     status = ray.get(scheduler.drain.remote())
     info = ray.get(index.info.remote())

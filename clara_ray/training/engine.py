@@ -24,6 +24,20 @@ class OptimiserSettings:
     warmup_steps: int
     gradient_clipping: float
     gain_learning_rate: float | None = None  # own rate of the retrieval gains (stage 3); None: no own group
+    # Updates after total_steps (stage 3's counterfactual worlds): a second cosine over
+    # these many, from restart_ratio of the rate down to COSINE_FLOOR, no warm-up.
+    extra_steps: int = 0
+    restart_ratio: float = 0.0
+
+
+def learning_rate_ratio(update: int, settings: OptimiserSettings) -> float:
+    """The schedule's ratio for the `update`-th optimizer step (1-based): `warmup_cosine`
+    over `total_steps`, then, over `extra_steps` more, a cosine from `restart_ratio`."""
+    over = update - settings.total_steps
+    if over <= 0 or settings.extra_steps == 0:
+        return warmup_cosine(update, settings.total_steps, settings.warmup_steps)
+    progress = min(1.0, over / settings.extra_steps)
+    return COSINE_FLOOR + (settings.restart_ratio - COSINE_FLOOR) * (1 + math.cos(math.pi * progress)) / 2
 
 
 def warmup_cosine(update: int, total_steps: int, warmup_steps: int) -> float:
@@ -44,7 +58,7 @@ def warmup_cosine(update: int, total_steps: int, warmup_steps: int) -> float:
 def schedule(optimizer: torch.optim.Optimizer, settings: OptimiserSettings) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR counts from 0 at construction; update u runs at its epoch u - 1."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda epoch: warmup_cosine(epoch + 1, settings.total_steps, settings.warmup_steps)
+        optimizer, lambda epoch: learning_rate_ratio(epoch + 1, settings)
     )
 
 

@@ -327,7 +327,7 @@ def stage3_loop(run: dict):
     if settings.counterfactual_rate > 0:
         asked = read_table(run["questions_path"]).select(["question", "answer"]).to_pydict()
         worlds = CounterfactualWorlds.of_questions(asked["question"], asked["answer"], settings.counterfactual_rate,
-                                                   worker.seed, w.rank, settings.counterfactual_start_step,
+                                                   worker.seed, w.rank, settings.schedule_steps,
                                                    settings.counterfactual_worlds, settings.counterfactual_swap)
     for step, rows in rank_batches(settings.micro_batch_size, w.rank, start):
         current["step"] = step

@@ -105,7 +105,7 @@ def train_stage3(
     if settings.counterfactual_rate > 0:
         worlds = CounterfactualWorlds.of_questions(questions.questions, questions.answers,
                                                    settings.counterfactual_rate, worker.seed,
-                                                   start_step=settings.counterfactual_start_step,
+                                                   start_step=settings.schedule_steps,
                                                    num_worlds=settings.counterfactual_worlds,
                                                    swap=settings.counterfactual_swap)
     window, history, started = MetricWindow(settings.report_every, settings.steps), [], time.perf_counter()

@@ -13,6 +13,7 @@ from clara_ray.config import (
     WorldSwap,
 )
 from clara_ray.modeling.clara import Distillation
+from clara_ray.modeling.topk import annealed_temperature
 from clara_ray.training.batches import Lengths
 from clara_ray.training.engine import OptimiserSettings
 
@@ -53,10 +54,12 @@ class WorkerSettings:
 
 
 def _optimiser(steps: int, learning_rate: float, warmup_fraction: float, gradient_clipping: float,
-               gain_learning_rate: float | None = None) -> OptimiserSettings:
+               gain_learning_rate: float | None = None, extra_steps: int = 0,
+               restart_ratio: float = 0.0) -> OptimiserSettings:
     return OptimiserSettings(
         learning_rate=learning_rate, total_steps=steps, warmup_steps=int(warmup_fraction * steps),
         gradient_clipping=gradient_clipping, gain_learning_rate=gain_learning_rate,
+        extra_steps=extra_steps, restart_ratio=restart_ratio,
     )
 
 
@@ -160,11 +163,12 @@ class Stage2Settings:
 class Stage3Settings:
     """Joint training (see ``clara_ray.config.Stage3Config`` for each knob)."""
 
-    steps: int
+    steps: int  # all of them: the real schedule's, then the counterfactual worlds'
+    schedule_steps: int  # the real schedule's: temperature, gains, anchor and learning rate run over these
     micro_batch_size: int
     optimiser: OptimiserSettings  # gain_learning_rate: the retrieval gains' own rate
     top_k: int
-    temperature: float  # the last step's
+    temperature: float  # the real schedule's last step's, and every world step's
     initial_temperature: float  # the first step's (geometric annealing in between)
     gumbel_top_k: bool  # sample the k documents (Gumbel top-k) instead of taking the best k
     num_candidates: int
@@ -180,20 +184,28 @@ class Stage3Settings:
     checkpoint_every: int
     trainable_compressor: bool = False  # candidates re-encoded with gradient every step
     refresh_every: int = 0  # steps between background index refreshes (0: after the last step only)
-    counterfactual_rate: float = 0.0  # share of steps in a counterfactual world (training/worlds.py)
-    counterfactual_start_step: int = 0  # worlds are drawn only after this step
+    counterfactual_rate: float = 0.0  # share of the world steps trained in a world (training/worlds.py)
     counterfactual_swap: WorldSwap = WorldSwap.VALUES  # what a world permutes
     counterfactual_worlds: int = 0  # fixed worlds to draw from (0: a fresh one every step)
+
+    def temperature_at(self, step: int) -> float:
+        """The top-k temperature of `step` (1-based): annealed over the real schedule,
+        its last value after it."""
+        return annealed_temperature(min(step, self.schedule_steps), self.schedule_steps, self.initial_temperature,
+                                    self.temperature)
 
     @classmethod
     def from_config(cls, config: Config) -> Stage3Settings:
         s3 = config.stage3
         gains = s3.retrieval_gain_learning_rate
-        steps = _steps(config, "stage3")
+        steps = _steps(config, "stage3")  # the real schedule
+        world_steps = s3.world_steps(steps)
         return cls(
-            steps=steps,
+            steps=steps + world_steps,
+            schedule_steps=steps,
             micro_batch_size=s3.micro_batch_size_per_worker,
-            optimiser=_optimiser(steps, s3.learning_rate, s3.warmup_fraction, config.train.gradient_clipping, gains),
+            optimiser=_optimiser(steps, s3.learning_rate, s3.warmup_fraction, config.train.gradient_clipping, gains,
+                                 world_steps, s3.counterfactual_learning_rate_ratio),
             top_k=s3.top_k,
             temperature=s3.temperature,
             initial_temperature=s3.initial_temperature or s3.temperature,
@@ -213,7 +225,6 @@ class Stage3Settings:
             trainable_compressor=s3.compressor == CompressorMode.TRAINABLE,
             refresh_every=s3.refresh_every,
             counterfactual_rate=s3.counterfactual_rate,
-            counterfactual_start_step=round(s3.counterfactual_start_fraction * steps),
             counterfactual_swap=s3.counterfactual_swap,
             counterfactual_worlds=s3.counterfactual_worlds,
         )

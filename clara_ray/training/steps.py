@@ -21,7 +21,6 @@ import torch
 
 from clara_ray.modeling.clara import Objective, Role
 from clara_ray.modeling.text import tokenize_texts
-from clara_ray.modeling.topk import annealed_temperature
 from clara_ray.training.batches import Lengths, QuestionBatch, stage3_batch
 from clara_ray.training.candidates import CandidateSource
 from clara_ray.training.engine import ParameterAnchor
@@ -123,7 +122,7 @@ def stage3_step(
     found = candidates.candidates(query_memory.flatten(1).float().cpu().numpy(), settings.num_candidates, batch.question_ids)
     clock.lap("search")
     candidate_inputs, encoded = _candidate_inputs(model, tokenizer, found, settings, lengths, documents, world)
-    temperature = annealed_temperature(step, settings.steps, settings.initial_temperature, settings.temperature)
+    temperature = settings.temperature_at(step)
     out = updater.forward(Objective.JOINT, **inputs, **candidate_inputs, k=settings.top_k, temperature=temperature,
                           sample=settings.gumbel_top_k,
                           distillation=settings.distillation if step > settings.distillation_start_step else None)

@@ -1,5 +1,7 @@
 """The learning-rate schedule both updaters use is DeepSpeed's WarmupCosineLR, update for update."""
 
+import math
+
 import pytest
 import torch
 
@@ -81,3 +83,24 @@ def test_deepspeed_on_cpu_never_waits_on_a_build_lock_a_killed_worker_left(tmp_p
     done = subprocess.run([sys.executable, "-c", _DEEPSPEED_ON_CPU], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
     assert [p.name for p in extensions.rglob("*") if p.is_file()] == ["lock"]  # nothing was built
+
+
+def test_a_second_cosine_runs_after_the_schedule_when_extra_steps_are_asked_for():
+    from clara_ray.training.engine import COSINE_FLOOR, learning_rate_ratio
+
+    plain = OptimiserSettings(learning_rate=0.1, total_steps=20, warmup_steps=4, gradient_clipping=1.0)
+    more = OptimiserSettings(learning_rate=0.1, total_steps=20, warmup_steps=4, gradient_clipping=1.0,
+                             extra_steps=10, restart_ratio=0.3)
+    assert [learning_rate_ratio(u, more) for u in range(1, 21)] == [warmup_cosine(u, 20, 4) for u in range(1, 21)]
+    assert learning_rate_ratio(25, plain) == pytest.approx(COSINE_FLOOR)  # past the schedule: the floor
+    second = [learning_rate_ratio(u, more) for u in range(21, 31)]
+    assert second[0] == pytest.approx(COSINE_FLOOR + (0.3 - COSINE_FLOOR) * (1 + math.cos(math.pi / 10)) / 2)
+    assert second[-1] == pytest.approx(COSINE_FLOOR) and second == sorted(second, reverse=True)
+    model = torch.nn.Linear(2, 1)
+    updater = TorchUpdater(model, more)
+    rates = []
+    for _ in range(30):
+        rates.append(updater.learning_rate())
+        updater.backward(model(torch.ones(3, 2)).sum())
+        updater.step()
+    assert rates == pytest.approx([0.1 * learning_rate_ratio(u, more) for u in range(1, 31)])

@@ -110,3 +110,28 @@ def test_name_worlds_permute_the_training_people_everywhere_and_leave_the_others
         assert world.text(documents[qa.gold_doc_ids[0]]) == documents[qa.gold_doc_ids[0]].replace(subject, renamed)
     for qa in corpus.test_qa:  # people no training question asks about keep their documents
         assert world.text(documents[qa.gold_doc_ids[0]]) == documents[qa.gold_doc_ids[0]]
+
+
+def test_worlds_train_after_the_real_schedule_which_runs_as_without_them():
+    from clara_ray.config import load_config
+    from clara_ray.training.engine import learning_rate_ratio
+    from clara_ray.training.settings import Stage3Settings
+
+    real = Stage3Settings.from_config(load_config(None, ["stage3.steps=400"]))
+    worlds = Stage3Settings.from_config(load_config(None, [
+        "stage3.steps=400", "stage3.counterfactual_rate=1.0", "stage3.counterfactual_swap=names",
+        "stage3.world_steps_fraction=0.5", "stage3.counterfactual_learning_rate_ratio=0.5"]))
+    assert (real.steps, real.schedule_steps) == (400, 400) and (worlds.steps, worlds.schedule_steps) == (600, 400)
+    for attribute in ("hold_gains_steps", "anchor_start_step", "distillation_start_step"):
+        assert getattr(worlds, attribute) == getattr(real, attribute)
+    assert [worlds.temperature_at(s) for s in range(1, 401)] == [real.temperature_at(s) for s in range(1, 401)]
+    assert [learning_rate_ratio(u, worlds.optimiser) for u in range(1, 401)] == \
+        [learning_rate_ratio(u, real.optimiser) for u in range(1, 401)]
+    # After it: the last temperature, a second cosine from half the rate down to the floor.
+    assert {worlds.temperature_at(s) for s in range(400, 601)} == {real.temperature}
+    after = [learning_rate_ratio(u, worlds.optimiser) for u in range(401, 601)]
+    assert 0.49 < after[0] <= 0.5 and after[-1] < 1e-3 and after == sorted(after, reverse=True)
+    drawn = CounterfactualWorlds([["a", "b"]], worlds.counterfactual_rate, 0, start_step=worlds.schedule_steps)
+    assert [drawn.draw(s) is not None for s in (1, 400, 401, 600)] == [False, False, True, True]
+    off = Stage3Settings.from_config(load_config(None, ["stage3.steps=400", "stage3.world_steps_fraction=0.5"]))
+    assert off.steps == 400  # no worlds without a rate
