@@ -489,8 +489,8 @@ class Stage3Config(_Section):
     # training questions' subjects among themselves in question and documents alike,
     # so a remembered person -> document pairing does, and only matching the
     # question's subject to the document's lowers the loss. 0 = off (CLaRa).
-    counterfactual_rate: float = Field(0.0, ge=0, le=1)
-    counterfactual_swap: WorldSwap = WorldSwap.VALUES
+    counterfactual_rate: float = Field(1.0, ge=0, le=1)
+    counterfactual_swap: WorldSwap = WorldSwap.NAMES
     # After the real schedule, not during it: before retrieval has taken off a world
     # can hide what takes it off (a values world swaps values across kinds), and a
     # longer schedule anneals the temperature more slowly, which changes whether it

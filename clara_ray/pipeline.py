@@ -428,6 +428,11 @@ class Run:
         config = config.with_steps({stage: count for stage, (count, _) in steps.items()})
         for stage, (count, how) in steps.items():
             log(f"[pipeline] {stage}.steps = {count} ({how})")
+        worlds = config.stage3.world_steps(config.stage3.steps)
+        if worlds:
+            log(f"[pipeline] stage 3: {config.stage3.steps} steps, then {worlds} in counterfactual "
+                f"{config.stage3.counterfactual_swap.value} worlds (stage3.world_steps_fraction "
+                f"{config.stage3.world_steps_fraction:g}, counterfactual_rate {config.stage3.counterfactual_rate:g})")
         self._prepared = Prepared(config, inputs, lengths, data)
         self._timed("prepare data", started)
         return self._prepared

@@ -109,6 +109,11 @@ def trial_config(base: Config, params: dict, steps: int, validation_fraction: fl
     return config_from_dict(tree)
 
 
+def trial_steps(config: Config) -> int:
+    """Every step a trial trains: sweep.steps of the real schedule, then its counterfactual world steps."""
+    return config.sweep.steps + config.stage3.world_steps(config.sweep.steps)
+
+
 def _trial(params: dict, base: Config, model_dir: str, data: TrainingData, candidates: IndexActorCandidates,
            trials_dir: str) -> None:
     """A Tune function trainable: stage 3 through the pipeline's trainer; Tune receives
@@ -158,7 +163,7 @@ def run_sweep(source: SourceRun, name: str = "sweep", log=print) -> dict:
     index = start_index_actor(str(source.memory_dir), index_actor_name(out), settings=IndexSettings.from_config(config.index))
     concurrent = max_concurrent_trials(config)
     scheduler = tune.schedulers.ASHAScheduler(
-        time_attr="step", max_t=config.sweep.steps, grace_period=config.sweep.grace_steps,
+        time_attr="step", max_t=trial_steps(config), grace_period=config.sweep.grace_steps,
         reduction_factor=config.sweep.reduction_factor,
     )
     trainable = tune.with_resources(
@@ -179,7 +184,7 @@ def run_sweep(source: SourceRun, name: str = "sweep", log=print) -> dict:
         ),
         run_config=tune.RunConfig(name="tune", storage_path=str((out / "tune").resolve()), verbose=1),
     )
-    log(f"[sweep] {config.sweep.num_trials} trials, {concurrent} at a time, up to {config.sweep.steps} steps each")
+    log(f"[sweep] {config.sweep.num_trials} trials, {concurrent} at a time, up to {trial_steps(config)} steps each")
     results = tuner.fit()
     ray.kill(index)
     rows = _rows(results, config)
@@ -217,7 +222,7 @@ def _rows(results, config: Config) -> list[dict]:
             "best_val_recall_at_1": float(frame["val_recall_at_1"].max()), "best_val_mrr": float(frame[METRIC].max()),
             "last_val_recall_at_1": float(frame["val_recall_at_1"].iloc[-1]),
             "last_val_recall_at_5": float(frame["val_recall_at_5"].iloc[-1]), "last_step": last_step,
-            "stopped_early": last_step < config.sweep.steps and result.error is None,
+            "stopped_early": last_step < trial_steps(config) and result.error is None,
             "error": "" if result.error is None else type(result.error).__name__,
         })
     if not rows:
@@ -243,7 +248,7 @@ def _write_tables(rows: list[dict], out: Path, run_dir: Path, config: Config) ->
         f"# Stage-3 sweep from {run_dir}",
         "",
         f"{len(rows)} trials (Ray Tune, random search, seed {s.seed}), ASHA on the validation MRR "
-        f"(grace {s.grace_steps} steps, reduction factor {s.reduction_factor}, at most {s.steps} steps); "
+        f"(grace {s.grace_steps} steps, reduction factor {s.reduction_factor}, at most {trial_steps(config)} steps); "
         f"validation: {s.validation_fraction:.0%} of the training questions, held out by gold document.",
         "",
         "| trial | τ first | τ last | k | L | learning rate | best val R@1 | best val MRR | last val R@1 | last val R@5 | steps | stopped early |",

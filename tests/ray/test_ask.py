@@ -28,7 +28,7 @@ SMALL_RUN = [
     "data.trap.num_entities=40", "model.tiny.hidden_size=128", "model.tiny.num_layers=2",
     "model.tiny.num_heads=4", "model.tiny.intermediate_size=256",
     "stage1.steps=800", "stage1.report_every=100", "stage3.steps=300", "stage3.report_every=100", "stage3.attempts=1",
-    "stage3.micro_batch_size_per_worker=16",
+    "stage3.micro_batch_size_per_worker=16", "stage3.counterfactual_rate=0",  # measured without worlds
     "train.num_workers=1", "eval.baselines=[]", "encode.max_actors=1",
 ]
 

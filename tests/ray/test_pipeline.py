@@ -91,14 +91,17 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
     assert (run_dir / "models" / "stage3" / "adapters.safetensors").exists()
     # the 8 training questions that fit, 2 per worker on 2 workers, twice over
     assert "[pipeline] stage3.steps = 4 (2 epochs of 8 training questions, 4 per step)" in messages
-    assert json.loads((run_dir / "steps" / "stage3.json").read_text())["history"][-1]["step"] == 4
+    # then half as many in name worlds (the default): the last window's steps all in one
+    assert any(m.startswith("[pipeline] stage 3: 4 steps, then 2 in counterfactual names worlds") for m in messages)
+    history = json.loads((run_dir / "steps" / "stage3.json").read_text())["history"]
+    assert [(h["step"], h["counterfactual"]) for h in history] == [(2, 0.0), (4, 0.0), (6, 1.0)]
     # two stage-3 attempts, each with its own seed and directory; the better fit is models/stage3
     attempts = summary["stage3_attempts"]
     assert [(a["attempt"], a["seed"], a["fit"]) for a in attempts] == [(0, 0, "train_recall_at_1"),
                                                                       (1, 1000, "train_recall_at_1")]
     for a in attempts:
         record = json.loads((run_dir / "attempts" / "stage3" / str(a["attempt"]) / "attempt.json").read_text())
-        assert record["seed"] == a["seed"] and record["history"][-1]["step"] == 4
+        assert record["seed"] == a["seed"] and record["history"][-1]["step"] == 6
         assert (Path(a["model_dir"]) / "adapters.safetensors").exists()
     kept = max(attempts, key=lambda a: a["fit_value"])
     assert (run_dir / "models" / "stage3" / "adapters.safetensors").read_bytes() == (

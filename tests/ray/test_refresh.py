@@ -33,6 +33,7 @@ STAGE3 = [
     "stage3.top_k=2", "stage3.num_candidates=8", "stage3.micro_batch_size_per_worker=4", "stage3.steps=24",
     "stage3.report_every=4", "stage3.checkpoint_every=12", "stage3.compressor=trainable", "stage3.refresh_every=4",
     "train.num_workers=2", "encode.max_actors=1", "encode.batch_size=32",
+    "stage3.counterfactual_rate=0",  # no world steps: the refresh schedule below counts stage3.steps
 ]
 
 
@@ -203,7 +204,7 @@ def test_a_trainable_pipeline_refreshes_and_evaluates_on_the_final_version(local
         "stage1.steps=4", "stage1.report_every=2", "stage1.micro_batch_size_per_worker=4",
         "stage3.steps=6", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4",
         "stage3.top_k=2", "stage3.num_candidates=8", "stage3.compressor=trainable", "stage3.refresh_every=2",
-        "eval.baselines=[bm25]", "encode.max_actors=1",
+        "eval.baselines=[bm25]", "encode.max_actors=1", "stage3.counterfactual_rate=0",
     ]
     summary = run_pipeline(load_config(None, overrides), log=lambda line: None)
     run_dir = tmp_path / "trainable"

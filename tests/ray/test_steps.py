@@ -60,7 +60,7 @@ def test_a_run_step_by_step_as_jobs(local_ray, tmp_path):
     before, _ = _job(local_ray, "evaluate", *overrides)
     assert set(before) == {"query reasoner before stage 3"}
     stage3, _ = _job(local_ray, "train", "--stage", "3", *overrides)
-    assert stage3["steps"] == 4
+    assert stage3["steps"] == 6  # 4, then 2 in counterfactual worlds
     after, _ = _job(local_ray, "evaluate", *overrides)
     assert set(after) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
     assert after["query reasoner before stage 3"] == before["query reasoner before stage 3"]

@@ -21,6 +21,8 @@ RUN = [
     # second DeepSpeed worker per trial is most of a trial's time. Two workers are
     # tested in test_training.py and test_pipeline.py.
     "train.num_workers=1",
+    # Without counterfactual worlds, so a trial's steps are sweep.steps (ASHA's rungs below).
+    "stage3.counterfactual_rate=0",
 ]
 # Three trials one at a time, so ASHA's decisions are deterministic, and made by
 # design rather than by how training goes: at a learning rate of 1e-6 the query

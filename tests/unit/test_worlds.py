@@ -117,7 +117,7 @@ def test_worlds_train_after_the_real_schedule_which_runs_as_without_them():
     from clara_ray.training.engine import learning_rate_ratio
     from clara_ray.training.settings import Stage3Settings
 
-    real = Stage3Settings.from_config(load_config(None, ["stage3.steps=400"]))
+    real = Stage3Settings.from_config(load_config(None, ["stage3.steps=400", "stage3.counterfactual_rate=0"]))
     worlds = Stage3Settings.from_config(load_config(None, [
         "stage3.steps=400", "stage3.counterfactual_rate=1.0", "stage3.counterfactual_swap=names",
         "stage3.world_steps_fraction=0.5", "stage3.counterfactual_learning_rate_ratio=0.5"]))
@@ -133,5 +133,4 @@ def test_worlds_train_after_the_real_schedule_which_runs_as_without_them():
     assert 0.49 < after[0] <= 0.5 and after[-1] < 1e-3 and after == sorted(after, reverse=True)
     drawn = CounterfactualWorlds([["a", "b"]], worlds.counterfactual_rate, 0, start_step=worlds.schedule_steps)
     assert [drawn.draw(s) is not None for s in (1, 400, 401, 600)] == [False, False, True, True]
-    off = Stage3Settings.from_config(load_config(None, ["stage3.steps=400", "stage3.world_steps_fraction=0.5"]))
-    assert off.steps == 400  # no worlds without a rate
+    assert real.steps == 400  # no world steps without a rate
