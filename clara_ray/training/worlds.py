@@ -101,11 +101,14 @@ def question_subjects(questions: Sequence[str], min_share: float = 0.02) -> list
     """The subjects of the questions: in each, its one run of consecutive capitalised
     words, as written ("Which city was Ann Berg born in?" -> "Ann Berg"); its first
     word counts only if it is rare (fewer than `min_share` of the questions use it, as
-    in `answer_kinds`), so "Which" never does. A question with no such run or with
-    two has no subject. Distinct subjects, sorted."""
+    in `answer_kinds`), so "Which" never does. A one-word run is no name when it is one
+    letter or the questions also write it in lower case ("The", "A", "May" in real
+    questions: a world would swap them in every document). A question with no such run
+    or with two has no subject. Distinct subjects, sorted."""
     tokens = [list(_WORD.finditer(q)) for q in questions]
     counts = Counter(w for matches in tokens for w in {m.group(0).lower() for m in matches})
     rare = {w for w, n in counts.items() if n < min_share * len(questions)}
+    lower = {m.group(0) for matches in tokens for m in matches if m.group(0).islower()}
     subjects = set()
     for question, matches in zip(questions, tokens):
         runs: list[list[re.Match]] = []
@@ -118,6 +121,7 @@ def question_subjects(questions: Sequence[str], min_share: float = 0.02) -> list
                 runs[-1].append(match)
             else:
                 runs.append([match])
+        runs = [run for run in runs if len(run) > 1 or (len(run[0].group(0)) > 1 and run[0].group(0).lower() not in lower)]
         if len(runs) == 1:
             subjects.add(question[runs[0][0].start():runs[0][-1].end()])
     return sorted(subjects)

@@ -91,6 +91,14 @@ def test_the_subject_of_a_question_is_its_run_of_capitalised_words():
     assert question_subjects(questions, min_share=0.2) == ["Ann Berg", "Bo", "Cy Dahl", "Eve Falk"]
 
 
+def test_ordinary_words_and_single_letters_are_no_subjects():
+    # Real questions (CLaRa's pretrain sample gave "The", "A", "I", "May" as subjects): a world
+    # would swap such a word in every document that has it.
+    questions = ["What did Ann Berg play in The film?", "Which of the films was in May?", "When is the may fair?",
+                 "What is vitamin C for?", "Who wrote The Long Road?", "Where did Bo go?"]
+    assert question_subjects(questions, min_share=0.1) == ["Ann Berg", "Bo", "The Long Road"]
+
+
 @pytest.mark.parametrize("family", ["bundled", "wide", "near_miss"])
 def test_name_worlds_permute_the_training_people_everywhere_and_leave_the_others(family):
     corpus = generate_trap_corpus(160, 0.5, 0, family)
