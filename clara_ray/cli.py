@@ -248,6 +248,17 @@ def encoding_config(config, num_memory_tokens: int):
     return config
 
 
+def disconnect_ray() -> None:
+    """Leave Ray before printing a command's result. Workers' lines reach the driver
+    asynchronously (Ray's log monitor), so one can land after anything printed while
+    connected; disconnecting first keeps the result's JSON the output's last line, the
+    contract scripts and jobs read. A worker line still in flight then stays only in
+    the session's log files."""
+    import ray
+
+    ray.shutdown()
+
+
 def run_encode(args: argparse.Namespace, config) -> int:
     """The `encode` command (also what jobs/encode_corpus.py runs)."""
     from clara_ray.encode import encode_corpus
@@ -261,14 +272,16 @@ def run_encode(args: argparse.Namespace, config) -> int:
         return 2
     corpus_format = CorpusFormat(args.format) if args.format else None
     summary = encode_corpus(args.input, args.model_dir, args.output, encode_settings(config), corpus_format)
+    disconnect_ray()
     print(summary_table(summary.as_dict()))
     print(json.dumps(summary.as_dict()))
     return 0
 
 
-def run_sweep_command(args: argparse.Namespace, connect) -> int:
+def run_sweep_command(args: argparse.Namespace, connect, disconnect=lambda: None) -> int:
     """The `sweep` command (also what jobs/sweep.py runs); `connect()` joins or starts
-    Ray once the run directory and the overrides have been checked."""
+    Ray once the run directory and the overrides have been checked, `disconnect()`
+    leaves it before the summary is printed."""
     from clara_ray.config import overrides_from_file
     from clara_ray.sweep import SourceRun, run_sweep
 
@@ -280,6 +293,7 @@ def run_sweep_command(args: argparse.Namespace, connect) -> int:
     except (UserError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"clara-ray: {error}", file=sys.stderr)
         return 2
+    disconnect()
     print(summary_table(summary))
     print(json.dumps(summary))
     return 0
@@ -363,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         args.input, given_after = _split_overrides(args.input)
         overrides = given_after + overrides
     if command == "sweep":
-        return run_sweep_command(args, lambda: start_ray(args.address))
+        return run_sweep_command(args, lambda: start_ray(args.address), disconnect_ray)
     if command == "evaluate" and args.qa:
         return run_evaluate(args)
     if command == "ask":
@@ -396,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileExistsError) as error:  # the user's data, config or run directory
         print(f"clara-ray: {error}", file=sys.stderr)
         return 2
+    disconnect_ray()
     print(summary_table(result))
     print(json.dumps(result))
     return 0

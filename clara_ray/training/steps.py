@@ -101,7 +101,8 @@ def stage3_step(
     ``clara_ray.training.worlds``), the real question proposes the L candidates, then
     question, candidate texts (`documents(ids)`) and answer are rewritten in that world;
     the candidates are compressed again, by the frozen compressor without gradient
-    unless it trains, and scored against the rewritten question."""
+    unless it trains (then only those holding a word the batch puts in play,
+    ``World.in_play``), and scored against the rewritten question."""
     model, device = updater.module, updater.device
     clock = _Clock(device)
     world = worlds.draw(step) if worlds is not None else None
@@ -121,7 +122,8 @@ def stage3_step(
     clock.lap("query")
     found = candidates.candidates(query_memory.flatten(1).float().cpu().numpy(), settings.num_candidates, batch.question_ids)
     clock.lap("search")
-    candidate_inputs, encoded = _candidate_inputs(model, tokenizer, found, settings, lengths, documents, world)
+    in_play = world.in_play([*batch.questions, *batch.answers]) if world is not None else frozenset()
+    candidate_inputs, encoded = _candidate_inputs(model, tokenizer, found, settings, lengths, documents, world, in_play)
     temperature = settings.temperature_at(step)
     out = updater.forward(Objective.JOINT, **inputs, **candidate_inputs, k=settings.top_k, temperature=temperature,
                           sample=settings.gumbel_top_k,
@@ -158,13 +160,17 @@ def stage3_step(
 
 
 def _candidate_inputs(model, tokenizer, found, settings: Stage3Settings, lengths: Lengths, documents,
-                      world) -> tuple[dict, int]:
+                      world, in_play: frozenset[str]) -> tuple[dict, int]:
     """The joint objective's candidate arguments, and how many candidates are compressed
     again: the stored memories (none); or, with a trainable compressor, the distinct
     candidates' tokens (all, in the forward pass, with gradient); or, in a
     counterfactual world with a frozen compressor, the stored memories with those of
-    the candidates the world rewrites compressed again (those the world has not
-    compressed before)."""
+    the candidates that hold a word `in_play` rewritten and compressed again (those
+    the world has not compressed before). Only those: a candidate that holds other
+    swapped words reads the same to this batch's questions either way, and on long
+    documents that share many names (CLaRa's sample: most of them hold some training
+    question's subject) compressing every candidate the world touches is what a world
+    step would cost."""
     device = next(model.parameters()).device
     if not settings.trainable_compressor and world is None:
         return {"candidate_memory": torch.from_numpy(found.memory.astype(np.float32)).to(device)}, 0  # (B, L, n, d)
@@ -177,8 +183,8 @@ def _candidate_inputs(model, tokenizer, found, settings: Stage3Settings, lengths
         return {"candidate_memory": None, "candidate_doc_ids": tokens.ids.to(device),
                 "candidate_doc_mask": tokens.mask.to(device), "candidate_rows": rows}, len(texts)
     memory = torch.from_numpy(found.memory.reshape(-1, *found.memory.shape[2:])[first].astype(np.float32))  # (U, n, d)
-    rewritten = world.texts(texts)
-    changed = [i for i, (text, new) in enumerate(zip(texts, rewritten)) if new != text]
+    rewritten = {i: world.text(text) for i, text in enumerate(texts) if world.touches(text, in_play)}
+    changed = [i for i, new in rewritten.items() if new != texts[i]]
     missing = [i for i in changed if distinct[i] not in world.memory]  # a world drawn again remembers its own
     if missing:
         tokens = tokenize_texts(tokenizer, [rewritten[i] for i in missing], lengths.doc, pad_to_max_length=True)

@@ -61,6 +61,20 @@ class World:
     def texts(self, texts: Sequence[str]) -> list[str]:
         return [self.text(t) for t in texts]
 
+    def in_play(self, texts: Sequence[str]) -> frozenset[str]:
+        """The words this world swaps that `texts` (a micro-batch's questions and
+        answers) hold, and what they become: the only words whose rewriting a document
+        must follow for those questions. A rewritten question asks about `mapping[x]`;
+        after rewriting, the documents that carry that word are exactly those that
+        carried `x` when every document holding `x` or `mapping[x]` is rewritten, and
+        the others stand as they are (a name neither asked about nor given)."""
+        found = {match for text in texts for match in self._pattern.findall(text)}
+        return frozenset(found | {self.mapping[word] for word in found})
+
+    def touches(self, text: str, words: frozenset[str]) -> bool:
+        """Whether `text` holds one of `words` (from ``in_play``)."""
+        return any(match in words for match in self._pattern.findall(text))
+
 
 def answer_kinds(questions: Sequence[str], answers: Sequence[str], min_share: float = 0.02) -> list[list[str]]:
     """The training answers grouped by kind, from the questions alone: two answers are

@@ -331,3 +331,43 @@ def test_in_a_name_world_the_real_question_proposes_the_candidates_and_the_renam
     assert not np.allclose(queries[0], renamed.flatten(1).numpy(), atol=1e-3)
     expected = stage3_batch(["Which city was Radjor Galdun born in?"], ["Marlow"], tokenizer, LENGTHS)
     assert torch.equal(seen["question_ids"], expected["question_ids"])
+
+
+def test_a_world_compresses_again_only_the_candidates_that_hold_a_name_the_batch_puts_in_play():
+    """Zorvan Kellit's question, renamed Radjor Galdun, must find the one document that
+    now says Radjor Galdun: every document with either name is rewritten. Quipel Silhir's
+    document, whose name the world swaps too, reads the same to this question either
+    way; it is read as stored, not compressed again."""
+    from clara_ray.training.worlds import World
+
+    model, tokenizer = make_model()
+    model.set_trainable([Role.QUERY_REASONER], backbone=False)
+    settings = Stage3Settings.from_config(load_config(None, [
+        "stage3.steps=10", f"stage3.num_candidates={len(TEXTS)}", "stage3.counterfactual_rate=1.0",
+        "stage3.counterfactual_swap=names"]))
+    updater = TorchUpdater(model, settings.optimiser)
+    doc_ids = [f"d{i}" for i in range(len(TEXTS))]
+    texts = dict(zip(doc_ids, TEXTS))
+    source = ExactSearch(doc_ids, _memory(model, tokenizer, TEXTS))
+    batch = QuestionBatch(["q0"], ["Which city was Zorvan Kellit born in?"], ["Marlow"], [("d0",)])
+    world = World({"Zorvan Kellit": "Radjor Galdun", "Radjor Galdun": "Zorvan Kellit",
+                   "Quipel Silhir": "Ilsa Moor", "Ilsa Moor": "Quipel Silhir"})
+    assert world.in_play([*batch.questions, *batch.answers]) == {"Zorvan Kellit", "Radjor Galdun"}
+
+    class OneWorld:
+        def draw(self, step):
+            return world
+
+    seen, found = {}, []
+    search, forward = source.candidates, updater.forward
+    source.candidates = lambda *args: found.append(search(*args)) or found[-1]
+    updater.forward = lambda objective, **inputs: seen.update(inputs) or forward(objective, **inputs)
+    metrics = stage3_step(updater, tokenizer, batch, source, settings, LENGTHS, 1, ParameterAnchor(model, 0.0),
+                          lambda ids: [texts[i] for i in ids], OneWorld())
+    assert metrics["candidates_encoded"] == 4  # documents 0, 1, 3 and 4; not 2 (Quipel Silhir) nor 5
+    assert set(world.memory) == {"d0", "d1", "d3", "d4"}
+    rows = [int(d[1:]) for d in found[0].doc_ids.ravel()]
+    memory = seen["candidate_memory"].numpy()[0]
+    rewritten, stored = _memory(model, tokenizer, world.texts(TEXTS)), source.memory.astype(np.float32)
+    for m, i in zip(memory, rows):
+        assert np.abs(m - (rewritten[i] if i in (0, 1, 3, 4) else stored[i])).max() <= (1e-5 if i in (0, 1, 3, 4) else 0)
