@@ -233,7 +233,8 @@ def run_stage3_attempts(config: Config, data: TrainingData, model_dir: Path, can
                         run_dir: Path, log=print) -> tuple[StageResult, list[dict]]:
     """Stage 3 up to stage3.attempts times, each with its own seed in its own directory
     (<run_dir>/attempts/stage3/<i>/, laid out as a run directory), until one fits its
-    questions to stage3.attempt_target_recall (``attempt_fit``); the best fit is copied to
+    questions to stage3.attempt_target_recall (``attempt_fit``) or one fits below
+    stage3.attempt_min_recall (nothing took off); the best fit is copied to
     <run_dir>/models/stage3. Returns its result and one record per attempt run. A rerun
     skips the attempts that finished and resumes the one that did not from its checkpoint.
     Each record: attempt, seed, fit (its metric), fit_value, model_dir, kept.
@@ -262,6 +263,11 @@ def run_stage3_attempts(config: Config, data: TrainingData, model_dir: Path, can
         log(f"[stage3] attempt {attempt + 1} of {settings.num_attempts} (seed {seed}): {record['fit']} "
             f"{record['fit_value']:.3f} over the last two report windows")
         if record["fit_value"] >= settings.attempt_target_recall:
+            break
+        if record["fit_value"] < settings.attempt_min_recall and attempt + 1 < settings.num_attempts:
+            log(f"[stage3] no further attempt: this one fits below stage3.attempt_min_recall "
+                f"({settings.attempt_min_recall}), it took off on no kind of question, which another seed "
+                f"does not change")
             break
     best = max(tried, key=lambda r: r["fit_value"])  # the first of equals
     log(f"[stage3] keeping attempt {best['attempt'] + 1} ({best['fit']} {best['fit_value']:.3f})")

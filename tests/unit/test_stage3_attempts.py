@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from clara_ray.config import ConfigError, load_config
@@ -23,3 +25,29 @@ def test_three_attempts_by_default_one_with_a_trainable_compressor_and_never_sev
     assert load_config(None, ["stage3.attempts=1"]).stage3.num_attempts == 1
     with pytest.raises(ConfigError, match="stage3.attempts: needs stage3.compressor=frozen"):
         load_config(None, ["stage3.compressor=trainable", "stage3.attempts=2"])
+
+
+@pytest.mark.parametrize(("fits", "ran", "kept"), [
+    ([0.95], 1, 0),               # fits the target: done
+    ([0.85, 0.3, 0.92], 3, 2),    # took off but short of the target: another seed, until one fits
+    ([0.004], 1, 0),              # took off on nothing: no further attempt (CLaRa's sample)
+    ([0.85, 0.1, 0.8], 2, 0),     # the second took off on nothing: stop, keep the better
+])
+def test_attempts_stop_at_the_target_or_when_one_took_off_on_nothing(tmp_path, monkeypatch, fits, ran, kept):
+    from clara_ray.training import stages
+
+    def fake_stage3(config, data, model_dir, candidates, run_dir):
+        attempt = (config.run.seed - 7) // stages.ATTEMPT_SEED_STRIDE
+        model = Path(run_dir) / "models" / "stage3"
+        model.mkdir(parents=True)
+        (model / "adapters.safetensors").write_text(str(attempt))
+        return stages.StageResult(model, [{"step": 4, "train_recall_at_1": fits[attempt]}], [])
+
+    monkeypatch.setattr(stages, "run_stage3", fake_stage3)
+    config = load_config(None, ["run.seed=7", "stage3.attempts=3"])
+    messages = []
+    result, tried = stages.run_stage3_attempts(config, None, tmp_path / "stage1", None, tmp_path, messages.append)
+    assert [r["attempt"] for r in tried] == list(range(ran))
+    assert [r["kept"] for r in tried] == [i == kept for i in range(ran)]
+    assert (result.model_dir / "adapters.safetensors").read_text() == str(kept)
+    assert any("no further attempt" in m for m in messages) == (fits[ran - 1] < 0.2 and ran < 3)
