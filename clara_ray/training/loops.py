@@ -41,7 +41,7 @@ from clara_ray.training.checkpoints import (
 from clara_ray.training.data import rank_batches
 from clara_ray.training.engine import DeepSpeedUpdater, OptimiserSettings, ParameterAnchor, full_parameters
 from clara_ray.training.settings import Stage2Settings, Stage3Settings, WorkerSettings
-from clara_ray.training.steps import MetricWindow, progress_line, stage1_step, stage2_step, stage3_step
+from clara_ray.training.steps import MetricWindow, attempt_fit, progress_line, stage1_step, stage2_step, stage3_step
 from clara_ray.training.worlds import CounterfactualWorlds
 from clara_ray.training.tables import DocumentTable, example_from_row, questions_from_rows, read_answer_pool, read_table
 from clara_ray.training.validation import validation_recall
@@ -97,12 +97,36 @@ class _Reporter:
             write_stage_progress(self.progress_path, step, self.total, self.status)
             self.progress_written = now
         if step % self.checkpoint_every == 0 or step == self.total:
-            with tempfile.TemporaryDirectory() as directory:
-                save(directory, step)
-                ray.train.report(self.history[-1] if self.history else {"step": step},
-                                 checkpoint=ray.train.Checkpoint.from_directory(directory))
+            self.checkpoint(step, save)
         elif means is not None:
             ray.train.report(self.history[-1])
+
+    def checkpoint(self, step: int, save) -> None:
+        """A checkpoint of `step`, reported with the last window's metrics."""
+        with tempfile.TemporaryDirectory() as directory:
+            save(directory, step)
+            ray.train.report(self.history[-1] if self.history else {"step": step},
+                             checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    def finish_early(self, step: int, save) -> None:
+        """End at `step` (the last) without training up to it: its checkpoint and progress."""
+        if self.progress_path is not None:
+            write_stage_progress(self.progress_path, step, self.total, self.status)
+        self.checkpoint(step, save)
+
+
+def _took_off(history: list[dict], settings: Stage3Settings, rank: int) -> bool:
+    """Whether the real schedule's fit (``attempt_fit`` over its windows, the same on
+    every rank) reaches stage3.takeoff_recall, so that its world steps run."""
+    key, fit = attempt_fit([window for window in history if window["step"] <= settings.schedule_steps])
+    fit = _mean_over_ranks({"fit": fit})["fit"]  # one decision on every rank, whatever each holds
+    if fit >= settings.takeoff_recall:
+        return True
+    if rank == 0:
+        print(f"[stage3] no world steps: the real schedule fits {key} {fit:.3f}, below stage3.takeoff_recall "
+              f"({settings.takeoff_recall}); it took off on no kind of question, so there is no fit to carry "
+              f"to other names", flush=True)
+    return False
 
 
 def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -329,8 +353,15 @@ def stage3_loop(run: dict):
         worlds = CounterfactualWorlds.of_questions(asked["question"], asked["answer"], settings.counterfactual_rate,
                                                    worker.seed, w.rank, settings.schedule_steps,
                                                    settings.counterfactual_worlds, settings.counterfactual_swap)
+    takes_worlds = None  # decided at the first world step, from the real schedule's fit
     for step, rows in rank_batches(settings.micro_batch_size, w.rank, start):
         current["step"] = step
+        if worlds is not None and step > settings.schedule_steps and takes_worlds is None:
+            takes_worlds = _took_off(reporter.history, settings, w.rank)
+        if takes_worlds is False:  # nothing to carry to other names: the world steps would only cost
+            if step == settings.steps:
+                reporter.finish_early(step, save)
+            continue
         batch = questions_from_rows(rows)
         learning_rate = w.updater.learning_rate()
         metrics = stage3_step(w.updater, w.tokenizer, batch, candidates, settings, worker.lengths, step, anchor,

@@ -187,6 +187,7 @@ class Stage3Settings:
     counterfactual_rate: float = 0.0  # share of the world steps trained in a world (training/worlds.py)
     counterfactual_swap: WorldSwap = WorldSwap.VALUES  # what a world permutes
     counterfactual_worlds: int = 0  # fixed worlds to draw from (0: a fresh one every step)
+    takeoff_recall: float = 0.0  # a real schedule fitting below this skips its world steps
 
     def temperature_at(self, step: int) -> float:
         """The top-k temperature of `step` (1-based): annealed over the real schedule,
@@ -227,4 +228,5 @@ class Stage3Settings:
             counterfactual_rate=s3.counterfactual_rate,
             counterfactual_swap=s3.counterfactual_swap,
             counterfactual_worlds=s3.counterfactual_worlds,
+            takeoff_recall=s3.takeoff_recall,
         )

@@ -34,6 +34,7 @@ from clara_ray.training.checkpoints import MODEL_DIR, read_trainer_state
 from clara_ray.training.data import PLAN, data_config, draw_plan
 from clara_ray.training.loops import stage1_loop, stage2_loop, stage3_loop
 from clara_ray.training.settings import Stage1Settings, Stage2Settings, Stage3Settings, WorkerSettings
+from clara_ray.training.steps import attempt_fit
 from clara_ray.training.tables import DOCUMENTS, read_table, write_documents, write_examples, write_questions
 from clara_ray.training.validation import split_validation
 
@@ -221,20 +222,12 @@ ATTEMPT_DONE = "attempt.json"  # in an attempt's directory once it finished: its
 ATTEMPT_SEED_STRIDE = 1000  # attempt i trains with run.seed + i x this
 
 
-def attempt_fit(history: list[dict]) -> tuple[str, float]:
-    """How well a stage-3 attempt fits: its validation recall@1 when it held questions out,
-    else its training recall@1, as the mean of its last two report windows."""
-    key = "val_recall_at_1" if any("val_recall_at_1" in window for window in history) else "train_recall_at_1"
-    values = [window[key] for window in history if key in window][-2:]
-    return key, sum(values) / len(values) if values else 0.0
-
-
 def run_stage3_attempts(config: Config, data: TrainingData, model_dir: Path, candidates: CandidateSource,
                         run_dir: Path, log=print) -> tuple[StageResult, list[dict]]:
     """Stage 3 up to stage3.attempts times, each with its own seed in its own directory
     (<run_dir>/attempts/stage3/<i>/, laid out as a run directory), until one fits its
     questions to stage3.attempt_target_recall (``attempt_fit``) or one fits below
-    stage3.attempt_min_recall (nothing took off); the best fit is copied to
+    stage3.takeoff_recall (nothing took off); the best fit is copied to
     <run_dir>/models/stage3. Returns its result and one record per attempt run. A rerun
     skips the attempts that finished and resumes the one that did not from its checkpoint.
     Each record: attempt, seed, fit (its metric), fit_value, model_dir, kept.
@@ -264,9 +257,9 @@ def run_stage3_attempts(config: Config, data: TrainingData, model_dir: Path, can
             f"{record['fit_value']:.3f} over the last two report windows")
         if record["fit_value"] >= settings.attempt_target_recall:
             break
-        if record["fit_value"] < settings.attempt_min_recall and attempt + 1 < settings.num_attempts:
-            log(f"[stage3] no further attempt: this one fits below stage3.attempt_min_recall "
-                f"({settings.attempt_min_recall}), it took off on no kind of question, which another seed "
+        if record["fit_value"] < settings.takeoff_recall and attempt + 1 < settings.num_attempts:
+            log(f"[stage3] no further attempt: this one fits below stage3.takeoff_recall "
+                f"({settings.takeoff_recall}), it took off on no kind of question, which another seed "
                 f"does not change")
             break
     best = max(tried, key=lambda r: r["fit_value"])  # the first of equals

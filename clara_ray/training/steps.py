@@ -196,6 +196,14 @@ def _candidate_inputs(model, tokenizer, found, settings: Stage3Settings, lengths
     return {"candidate_memory": memory.to(device)[rows]}, len(missing)  # (B, L, n, d)
 
 
+def attempt_fit(history: list[dict]) -> tuple[str, float]:
+    """How well a stage-3 run fits its questions: its validation recall@1 when it held
+    questions out, else its training recall@1, as the mean of its last two report windows."""
+    key = "val_recall_at_1" if any("val_recall_at_1" in window for window in history) else "train_recall_at_1"
+    values = [window[key] for window in history if key in window][-2:]
+    return key, sum(values) / len(values) if values else 0.0
+
+
 class MetricWindow:
     """Means of step metrics over windows of `every` steps (the last window ends at
     `total_steps`, whatever its length)."""

@@ -50,7 +50,7 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
         "stage3.steps=2 epochs", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=2",
         "stage3.top_k=2", "stage3.num_candidates=4", "eval.baselines=[bm25]", "encode.max_actors=1",
         # both attempts run: a tiny run fits nothing, so neither bound stops them
-        "stage3.attempts=2", "stage3.attempt_target_recall=1.0", "stage3.attempt_min_recall=0",
+        "stage3.attempts=2", "stage3.attempt_target_recall=1.0", "stage3.takeoff_recall=0",
         "model.answer_max_len=8",  # given, so the long answers are set aside (auto would fit them)
     ])
     messages = []

@@ -12,6 +12,7 @@ import pytest
 
 from clara_ray.config import load_config
 from clara_ray.pipeline import Run, StepNotReady
+from clara_ray.training.checkpoints import latest_trainer_state
 
 pytestmark = pytest.mark.ray
 
@@ -26,6 +27,7 @@ def _overrides(output_dir) -> list[str]:
         "stage1.steps=4", "stage1.report_every=2", "stage1.micro_batch_size_per_worker=4",
         "stage3.steps=4", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4",
         "stage3.top_k=2", "stage3.num_candidates=8", "eval.baselines=[bm25]", "encode.max_actors=1",
+        "stage3.takeoff_recall=1.0",  # a 4-step tiny run never fits every question: no world steps, one attempt
     ]
 
 
@@ -60,7 +62,11 @@ def test_a_run_step_by_step_as_jobs(local_ray, tmp_path):
     before, _ = _job(local_ray, "evaluate", *overrides)
     assert set(before) == {"query reasoner before stage 3"}
     stage3, _ = _job(local_ray, "train", "--stage", "3", *overrides)
-    assert stage3["steps"] == 6  # 4, then 2 in counterfactual worlds
+    # 4 real steps, then 2 in counterfactual worlds skipped (the fit is below takeoff_recall):
+    # the last window is step 4's, the stage ends at step 6 with one attempt
+    attempts = run_dir / "attempts" / "stage3"
+    assert stage3["steps"] == 4 and [p.name for p in attempts.iterdir()] == ["0"]
+    assert latest_trainer_state(attempts / "0" / "ray_train" / "stage3")["step"] == 6
     after, _ = _job(local_ray, "evaluate", *overrides)
     assert set(after) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
     assert after["query reasoner before stage 3"] == before["query reasoner before stage 3"]

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from clara_ray.config import ConfigError, load_config
-from clara_ray.training.stages import attempt_fit
+from clara_ray.training.steps import attempt_fit
 
 
 def test_an_attempt_fits_by_training_recall_over_its_last_two_windows():
