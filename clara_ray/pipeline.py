@@ -675,6 +675,7 @@ class Run:
             "refresh": stage3.get("refresh"),
             "stage3_attempts": stage3.get("attempts", []),
             "stage3_max_attempts": prepared.config.stage3.num_attempts,
+            "stage3_takeoff_recall": prepared.config.stage3.takeoff_recall,
             "resumed_after": {"stage1": stages["stage1"]["resumed_after"],
                               "stage2": [] if stages["stage2"] is None else stages["stage2"]["resumed_after"],
                               "stage3": stage3["resumed_after"]},

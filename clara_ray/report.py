@@ -59,15 +59,19 @@ def _refresh_lines(refresh: dict | None) -> list[str]:
     return lines + [""]
 
 
-def _attempt_lines(attempts: list[dict], max_attempts: int) -> list[str]:
+def _attempt_lines(attempts: list[dict], max_attempts: int, takeoff_recall: float) -> list[str]:
     """Stage 3's attempts (stage3.attempts > 1), the kept one in bold."""
     if not attempts:
         return []
     (kept,) = [a for a in attempts if a["kept"]]
+    stopped = ""
+    if len(attempts) < max_attempts and attempts[-1]["fit_value"] < takeoff_recall:
+        stopped = (f" The last fit is below stage3.takeoff_recall ({takeoff_recall}): it took off on no kind of "
+                   "question, so no further attempt ran and its world steps were skipped.")
     lines = ["## Stage-3 attempts", "",
              (f"Stage 3 ran {'once' if len(attempts) == 1 else f'{len(attempts)} times, each with its own seed'} "
               f"(up to {max_attempts}); attempt {kept['attempt'] + 1} is kept: the best fit over the last two report "
-              "windows (the plot shows its curves)."), "",
+              f"windows (the plot shows its curves).{stopped}"), "",
              "| attempt | seed | fit | value |", "|---|---|---|---|"]
     for a in attempts:
         value = f"**{a['fit_value']:.3f}**" if a is kept else f"{a['fit_value']:.3f}"
@@ -126,7 +130,8 @@ def write_report(run_dir: Path, summary: dict, stage1_history: list[dict], stage
         f"({data['num_truncated'] / max(1, data['num_encoded']):.1%}) were truncated** at {summary['doc_max_len']} tokens."),
         "",
         *_refresh_lines(summary.get("refresh")),
-        *_attempt_lines(summary.get("stage3_attempts"), summary.get("stage3_max_attempts", 1)),
+        *_attempt_lines(summary.get("stage3_attempts"), summary.get("stage3_max_attempts", 1),
+                        summary.get("stage3_takeoff_recall", 0.0)),
         "## Token lengths",
         "",
         *[f"- {line}" for line in LengthReport.from_dict(summary["lengths"]).lines()],

@@ -51,3 +51,13 @@ def test_attempts_stop_at_the_target_or_when_one_took_off_on_nothing(tmp_path, m
     assert [r["kept"] for r in tried] == [i == kept for i in range(ran)]
     assert (result.model_dir / "adapters.safetensors").read_text() == str(kept)
     assert any("no further attempt" in m for m in messages) == (fits[ran - 1] < 0.2 and ran < 3)
+
+
+def test_the_report_says_why_no_further_attempt_ran():
+    from clara_ray.report import _attempt_lines
+
+    one = [{"attempt": 0, "seed": 0, "fit": "train_recall_at_1", "fit_value": 0.003, "kept": True}]
+    text = "\n".join(_attempt_lines(one, 3, 0.2))
+    assert "ran once (up to 3)" in text and "below stage3.takeoff_recall (0.2)" in text
+    fitted = [{**one[0], "fit_value": 0.95}]
+    assert "takeoff_recall" not in "\n".join(_attempt_lines(fitted, 3, 0.2))
