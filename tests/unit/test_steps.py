@@ -293,21 +293,27 @@ def test_stage3_step_in_a_counterfactual_world_reads_rewritten_candidates_and_an
         stage3_step(updater, tokenizer, batch, source, settings, LENGTHS, 4, ParameterAnchor(model, 0.0), None, worlds)
 
 
+def _name_world_step_parts(num_candidates: int):
+    """A stage-3 step's parts for one question about Zorvan Kellit in a name world:
+    model, tokenizer, settings, updater, texts by id, exact search over TEXTS, batch."""
+    model, tokenizer = make_model()
+    model.set_trainable([Role.QUERY_REASONER], backbone=False)
+    settings = Stage3Settings.from_config(load_config(None, [
+        "stage3.steps=10", f"stage3.num_candidates={num_candidates}", "stage3.counterfactual_rate=1.0",
+        "stage3.counterfactual_swap=names"]))
+    updater = TorchUpdater(model, settings.optimiser)
+    doc_ids = [f"d{i}" for i in range(len(TEXTS))]
+    source = ExactSearch(doc_ids, _memory(model, tokenizer, TEXTS))
+    batch = QuestionBatch(["q0"], ["Which city was Zorvan Kellit born in?"], ["Marlow"], [("d0",)])
+    return model, tokenizer, settings, updater, dict(zip(doc_ids, TEXTS)), source, batch
+
+
 def test_in_a_name_world_the_real_question_proposes_the_candidates_and_the_renamed_one_scores_them():
     """The index holds the real world: the renamed question would find the real documents
     of the person whose name it now carries, not those of the person it asks about."""
     from clara_ray.training.worlds import World
 
-    model, tokenizer = make_model()
-    model.set_trainable([Role.QUERY_REASONER], backbone=False)
-    settings = Stage3Settings.from_config(load_config(None, [
-        "stage3.steps=10", "stage3.num_candidates=4", "stage3.counterfactual_rate=1.0",
-        "stage3.counterfactual_swap=names"]))
-    updater = TorchUpdater(model, settings.optimiser)
-    doc_ids = [f"d{i}" for i in range(len(TEXTS))]
-    texts = dict(zip(doc_ids, TEXTS))
-    source = ExactSearch(doc_ids, _memory(model, tokenizer, TEXTS))
-    batch = QuestionBatch(["q0"], ["Which city was Zorvan Kellit born in?"], ["Marlow"], [("d0",)])
+    model, tokenizer, settings, updater, texts, source, batch = _name_world_step_parts(4)
     world = World({"Zorvan Kellit": "Radjor Galdun", "Radjor Galdun": "Zorvan Kellit"})
 
     class OneWorld:
@@ -340,16 +346,7 @@ def test_a_world_compresses_again_only_the_candidates_that_hold_a_name_the_batch
     way; it is read as stored, not compressed again."""
     from clara_ray.training.worlds import World
 
-    model, tokenizer = make_model()
-    model.set_trainable([Role.QUERY_REASONER], backbone=False)
-    settings = Stage3Settings.from_config(load_config(None, [
-        "stage3.steps=10", f"stage3.num_candidates={len(TEXTS)}", "stage3.counterfactual_rate=1.0",
-        "stage3.counterfactual_swap=names"]))
-    updater = TorchUpdater(model, settings.optimiser)
-    doc_ids = [f"d{i}" for i in range(len(TEXTS))]
-    texts = dict(zip(doc_ids, TEXTS))
-    source = ExactSearch(doc_ids, _memory(model, tokenizer, TEXTS))
-    batch = QuestionBatch(["q0"], ["Which city was Zorvan Kellit born in?"], ["Marlow"], [("d0",)])
+    model, tokenizer, settings, updater, texts, source, batch = _name_world_step_parts(len(TEXTS))
     world = World({"Zorvan Kellit": "Radjor Galdun", "Radjor Galdun": "Zorvan Kellit",
                    "Quipel Silhir": "Ilsa Moor", "Ilsa Moor": "Quipel Silhir"})
     assert world.in_play([*batch.questions, *batch.answers]) == {"Zorvan Kellit", "Radjor Galdun"}
