@@ -343,6 +343,12 @@ class Stage1Config(_Section):
     # from the others -- its subject's name, its value -- weigh more than template and
     # boilerplate words that most documents share (clara_ray/training/batches.py).
     reconstruction_weighting: ReconstructionWeighting = ReconstructionWeighting.UNIFORM
+    # Memory separation (clara_ray/modeling/clara.py, memory_separation): this weight
+    # times how alike the memories of a batch's different documents are (log-mean-exp
+    # of their cosines / separation_temperature). Documents that share template and
+    # boilerplate differ only in name and value, so the compressor must keep those.
+    separation_weight: float = Field(0.0, ge=0)
+    separation_temperature: float = Field(0.1, gt=0)
     counterfactual_rate: float = Field(1.0, ge=0, le=1)
     # Share of a QA example's other documents taken from the question's BM25
     # neighbours (the rest are random), out of its `hard_distractor_pool` nearest.

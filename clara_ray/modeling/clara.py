@@ -16,6 +16,7 @@ All losses go through `forward` so DeepSpeed (ZeRO-3 included) sees every call.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,29 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` where `mask` holds, or weighted by a float `mask` whose weights
     sum to at least 1 (0 where it holds nowhere)."""
     return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def memory_separation(
+    memory: torch.Tensor, doc_ids: torch.Tensor, doc_mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """How alike the memories of a batch's different documents are: the log of the mean
+    of exp(cosine / temperature) over every pair of distinct documents, with memory
+    flattened as the index scores it. memory: (N, n_mem, d); doc_ids, doc_mask: (N, T).
+
+    Lowering it pushes documents apart, hardest the most alike (a small temperature
+    weighs the closest pairs most). Documents that share their template and
+    boilerplate differ only in name and value, so a compressor can only separate them
+    by keeping those: the words a question asks by and for. A document read twice in
+    the batch (same tokens) is not paired with itself. 0 when no pair is distinct.
+    """
+    flat = nn.functional.normalize(memory.flatten(1).float(), dim=-1)
+    cosine = flat @ flat.T  # (N, N)
+    tokens = doc_ids.masked_fill(doc_mask == 0, -1)
+    distinct = (tokens.unsqueeze(1) != tokens.unsqueeze(0)).any(-1)  # (N, N), False on the diagonal
+    if not distinct.any():
+        return cosine.new_zeros(())
+    scaled = cosine[distinct] / temperature
+    return torch.logsumexp(scaled, 0) - math.log(scaled.numel())
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -321,6 +345,7 @@ class ClaraModel(nn.Module):
     def _compressor_pretraining(
         self, doc_ids, doc_mask, doc_group, doc_slot, memory_mask,
         prompt_ids, prompt_mask, target_ids, target_mask, is_qa, mse_weight: float, target_weight=None,
+        separation_weight: float = 0.0, separation_temperature: float = 0.1,
     ):
         """Stage 1: generate QA answers / reconstructions from documents' memory,
         plus MSE between each document's mean memory vector and mean token state.
@@ -333,6 +358,7 @@ class ClaraModel(nn.Module):
         against the documents' dozens, so a generator that never learns to read
         answers hides behind a low pooled loss. target_weight: (B, A) per-token weights
         (None = 1; ``batches.reconstruction_weights``), each a weighted mean.
+        separation_weight: weight of `memory_separation` over the batch's documents.
         """
         memory, token_states = self.encode(Role.COMPRESSOR, doc_ids, doc_mask)  # (N, n, d), (N, T, d)
         batch_size, width = memory_mask.shape
@@ -352,7 +378,11 @@ class ClaraModel(nn.Module):
         # In memory's standardised coordinates (affine, so standardising the mean is enough).
         mean_tokens = self._standardized(mean_tokens, self.memory_center.mean(0))
         mse = nn.functional.mse_loss(memory.mean(1).float(), mean_tokens.float())
-        return {"loss": generation + mse_weight * mse, "generation_loss": generation, "mse_loss": mse,
+        separation = memory_separation(memory, doc_ids, doc_mask, separation_temperature)
+        loss = generation + mse_weight * mse
+        if separation_weight:
+            loss = loss + separation_weight * separation
+        return {"loss": loss, "generation_loss": generation, "mse_loss": mse, "separation_loss": separation.detach(),
                 "qa_loss": qa_loss.detach(), "reconstruction_loss": reconstruction_loss.detach()}
 
     def _joint(

@@ -71,6 +71,8 @@ class Stage1Settings:
     micro_batch_size: int
     optimiser: OptimiserSettings
     mse_weight: float
+    separation_weight: float
+    separation_temperature: float
     reconstruction_order: ReconstructionOrder
     reconstruction_weighting: ReconstructionWeighting
     counterfactual_rate: float
@@ -95,6 +97,8 @@ class Stage1Settings:
             micro_batch_size=s1.micro_batch_size_per_worker,
             optimiser=_optimiser(steps, s1.learning_rate, s1.warmup_fraction, config.train.gradient_clipping),
             mse_weight=s1.mse_weight,
+            separation_weight=s1.separation_weight,
+            separation_temperature=s1.separation_temperature,
             reconstruction_order=s1.reconstruction_order,
             reconstruction_weighting=s1.reconstruction_weighting,
             counterfactual_rate=s1.counterfactual_rate,

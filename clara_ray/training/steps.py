@@ -35,10 +35,13 @@ def stage1_step(updater, batch: dict[str, torch.Tensor], settings: Stage1Setting
         Objective.COMPRESSOR_PRETRAINING,
         **{k: v.to(updater.device) for k, v in batch.items()},
         mse_weight=settings.mse_weight,
+        separation_weight=settings.separation_weight,
+        separation_temperature=settings.separation_temperature,
     )
     updater.backward(out["loss"])
     updater.step()
-    metrics = {k: out[k].item() for k in ("loss", "generation_loss", "mse_loss", "qa_loss", "reconstruction_loss")}
+    metrics = {k: out[k].item() for k in (
+        "loss", "generation_loss", "mse_loss", "separation_loss", "qa_loss", "reconstruction_loss")}
     tokens = int(batch["doc_mask"].sum() + batch["prompt_mask"].sum() + batch["target_mask"].sum())
     return {**metrics, "tokens": tokens, "seconds_step": time.perf_counter() - started}
 

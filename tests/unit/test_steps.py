@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clara_ray.config import load_config
-from clara_ray.modeling.clara import Objective, Role
+from clara_ray.modeling.clara import Objective, Role, memory_separation
 from clara_ray.modeling.text import tokenize_texts
 from clara_ray.training.batches import Lengths, Stage1Example, stage1_batch, stage3_batch
 from clara_ray.training.candidates import ExactSearch, FixedCandidates
@@ -119,6 +119,39 @@ def test_stage1_token_weights_make_each_loss_a_weighted_mean():
     torch.testing.assert_close(only["qa_loss"], plain["qa_loss"])
     torch.testing.assert_close(only["reconstruction_loss"],
                                torch.nn.functional.cross_entropy(logits[1, :1], labels[1, :1]))
+
+
+def test_memory_separation_is_the_log_mean_exp_over_pairs_of_different_documents():
+    memory = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 1.0]], [[1.0, 0.0]]])  # (4, 1, 2)
+    doc_ids = torch.tensor([[5, 6, 0], [7, 0, 0], [8, 9, 9], [5, 6, 0]])
+    doc_mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])  # rows 0 and 3 are one document
+    cos = 2 ** -0.5
+    pairs = [0.0, cos, 0.0, cos, cos, cos]  # ordered pairs (0,1) (0,2) (1,0) (1,2) (2,0) (2,1) ...
+    pairs += [0.0, cos, 0.0, cos]  # ... (1,3) (2,3) (3,1) (3,2): never (0,3) or (3,0)
+    expected = torch.logsumexp(torch.tensor(pairs) / 0.5, 0) - np.log(len(pairs))
+    torch.testing.assert_close(memory_separation(memory, doc_ids, doc_mask, 0.5), expected)
+    assert memory_separation(memory[[0, 3]], doc_ids[[0, 3]], doc_mask[[0, 3]], 0.5).item() == 0.0
+
+
+def test_separation_weight_pushes_the_memories_of_different_documents_apart():
+    examples = [Stage1Example(i) for i in range(6)]  # reconstruction only: six different documents
+
+    def separation_after(weight):
+        torch.manual_seed(0)
+        model, tokenizer = make_model()
+        model.set_trainable([Role.COMPRESSOR, Role.GENERATOR], backbone=False)
+        settings = dataclasses.replace(Stage1Settings.from_config(load_config(None, ["stage1.steps=20"])),
+                                       rival_steps=0, separation_weight=weight)
+        updater = TorchUpdater(model, settings.optimiser)
+        for _ in range(12):
+            batch = stage1_batch(examples, TEXTS, 1, model.num_memory_tokens, tokenizer, LENGTHS, random.Random(0))
+            metrics = stage1_step(updater, batch, settings)
+        with torch.no_grad():
+            out = model(Objective.COMPRESSOR_PRETRAINING, **batch, mse_weight=0.0)
+        assert np.isfinite(metrics["separation_loss"])
+        return out["separation_loss"].item()
+
+    assert separation_after(1.0) < separation_after(0.0) - 0.5  # 6.5 against 8.9
 
 
 def _grouped_memory(model, batch):
