@@ -349,6 +349,10 @@ class Stage1Config(_Section):
     # boilerplate differ only in name and value, so the compressor must keep those.
     separation_weight: float = Field(0.0, ge=0)
     separation_temperature: float = Field(0.1, gt=0)
+    # Share of a reconstruction's words the generator is not shown while it rebuilds
+    # the document (it still predicts them): it cannot go on from the text it has
+    # rebuilt so far, only from memory (clara_ray/training/batches.py, word_dropout).
+    reconstruction_word_dropout: float = Field(0.0, ge=0, lt=1)
     counterfactual_rate: float = Field(1.0, ge=0, le=1)
     # Share of a QA example's other documents taken from the question's BM25
     # neighbours (the rest are random), out of its `hard_distractor_pool` nearest.

@@ -289,10 +289,13 @@ class ClaraModel(nn.Module):
         per_token = _token_losses(logits, labels)
         return per_token.sum(1) / (labels != IGNORE_INDEX).sum(1).clamp(min=1)
 
-    def _target_logits(self, memory, prompt_ids, prompt_mask, target_ids, target_mask, memory_mask=None):
+    def _target_logits(self, memory, prompt_ids, prompt_mask, target_ids, target_mask, memory_mask=None,
+                       target_input_ids=None):
+        """Logits predicting each target token, teacher-forced on `target_input_ids`
+        (default the targets themselves; stage 1 may blank some, see batches.word_dropout)."""
         self.use(Role.GENERATOR)
         context_embeds, context_mask = self._generator_embeddings(memory, prompt_ids, prompt_mask, memory_mask)
-        target_embeds = self.lm.get_input_embeddings()(target_ids)
+        target_embeds = self.lm.get_input_embeddings()(target_ids if target_input_ids is None else target_input_ids)
         embeds = torch.cat([context_embeds, target_embeds], dim=1)
         mask = torch.cat([context_mask, target_mask], dim=1)
         hidden = self.decoder(
@@ -345,7 +348,7 @@ class ClaraModel(nn.Module):
     def _compressor_pretraining(
         self, doc_ids, doc_mask, doc_group, doc_slot, memory_mask,
         prompt_ids, prompt_mask, target_ids, target_mask, is_qa, mse_weight: float, target_weight=None,
-        separation_weight: float = 0.0, separation_temperature: float = 0.1,
+        separation_weight: float = 0.0, separation_temperature: float = 0.1, target_input_ids=None,
     ):
         """Stage 1: generate QA answers / reconstructions from documents' memory,
         plus MSE between each document's mean memory vector and mean token state.
@@ -359,6 +362,7 @@ class ClaraModel(nn.Module):
         answers hides behind a low pooled loss. target_weight: (B, A) per-token weights
         (None = 1; ``batches.reconstruction_weights``), each a weighted mean.
         separation_weight: weight of `memory_separation` over the batch's documents.
+        target_input_ids: what the generator is teacher-forced on (None = target_ids).
         """
         memory, token_states = self.encode(Role.COMPRESSOR, doc_ids, doc_mask)  # (N, n, d), (N, T, d)
         batch_size, width = memory_mask.shape
@@ -366,7 +370,7 @@ class ClaraModel(nn.Module):
         grouped = memory.new_zeros(batch_size, width // n, n, memory.shape[-1])
         grouped = grouped.index_put((doc_group, doc_slot), memory)  # (B, slots, n, d)
         logits, labels = self._target_logits(
-            grouped.flatten(1, 2), prompt_ids, prompt_mask, target_ids, target_mask, memory_mask
+            grouped.flatten(1, 2), prompt_ids, prompt_mask, target_ids, target_mask, memory_mask, target_input_ids
         )
         per_token = _token_losses(logits, labels)
         real = (labels != IGNORE_INDEX).to(per_token.dtype)

@@ -276,6 +276,7 @@ def memory_qa_batch(
         settings.unanswerable_from,
         rivals_as_distractors=not single and step <= settings.single_document_steps + settings.rival_steps,
         reconstruction_word_weights=reconstruction_word_weights,
+        reconstruction_word_dropout=getattr(settings, "reconstruction_word_dropout", 0.0),
     )
 
 
@@ -330,6 +331,7 @@ def stage1_batch(
     unanswerable_from: UnanswerableFrom = UnanswerableFrom.RIVALS,
     rivals_as_distractors: bool = True,
     reconstruction_word_weights: dict[str, float] | None = None,
+    reconstruction_word_dropout: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Model inputs for `ClaraModel(Objective.COMPRESSOR_PRETRAINING, ...)`.
 
@@ -347,7 +349,9 @@ def stage1_batch(
 
     With `reconstruction_word_weights` (``word_weights``) the batch carries
     "target_weight": a reconstruction's tokens weighted by their words' rarity
-    (``reconstruction_weights``), a QA example's all 1.
+    (``reconstruction_weights``), a QA example's all 1. With
+    `reconstruction_word_dropout` it carries "target_input_ids": the targets with
+    that share of each reconstruction's tokens blanked (``word_dropout``).
     """
     min_context_docs = num_context_docs if min_context_docs is None else min_context_docs
     if not 1 <= min_context_docs <= num_context_docs:
@@ -398,6 +402,10 @@ def stage1_batch(
             weight[rebuilt] = reconstruction_weights(tokenizer, [targets[i] for i in rebuilt],
                                                      reconstruction_word_weights, target.ids.shape[1])
         weighting = {"target_weight": weight * target.mask}
+    if reconstruction_word_dropout:
+        rebuilt = torch.tensor([e.question is None for e in examples])
+        weighting["target_input_ids"] = word_dropout(target.ids, target.mask * rebuilt[:, None],
+                                                     reconstruction_word_dropout, tokenizer.pad_token_id, rng)
     # Document i of example j goes to memory group j; groups are padded to the widest.
     group = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(doc_slots))
     slot = torch.cat([torch.arange(n) for n in doc_slots])
@@ -417,6 +425,22 @@ def stage1_batch(
         "is_qa": torch.tensor([e.question is not None for e in examples]),
         **weighting,
     }
+
+
+def word_dropout(ids: torch.Tensor, droppable: torch.Tensor, rate: float, blank_id: int,
+                 rng: random.Random) -> torch.Tensor:
+    """`ids` with a `rate` share of the `droppable` positions (drawn with `rng`) set to
+    `blank_id`: the generator's teacher-forced input, while its labels stay whole.
+
+    A generator that sees the reconstruction's previous words can guess the next
+    template word from them and needs memory only for what no text predicts; it may
+    then learn to put a typical name where the document's own belongs, and the
+    compressor never has to keep the name. With words blanked it must read the
+    document's memory to go on (word dropout against a decoder that ignores its code).
+    """
+    generator = torch.Generator().manual_seed(rng.getrandbits(63))
+    drop = (torch.rand(ids.shape, generator=generator) < rate) & droppable.bool()
+    return ids.masked_fill(drop, blank_id)
 
 
 def _stand_ins(example: Stage1Example, documents: Sequence[str], source: UnanswerableFrom) -> tuple[int, ...]:

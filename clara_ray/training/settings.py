@@ -73,6 +73,7 @@ class Stage1Settings:
     mse_weight: float
     separation_weight: float
     separation_temperature: float
+    reconstruction_word_dropout: float
     reconstruction_order: ReconstructionOrder
     reconstruction_weighting: ReconstructionWeighting
     counterfactual_rate: float
@@ -99,6 +100,7 @@ class Stage1Settings:
             mse_weight=s1.mse_weight,
             separation_weight=s1.separation_weight,
             separation_temperature=s1.separation_temperature,
+            reconstruction_word_dropout=s1.reconstruction_word_dropout,
             reconstruction_order=s1.reconstruction_order,
             reconstruction_weighting=s1.reconstruction_weighting,
             counterfactual_rate=s1.counterfactual_rate,

@@ -154,6 +154,29 @@ def test_separation_weight_pushes_the_memories_of_different_documents_apart():
     assert separation_after(1.0) < separation_after(0.0) - 0.5  # 6.5 against 8.9
 
 
+def test_word_dropout_blanks_only_reconstruction_inputs_and_the_labels_stay_whole():
+    model, tokenizer = make_model()
+    model.eval()
+    examples = [Stage1Example(1, "Which city?", "Marlow", (2,)), Stage1Example(0), Stage1Example(3)]
+    batch = stage1_batch(examples, TEXTS, 2, model.num_memory_tokens, tokenizer, LENGTHS, random.Random(0),
+                         reconstruction_word_dropout=0.5)
+    plain = stage1_batch(examples, TEXTS, 2, model.num_memory_tokens, tokenizer, LENGTHS, random.Random(0))
+    torch.testing.assert_close(batch["target_ids"], plain["target_ids"])
+    blanked = batch["target_input_ids"] != batch["target_ids"]
+    assert not blanked[0].any()  # the QA answer is shown whole
+    assert (batch["target_input_ids"][blanked] == tokenizer.pad_token_id).all()
+    assert not (blanked & (batch["target_mask"] == 0)).any()
+    share = blanked[1:].sum() / batch["target_mask"][1:].sum()
+    assert 0.3 < share < 0.7
+    with torch.no_grad():
+        shown = model(Objective.COMPRESSOR_PRETRAINING, **plain, mse_weight=0.0, target_input_ids=plain["target_ids"])
+        default = model(Objective.COMPRESSOR_PRETRAINING, **plain, mse_weight=0.0)
+        dropped = model(Objective.COMPRESSOR_PRETRAINING, **batch, mse_weight=0.0)
+    torch.testing.assert_close(shown["generation_loss"], default["generation_loss"])
+    torch.testing.assert_close(dropped["qa_loss"], default["qa_loss"])  # the answer's inputs are untouched
+    assert dropped["reconstruction_loss"] != default["reconstruction_loss"]
+
+
 def _grouped_memory(model, batch):
     """The generator's memory input of a stage-1 batch, as the model groups it."""
     memory, _ = model.encode(Role.COMPRESSOR, batch["doc_ids"], batch["doc_mask"])
