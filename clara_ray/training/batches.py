@@ -394,18 +394,18 @@ def stage1_batch(
     prompt = tokenize_texts(tokenizer, prompts, lengths.question)
     target_length = max(lengths.answer, lengths.reconstruction)
     target = tokenize_targets(tokenizer, targets, target_length)
-    weighting = {}
+    optional = {}  # target_weight, target_input_ids
     if reconstruction_word_weights is not None:
         weight = torch.ones(target.ids.shape)
         rebuilt = [i for i, e in enumerate(examples) if e.question is None]
         if rebuilt:
             weight[rebuilt] = reconstruction_weights(tokenizer, [targets[i] for i in rebuilt],
                                                      reconstruction_word_weights, target.ids.shape[1])
-        weighting = {"target_weight": weight * target.mask}
+        optional["target_weight"] = weight * target.mask
     if reconstruction_word_dropout:
         rebuilt = torch.tensor([e.question is None for e in examples])
-        weighting["target_input_ids"] = word_dropout(target.ids, target.mask * rebuilt[:, None],
-                                                     reconstruction_word_dropout, tokenizer.pad_token_id, rng)
+        optional["target_input_ids"] = word_dropout(target.ids, target.mask * rebuilt[:, None],
+                                                    reconstruction_word_dropout, tokenizer.pad_token_id, rng)
     # Document i of example j goes to memory group j; groups are padded to the widest.
     group = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(doc_slots))
     slot = torch.cat([torch.arange(n) for n in doc_slots])
@@ -423,7 +423,7 @@ def stage1_batch(
         "target_ids": target.ids,
         "target_mask": target.mask,
         "is_qa": torch.tensor([e.question is not None for e in examples]),
-        **weighting,
+        **optional,
     }
 
 
