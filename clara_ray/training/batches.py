@@ -95,14 +95,28 @@ def reconstruction_target(document: str, order: ReconstructionOrder) -> str:
     return " " + " ".join(reversed(words) if order == ReconstructionOrder.REVERSED else words)
 
 
+def _as_word(text: str) -> re.Pattern:
+    """`text` where it stands as whole words: "harp", not the "harp" in "sharp"."""
+    return re.compile(rf"(?<!\w){re.escape(text)}(?!\w)")
+
+
+def states(document: str, answer: str) -> bool:
+    return _as_word(answer).search(document) is not None
+
+
+def swap_answer(document: str, answer: str, replacement: str) -> str:
+    """`document` with each whole-word `answer` replaced by `replacement`."""
+    return _as_word(answer).sub(lambda _: replacement, document)
+
+
 def counterfactual(document: str, answer: str, answer_pool: list[str], rng: random.Random) -> tuple[str, str]:
     """Swap `answer` in `document` for another answer of the pool (unchanged if absent)."""
-    if answer not in document:
+    if not states(document, answer):
         return document, answer
     replacement = rng.choice(answer_pool)
-    if replacement == answer or replacement in document:
+    if replacement == answer or states(document, replacement):
         return document, answer
-    return document.replace(answer, replacement), replacement
+    return swap_answer(document, answer, replacement), replacement
 
 
 @dataclass(frozen=True)
@@ -458,9 +472,9 @@ def _stated_counterfactual(document: str, answer_pool: list[str], rate: float, r
     probability `rate`), as a gold document's is: a rival's value then gives nothing away."""
     if not answer_pool or rng.random() >= rate:
         return document
-    stated = max((a for a in answer_pool if a in document), key=len, default=None)
-    others = [a for a in answer_pool if a not in document]
-    return document if stated is None or not others else document.replace(stated, rng.choice(others))
+    stated = max((a for a in answer_pool if states(document, a)), key=len, default=None)
+    others = [a for a in answer_pool if not states(document, a)]
+    return document if stated is None or not others else swap_answer(document, stated, rng.choice(others))
 
 
 def _distractors(

@@ -83,6 +83,10 @@ def test_reversed_reconstruction_and_counterfactual_answers():
     assert (document, answer) == ("Ann grew up in Tessin.", "Tessin")
     # An answer the document does not contain verbatim leaves the example as it is.
     assert counterfactual("Ann is a baker.", "Marlow", ["Tessin"], random.Random(0)) == ("Ann is a baker.", "Marlow")
+    # Only whole words are answers: the "harp" in "sharp" is neither swapped nor a clash.
+    assert counterfactual("Ann has a sharp wit and plays the lute.", "lute", ["harp"], random.Random(0)) == (
+        "Ann has a sharp wit and plays the harp.", "harp")
+    assert counterfactual("Ann plays the flute.", "lute", ["harp"], random.Random(0)) == ("Ann plays the flute.", "lute")
 
 
 def test_hard_distractors_come_from_neighbours_without_gold():
