@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from clara_ray.config import ReconstructionOrder, ReconstructionWeighting, UnanswerableFrom
+from clara_ray.config import CounterfactualPool, ReconstructionOrder, ReconstructionWeighting, UnanswerableFrom
 from clara_ray.data.formats import Document
 from clara_ray.eval.baselines import bm25_rankings
 
@@ -131,6 +131,7 @@ class Stage1Example:
     answer: str | None = None
     neighbours: tuple[int, ...] = ()  # lexically similar non-gold documents (QA only)
     rivals: tuple[int, ...] = ()  # documents answering the same ask about other subjects (QA only)
+    rival_answers: tuple[str, ...] = ()  # what those documents answer: values of the asked kind (QA only)
 
 
 @dataclass(frozen=True)
@@ -179,10 +180,15 @@ def stage1_examples(
     are skipped (they cannot teach the compressor anything about a document).
     neighbours: per pair, ids of its lexically nearest documents, best first;
     its gold documents are dropped from them.
-    rivals: per pair, ids of its rival documents (`clara_ray.training.rivals`).
+    rivals: per pair, ids of its rival documents (`clara_ray.training.rivals`); what
+    they answer (for the pairs they are gold of) becomes the example's `rival_answers`.
     Documents become their positions in `documents`' order.
     """
     position = {doc_id: i for i, doc_id in enumerate(documents)}
+    answer_of = {}  # a gold document -> the first answer of the first pair it answers
+    for qa in qa_pairs:
+        for doc_id in qa.gold_doc_ids:
+            answer_of.setdefault(doc_id, qa.answers[0])
     examples = [Stage1Example(i) for i in range(len(documents))]
     for j, qa in enumerate(qa_pairs):
         gold = [position[i] for i in qa.gold_doc_ids if i in position]
@@ -190,10 +196,11 @@ def stage1_examples(
             near = () if neighbours is None else tuple(
                 position[i] for i in neighbours[j] if i in position and i not in qa.gold_doc_ids
             )
-            rival = () if rivals is None else tuple(
-                position[i] for i in rivals[j] if i in position and i not in qa.gold_doc_ids
-            )
-            examples.append(Stage1Example(gold[0], qa.question, qa.answers[0], near, rival))
+            chosen = [] if rivals is None else [i for i in rivals[j] if i in position and i not in qa.gold_doc_ids]
+            stated = (answer_of.get(i) for i in chosen)
+            rival_answers = tuple(dict.fromkeys(a for a in stated if a is not None and a not in qa.answers))
+            examples.append(Stage1Example(gold[0], qa.question, qa.answers[0], near,
+                                          tuple(position[i] for i in chosen), rival_answers))
     return examples
 
 
@@ -291,6 +298,7 @@ def memory_qa_batch(
         rivals_as_distractors=not single and step <= settings.single_document_steps + settings.rival_steps,
         reconstruction_word_weights=reconstruction_word_weights,
         reconstruction_word_dropout=getattr(settings, "reconstruction_word_dropout", 0.0),
+        counterfactual_pool=getattr(settings, "counterfactual_pool", CounterfactualPool.ALL),
     )
 
 
@@ -346,8 +354,12 @@ def stage1_batch(
     rivals_as_distractors: bool = True,
     reconstruction_word_weights: dict[str, float] | None = None,
     reconstruction_word_dropout: float = 0.0,
+    counterfactual_pool: CounterfactualPool = CounterfactualPool.ALL,
 ) -> dict[str, torch.Tensor]:
     """Model inputs for `ClaraModel(Objective.COMPRESSOR_PRETRAINING, ...)`.
+
+    A counterfactual answer (`counterfactual_rate`) comes from `answer_pool`, or with
+    `counterfactual_pool` RIVALS from the example's `rival_answers` where it has any.
 
     With probability `question_memory_rate` a QA example's question is compressed
     too, read as its last memory, and the prompt only says to answer it. With
@@ -380,7 +392,9 @@ def stage1_batch(
         else:
             document, answer = documents[example.document], example.answer
             if answer_pool and rng.random() < counterfactual_rate:
-                document, answer = counterfactual(document, answer, answer_pool, rng)
+                of_kind = counterfactual_pool == CounterfactualPool.RIVALS and example.rival_answers
+                document, answer = counterfactual(document, answer, list(example.rival_answers) if of_kind
+                                                  else answer_pool, rng)
             drawing = example if rivals_as_distractors else dataclasses.replace(example, rivals=())
             stand_ins = _stand_ins(example, documents, unanswerable_from) if unanswerable_rate else ()
             if stand_ins and rng.random() < unanswerable_rate:

@@ -33,6 +33,7 @@ _EXAMPLE_SCHEMA = pa.schema([
     ("answer", pa.string()),
     ("neighbours", pa.list_(pa.int64())),
     ("rivals", pa.list_(pa.int64())),
+    ("rival_answers", pa.list_(pa.string())),
 ])
 _QUESTION_SCHEMA = pa.schema([
     ("question_id", pa.string()),
@@ -70,7 +71,8 @@ def write_documents(path: str | os.PathLike, documents: dict[str, str],
 def write_examples(path: str | os.PathLike, examples: list[Stage1Example]) -> Path:
     return _write(Path(path), pa.Table.from_pylist([
         {"document": e.document, "question": e.question, "answer": e.answer,
-         "neighbours": list(e.neighbours), "rivals": list(e.rivals)} for e in examples
+         "neighbours": list(e.neighbours), "rivals": list(e.rivals), "rival_answers": list(e.rival_answers)}
+        for e in examples
     ], schema=_EXAMPLE_SCHEMA))
 
 
@@ -83,7 +85,8 @@ def write_questions(path: str | os.PathLike, questions: QuestionBatch) -> Path:
 
 
 def example_from_row(row: dict) -> Stage1Example:
-    return Stage1Example(row["document"], row["question"], row["answer"], tuple(row["neighbours"]), tuple(row["rivals"]))
+    return Stage1Example(row["document"], row["question"], row["answer"], tuple(row["neighbours"]), tuple(row["rivals"]),
+                         tuple(row["rival_answers"]))
 
 
 def questions_from_rows(rows: list[dict]) -> QuestionBatch:

@@ -141,6 +141,30 @@ def test_a_question_given_as_memory_is_its_examples_last_memory_and_leaves_the_p
     assert all(texts[last[j]] == TEXTS[0] for j in range(0, len(examples), 2))  # reconstructions unchanged
 
 
+def test_counterfactual_answers_from_rivals_are_values_of_the_asked_kind():
+    """counterfactual_pool=rivals: Radjor's job question (gold 3, 'baker') whose rivals answer
+    'weaver' is trained to answer 'weaver' from a document that says so; with the whole pool
+    a city may come instead. An example without rival answers still draws from the pool."""
+    from clara_ray.config import CounterfactualPool
+
+    _, tokenizer = make_model()
+    lengths = Lengths(doc=64, question=64, answer=6, reconstruction=30)
+    pool = ["Marlow", "Ostrel", "baker", "weaver"]
+
+    def read(examples, kind):
+        batch = stage1_batch(examples, TEXTS[:4], 1, 2, tokenizer, lengths, random.Random(0), counterfactual_rate=1.0,
+                             answer_pool=pool, counterfactual_pool=kind)
+        docs = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in batch["doc_ids"]]
+        return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in batch["target_ids"]], docs
+
+    of_kind = [Stage1Example(3, "Which job does Radjor Galdun do?", "baker", rival_answers=("weaver",))] * 30
+    targets, docs = read(of_kind, CounterfactualPool.RIVALS)
+    assert set(targets) == {"weaver"} and all(d.startswith("Radjor Galdun works as a weaver") for d in docs)
+    assert {"Marlow", "Ostrel"} & set(read(of_kind, CounterfactualPool.ALL)[0])
+    without = [Stage1Example(3, "Which job does Radjor Galdun do?", "baker")] * 30
+    assert {"Marlow", "Ostrel"} & set(read(without, CounterfactualPool.RIVALS)[0])
+
+
 def test_an_unanswerable_example_reads_a_rival_in_place_of_its_gold_document():
     """Document 0 states 'Marlow' about Zorvan; asked about Radjor (gold 3), with document
     0 as its rival: the example reads document 0, its stated value swapped for another

@@ -39,7 +39,9 @@ def test_too_few_examples_for_one_step_is_a_clear_error():
 def test_examples_documents_and_questions_round_trip_through_their_files(tmp_path):
     documents = {f"d{i}": f"document number {i}" for i in range(30)}
     qa = [QAExample("q1", "about d3?", ["x"], ["d3"]), QAExample("q2", "about d9?", ["y"], ["d9"])]
-    examples = stage1_examples(documents, qa, neighbours=[["d7", "d8"], ["d1"]], rivals=[["d20"], []])
+    examples = stage1_examples(documents, qa, neighbours=[["d7", "d8"], ["d1"]], rivals=[["d20", "d9"], []])
+    # d9 answers q2, so q1's rivals state a "y"; d20 answers no question.
+    assert (examples[-2].rivals, examples[-2].rival_answers) == ((20, 9), ("y",))
     write_documents(tmp_path / "documents.arrow", documents)
     write_examples(tmp_path / "examples.arrow", examples)
     assert read_examples(tmp_path / "examples.arrow") == examples
