@@ -393,8 +393,8 @@ def stage1_batch(
             document, answer = documents[example.document], example.answer
             if answer_pool and rng.random() < counterfactual_rate:
                 of_kind = counterfactual_pool == CounterfactualPool.RIVALS and example.rival_answers
-                document, answer = counterfactual(document, answer, list(example.rival_answers) if of_kind
-                                                  else answer_pool, rng)
+                pool = list(example.rival_answers) if of_kind else answer_pool
+                document, answer = counterfactual(document, answer, pool, rng)
             drawing = example if rivals_as_distractors else dataclasses.replace(example, rivals=())
             stand_ins = _stand_ins(example, documents, unanswerable_from) if unanswerable_rate else ()
             if stand_ins and rng.random() < unanswerable_rate:

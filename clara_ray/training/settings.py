@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clara_ray.config import (
-    CompressorMode, Config, ConfigError, CounterfactualPool, DType, ReconstructionOrder, ReconstructionWeighting, UnanswerableFrom,
-    WorldSwap,
+    CompressorMode, Config, ConfigError, CounterfactualPool, DType, ReconstructionOrder, ReconstructionWeighting,
+    UnanswerableFrom, WorldSwap,
 )
 from clara_ray.modeling.clara import Distillation
 from clara_ray.modeling.topk import annealed_temperature
