@@ -23,7 +23,8 @@ from clara_ray.data.trap import generate_trap_corpus  # noqa: E402
 from clara_ray.modeling.checkpoint import load_model  # noqa: E402
 from clara_ray.modeling.clara import Role  # noqa: E402
 from clara_ray.modeling.text import document_input, tokenize_texts  # noqa: E402
-from clara_ray.training.batches import QuestionBatch, stage3_batches  # noqa: E402
+from clara_ray.training.batches import stage3_batches  # noqa: E402
+from clara_ray.training.examples import QuestionBatch  # noqa: E402
 from clara_ray.training.candidates import ExactSearch  # noqa: E402
 from clara_ray.training.engine import DeepSpeedUpdater, ParameterAnchor  # noqa: E402
 from clara_ray.training.settings import Stage3Settings, WorkerSettings  # noqa: E402

@@ -60,7 +60,8 @@ from clara_ray.modeling.checkpoint import load_model, save_model  # noqa: E402
 from clara_ray.modeling.clara import Role  # noqa: E402
 from clara_ray.modeling.initial import build_initial_model  # noqa: E402
 from clara_ray.modeling.text import Prompts, document_input, tokenize_texts  # noqa: E402
-from clara_ray.training.batches import QuestionBatch, prepare_stage1_examples, prepare_stage2_examples  # noqa: E402
+from clara_ray.training.batches import prepare_stage1_examples, prepare_stage2_examples  # noqa: E402
+from clara_ray.training.examples import QuestionBatch  # noqa: E402
 from clara_ray.training.candidates import ExactSearch  # noqa: E402
 from clara_ray.training.one_process import train_stage1, train_stage2, train_stage3  # noqa: E402
 from clara_ray.training.settings import Stage1Settings, Stage2Settings, Stage3Settings, WorkerSettings  # noqa: E402

@@ -70,7 +70,8 @@ def step_times(name: str, work: Path, rounds: int | None = None, steps_per_round
 
     from clara_ray.modeling.clara import Role
     from clara_ray.modeling.text import document_input
-    from clara_ray.training.batches import QuestionBatch, stage3_batches
+    from clara_ray.training.batches import stage3_batches
+    from clara_ray.training.examples import QuestionBatch
     from clara_ray.training.candidates import ExactSearch, FixedCandidates
     from clara_ray.training.engine import ParameterAnchor, TorchUpdater
     from clara_ray.training.settings import Stage3Settings, WorkerSettings
@@ -142,7 +143,8 @@ def _zero_loop(run: dict):
     from clara_ray.config import load_config
     from clara_ray.modeling.checkpoint import load_model
     from clara_ray.modeling.clara import Role
-    from clara_ray.training.batches import Lengths, Stage1Example, stage1_batch
+    from clara_ray.training.batches import Lengths, stage1_batch
+    from clara_ray.training.examples import Stage1Example
     from clara_ray.training.engine import DeepSpeedUpdater
     from clara_ray.training.settings import Stage1Settings
     from clara_ray.training.steps import stage1_step

@@ -44,7 +44,7 @@ from clara_ray.config import LENGTH_KEYS, CompressorMode, Config, ConfigError, c
 from clara_ray.index.actor import IndexActorCandidates, index_actor_name, start_index_actor
 from clara_ray.index.versions import IndexSettings
 from clara_ray.memory_shards import MANIFEST as MEMORY_MANIFEST
-from clara_ray.training.batches import QuestionBatch
+from clara_ray.training.examples import QuestionBatch
 from clara_ray.training.stages import TrainingData, run_stage3, write_stage3_questions
 from clara_ray.training.tables import questions_from_rows, read_table
 

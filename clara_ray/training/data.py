@@ -2,7 +2,7 @@
 
 The driver writes a stage's examples once (``tables.py``) and hands the trainer
 a *draw plan*: a Ray Dataset with one row per example draw of the whole stage,
-step by step, rank by rank (``batches.draws``: one seeded shuffle per epoch, the
+step by step, rank by rank (``examples.draws``: one seeded shuffle per epoch, the
 same order the one-process runs use), each row carrying its example's columns
 (read from the memory-mapped examples file by the Ray Data task that makes the
 row). Ray Train splits the plan across workers (``get_dataset_shard``); with
@@ -27,7 +27,7 @@ import ray
 import ray.data
 from ray.train import DataConfig
 
-from clara_ray.training.batches import draws
+from clara_ray.training.examples import draws
 from clara_ray.training.tables import read_table
 
 PLAN = "train"  # the dataset's name in TorchTrainer(datasets=...)
@@ -49,7 +49,7 @@ def _draw_rows(batch: dict[str, np.ndarray], table_path: str, num_items: int, ba
 
 
 def block_positions(steps: int, batch_size: int, world: int, steps_per_block: int = STEPS_PER_BLOCK) -> list[np.ndarray]:
-    """Draw positions (see ``batches.draws``) block by block: for each run of
+    """Draw positions (see ``examples.draws``) block by block: for each run of
     `steps_per_block` steps, rank 0's draws of those steps, then rank 1's, ..."""
     blocks = []
     for first in range(0, steps, steps_per_block):

@@ -22,7 +22,8 @@ from collections.abc import Callable
 import torch
 
 from clara_ray.modeling.clara import Role
-from clara_ray.training.batches import QuestionBatch, Stage1Example, stage1_batches, stage3_batches
+from clara_ray.training.batches import stage1_batches, stage3_batches
+from clara_ray.training.examples import QuestionBatch, Stage1Example
 from clara_ray.training.candidates import CandidateSource
 from clara_ray.training.engine import ParameterAnchor, TorchUpdater
 from clara_ray.training.settings import Stage1Settings, Stage2Settings, Stage3Settings, WorkerSettings

@@ -28,7 +28,8 @@ from clara_ray.config import Config, config_from_dict, epochs_of
 from clara_ray.errors import DataError
 from clara_ray.placement import train_placement
 from clara_ray.progress import PROGRESS_FILE, StageBar, use_bars
-from clara_ray.training.batches import QuestionBatch, prepare_stage1_examples, prepare_stage2_examples
+from clara_ray.training.batches import prepare_stage1_examples, prepare_stage2_examples
+from clara_ray.training.examples import QuestionBatch
 from clara_ray.training.candidates import CandidateSource
 from clara_ray.training.checkpoints import MODEL_DIR, read_trainer_state
 from clara_ray.training.data import PLAN, data_config, draw_plan

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from clara_ray.training.batches import QuestionBatch, Stage1Example
+from clara_ray.training.examples import QuestionBatch, Stage1Example
 
 DOCUMENTS = "documents.arrow"
 

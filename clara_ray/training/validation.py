@@ -11,7 +11,7 @@ import random
 
 from clara_ray.eval.evaluate import query_reasoner_rankings
 from clara_ray.eval.metrics import recall_at_k
-from clara_ray.training.batches import QuestionBatch
+from clara_ray.training.examples import QuestionBatch
 from clara_ray.training.candidates import CandidateSource
 
 

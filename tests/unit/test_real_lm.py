@@ -19,11 +19,13 @@ from clara_ray.modeling.backbone import BUNDLED, BackboneError, bundled_gguf, lo
 from clara_ray.modeling.checkpoint import load_model, save_model
 from clara_ray.modeling.clara import ClaraModel, LoraSettings, Role
 from clara_ray.modeling.text import Prompts, tokenize_targets, tokenize_texts
-from clara_ray.training.batches import Lengths, Stage1Example, stage1_batch
+from clara_ray.training.batches import Lengths, stage1_batch
+from clara_ray.training.examples import Stage1Example
 from clara_ray.training.candidates import ExactSearch
 from clara_ray.training.engine import ParameterAnchor, TorchUpdater
 from clara_ray.training.settings import Stage1Settings, Stage2Settings, Stage3Settings
-from clara_ray.training.steps import QuestionBatch, stage1_step, stage2_step, stage3_step
+from clara_ray.training.steps import stage1_step, stage2_step, stage3_step
+from clara_ray.training.examples import QuestionBatch
 
 NAME = "smollm2-135m"
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

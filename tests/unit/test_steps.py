@@ -10,12 +10,14 @@ import torch
 from clara_ray.config import load_config
 from clara_ray.modeling.clara import Objective, Role, memory_separation
 from clara_ray.modeling.text import tokenize_texts
-from clara_ray.training.batches import Lengths, Stage1Example, stage1_batch, stage3_batch
+from clara_ray.training.batches import Lengths, stage1_batch, stage3_batch
+from clara_ray.training.examples import Stage1Example
 from clara_ray.training.candidates import ExactSearch, FixedCandidates
 from clara_ray.training.engine import ParameterAnchor, TorchUpdater
 from clara_ray.training.batches import prepare_stage2_examples, stage1_batches
 from clara_ray.training.settings import Stage1Settings, Stage2Settings, Stage3Settings
-from clara_ray.training.steps import QuestionBatch, stage1_step, stage2_step, stage3_step
+from clara_ray.training.steps import stage1_step, stage2_step, stage3_step
+from clara_ray.training.examples import QuestionBatch
 from tests.tiny_model import TEXTS, make_model
 
 LENGTHS = Lengths(doc=16, question=16, answer=8, reconstruction=16)

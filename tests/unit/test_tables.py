@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from clara_ray.data.formats import QAExample
-from clara_ray.training.batches import QuestionBatch, answer_pool, draws, epoch_slices, stage1_examples
+from clara_ray.training.batches import answer_pool, stage1_examples
+from clara_ray.training.examples import QuestionBatch, draws, epoch_slices
 from clara_ray.training.tables import (
     DocumentTable,
     read_answer_pool,
@@ -82,3 +83,17 @@ def test_plan_blocks_hold_one_ranks_steps_in_order_and_cover_every_draw_once(ste
         assert set(plan["rank"].tolist()) == {i % world}  # dealt in turn, block i goes to rank i % world
         assert plan["step"].tolist() == sorted(plan["step"].tolist())
         assert np.all(np.bincount(plan["step"])[plan["step"]] == batch_size)  # whole micro-batches
+
+
+def test_the_draw_plan_needs_no_model_code():
+    """Ray Train's controller and the Ray Data tasks that make a stage's draw plan
+    unpickle what refers to `training.data`: importing it must not pull in torch,
+    transformers, peft or deepspeed (~10 s a process on 2 cores, paid every stage)."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "peft", "deepspeed")
+    probe = f"import sys, clara_ray.training.data; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
