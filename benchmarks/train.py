@@ -143,7 +143,8 @@ def _zero_loop(run: dict):
     from clara_ray.config import load_config
     from clara_ray.modeling.checkpoint import load_model
     from clara_ray.modeling.clara import Role
-    from clara_ray.training.batches import Lengths, stage1_batch
+    from clara_ray.training.batches import stage1_batch
+    from clara_ray.training.settings import Lengths
     from clara_ray.training.examples import Stage1Example
     from clara_ray.training.engine import DeepSpeedUpdater
     from clara_ray.training.settings import Stage1Settings

@@ -18,12 +18,16 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from clara_ray.modeling.topk import retrieval_scores, select_memory, straight_through_topk
+
+if TYPE_CHECKING:
+    from clara_ray.training.settings import Distillation  # stage 3's settings: only read here
 
 IGNORE_INDEX = -100
 
@@ -32,16 +36,6 @@ class Role(str, enum.Enum):
     COMPRESSOR = "compressor"
     QUERY_REASONER = "query_reasoner"
     GENERATOR = "generator"
-
-
-@dataclass(frozen=True)
-class Distillation:
-    """Stage 3's loss distillation (``ClaraModel._loss_distillation``); candidates 0 = off."""
-
-    candidates: int
-    weight: float
-    temperature: float  # of the query reasoner's softmax over the drawn candidates
-    target_temperature: float = 1.0  # of softmax(-loss / target_temperature), the target
 
 
 class Objective(str, enum.Enum):

@@ -46,22 +46,6 @@ def straight_through_topk(scores: torch.Tensor, k: int, temperature: float, samp
     return torch.stack(slots, dim=1)  # (B, k, L)
 
 
-def annealed_temperature(step: int, total_steps: int, initial: float, final: float) -> float:
-    """Temperature for `step` (1-based) of `total_steps`, geometric from `initial` to `final`.
-
-    A warm start spreads the backward softmax over more candidates: with
-    tau = 0.02 a candidate scored 0.1 below the top one gets exp(-5) of its
-    weight and almost no gradient, so training can settle on whatever the
-    untrained query reasoner ranks first; at tau = 0.1 it gets exp(-1).
-    """
-    if initial <= 0 or final <= 0:
-        raise ValueError(f"temperatures must be > 0, got initial={initial}, final={final}")
-    if not 1 <= step <= total_steps:
-        raise ValueError(f"step must be in [1, {total_steps}], got {step}")
-    progress = (step - 1) / max(1, total_steps - 1)
-    return initial * (final / initial) ** progress
-
-
 def select_memory(weights: torch.Tensor, candidate_memory: torch.Tensor) -> torch.Tensor:
     """Mix candidate memories by selection weights.
 

@@ -34,7 +34,6 @@ import math
 import random
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,6 +46,7 @@ if TYPE_CHECKING:
     from clara_ray.training.settings import Stage1Settings, Stage2Settings
 from clara_ray.modeling.text import UNANSWERABLE, Prompts, tokenize_targets, tokenize_texts
 from clara_ray.training.examples import QuestionBatch, Stage1Example, epoch_slices
+from clara_ray.training.settings import Lengths
 
 
 _WORD = re.compile(r"\w+")
@@ -114,14 +114,6 @@ def counterfactual(document: str, answer: str, answer_pool: list[str], rng: rand
     if replacement == answer or states(document, replacement):
         return document, answer
     return swap_answer(document, answer, replacement), replacement
-
-
-@dataclass(frozen=True)
-class Lengths:
-    doc: int
-    question: int
-    answer: int
-    reconstruction: int
 
 
 def stage1_examples(

@@ -10,24 +10,12 @@ import contextlib
 import math
 import os
 import re
-from dataclasses import dataclass
 
 import torch
 
+from clara_ray.training.settings import OptimiserSettings
+
 COSINE_FLOOR = 1e-4  # the schedule's last ratio (DeepSpeed's WarmupCosineLR default)
-
-
-@dataclass(frozen=True)
-class OptimiserSettings:
-    learning_rate: float
-    total_steps: int
-    warmup_steps: int
-    gradient_clipping: float
-    gain_learning_rate: float | None = None  # own rate of the retrieval gains (stage 3); None: no own group
-    # Updates after total_steps (stage 3's counterfactual worlds): a second cosine over
-    # these many, from restart_ratio of the rate down to COSINE_FLOOR, no warm-up.
-    extra_steps: int = 0
-    restart_ratio: float = 0.0
 
 
 def learning_rate_ratio(update: int, settings: OptimiserSettings) -> float:

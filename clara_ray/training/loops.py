@@ -39,7 +39,8 @@ from clara_ray.training.checkpoints import (
     write_trainer_state,
 )
 from clara_ray.training.data import rank_batches
-from clara_ray.training.engine import DeepSpeedUpdater, OptimiserSettings, ParameterAnchor, full_parameters
+from clara_ray.training.engine import DeepSpeedUpdater, ParameterAnchor, full_parameters
+from clara_ray.training.settings import OptimiserSettings
 from clara_ray.training.settings import Stage2Settings, Stage3Settings, WorkerSettings
 from clara_ray.training.steps import MetricWindow, attempt_fit, progress_line, stage1_step, stage2_step, stage3_step
 from clara_ray.training.worlds import CounterfactualWorlds

@@ -12,10 +12,53 @@ from clara_ray.config import (
     CompressorMode, Config, ConfigError, CounterfactualPool, DType, ReconstructionOrder, ReconstructionWeighting,
     UnanswerableFrom, WorldSwap,
 )
-from clara_ray.modeling.clara import Distillation
-from clara_ray.modeling.topk import annealed_temperature
-from clara_ray.training.batches import Lengths
-from clara_ray.training.engine import OptimiserSettings
+
+
+@dataclass(frozen=True)
+class Lengths:
+    doc: int
+    question: int
+    answer: int
+    reconstruction: int
+
+
+@dataclass(frozen=True)
+class OptimiserSettings:
+    learning_rate: float
+    total_steps: int
+    warmup_steps: int
+    gradient_clipping: float
+    gain_learning_rate: float | None = None  # own rate of the retrieval gains (stage 3); None: no own group
+    # Updates after total_steps (stage 3's counterfactual worlds): a second cosine over
+    # these many, from restart_ratio of the rate down to ``engine.COSINE_FLOOR``, no warm-up.
+    extra_steps: int = 0
+    restart_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Stage 3's loss distillation (``ClaraModel._loss_distillation``); candidates 0 = off."""
+
+    candidates: int
+    weight: float
+    temperature: float  # of the query reasoner's softmax over the drawn candidates
+    target_temperature: float = 1.0  # of softmax(-loss / target_temperature), the target
+
+
+def annealed_temperature(step: int, total_steps: int, initial: float, final: float) -> float:
+    """Temperature for `step` (1-based) of `total_steps`, geometric from `initial` to `final`.
+
+    A warm start spreads the backward softmax over more candidates: with
+    tau = 0.02 a candidate scored 0.1 below the top one gets exp(-5) of its
+    weight and almost no gradient, so training can settle on whatever the
+    untrained query reasoner ranks first; at tau = 0.1 it gets exp(-1).
+    """
+    if initial <= 0 or final <= 0:
+        raise ValueError(f"temperatures must be > 0, got initial={initial}, final={final}")
+    if not 1 <= step <= total_steps:
+        raise ValueError(f"step must be in [1, {total_steps}], got {step}")
+    progress = (step - 1) / max(1, total_steps - 1)
+    return initial * (final / initial) ** progress
 
 
 def _steps(config: Config, stage: str) -> int:

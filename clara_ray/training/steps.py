@@ -21,7 +21,8 @@ import torch
 
 from clara_ray.modeling.clara import Objective, Role
 from clara_ray.modeling.text import tokenize_texts
-from clara_ray.training.batches import Lengths, stage3_batch
+from clara_ray.training.batches import stage3_batch
+from clara_ray.training.settings import Lengths
 from clara_ray.training.examples import QuestionBatch
 from clara_ray.training.candidates import CandidateSource
 from clara_ray.training.engine import ParameterAnchor

@@ -8,7 +8,8 @@ from clara_ray.data.formats import QAExample
 from clara_ray.index.shard import IndexShard
 from clara_ray.memory_shards import memory_table, read_memory_shards, write_manifest
 from clara_ray.config import ReconstructionOrder
-from clara_ray.training.batches import Lengths, reconstruction_target, stage1_batch, stage1_examples
+from clara_ray.training.batches import reconstruction_target, stage1_batch, stage1_examples
+from clara_ray.training.settings import Lengths
 from clara_ray.training.examples import Stage1Example
 from tests.tiny_model import TEXTS, make_model
 

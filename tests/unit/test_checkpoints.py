@@ -7,7 +7,8 @@ import torch
 from clara_ray.config import load_config
 from clara_ray.modeling.checkpoint import load_model, save_model
 from clara_ray.modeling.clara import Role
-from clara_ray.training.batches import Lengths, stage1_batches
+from clara_ray.training.batches import stage1_batches
+from clara_ray.training.settings import Lengths
 from clara_ray.training.examples import Stage1Example
 from clara_ray.training.checkpoints import (
     MODEL_DIR,

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from clara_ray.training.engine import OptimiserSettings, TorchUpdater, warmup_cosine
+from clara_ray.training.engine import TorchUpdater, warmup_cosine
+from clara_ray.training.settings import OptimiserSettings
 
 
 @pytest.mark.parametrize(("total", "warmup"), [(1000, 50), (600, 30), (10, 1), (5, 0)])
@@ -47,7 +48,8 @@ def test_torch_updater_in_bf16_computes_in_bf16_and_keeps_float32_weights():
 
 _DEEPSPEED_ON_CPU = """
 import deepspeed.comm.comm as ds_comm, torch
-from clara_ray.training.engine import DeepSpeedUpdater, OptimiserSettings
+from clara_ray.training.engine import DeepSpeedUpdater
+from clara_ray.training.settings import OptimiserSettings
 updater = DeepSpeedUpdater(torch.nn.Linear(2, 1), OptimiserSettings(learning_rate=0.1, total_steps=4, warmup_steps=1, gradient_clipping=1.0),
                            micro_batch_size=1, zero_stage=2, use_gpu=False, bf16=False)
 updater.backward(updater.forward(torch.ones(1, 2)).sum())

@@ -214,7 +214,7 @@ def test_parameter_anchor_pulls_trainable_parameters_but_not_gains_back_to_their
 
 
 def test_loss_distillation_raises_the_score_of_the_candidate_the_generator_answers_best_from():
-    from clara_ray.modeling.clara import Distillation
+    from clara_ray.training.settings import Distillation
     from clara_ray.modeling.text import Prompts, tokenize_targets, tokenize_texts
 
     model, tokenizer = make_model()

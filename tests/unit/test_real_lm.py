@@ -19,7 +19,8 @@ from clara_ray.modeling.backbone import BUNDLED, BackboneError, bundled_gguf, lo
 from clara_ray.modeling.checkpoint import load_model, save_model
 from clara_ray.modeling.clara import ClaraModel, LoraSettings, Role
 from clara_ray.modeling.text import Prompts, tokenize_targets, tokenize_texts
-from clara_ray.training.batches import Lengths, stage1_batch
+from clara_ray.training.batches import stage1_batch
+from clara_ray.training.settings import Lengths
 from clara_ray.training.examples import Stage1Example
 from clara_ray.training.candidates import ExactSearch
 from clara_ray.training.engine import ParameterAnchor, TorchUpdater

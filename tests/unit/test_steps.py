@@ -10,7 +10,8 @@ import torch
 from clara_ray.config import load_config
 from clara_ray.modeling.clara import Objective, Role, memory_separation
 from clara_ray.modeling.text import tokenize_texts
-from clara_ray.training.batches import Lengths, stage1_batch, stage3_batch
+from clara_ray.training.batches import stage1_batch, stage3_batch
+from clara_ray.training.settings import Lengths
 from clara_ray.training.examples import Stage1Example
 from clara_ray.training.candidates import ExactSearch, FixedCandidates
 from clara_ray.training.engine import ParameterAnchor, TorchUpdater

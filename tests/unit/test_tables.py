@@ -85,15 +85,17 @@ def test_plan_blocks_hold_one_ranks_steps_in_order_and_cover_every_draw_once(ste
         assert np.all(np.bincount(plan["step"])[plan["step"]] == batch_size)  # whole micro-batches
 
 
-def test_the_draw_plan_needs_no_model_code():
-    """Ray Train's controller and the Ray Data tasks that make a stage's draw plan
-    unpickle what refers to `training.data`: importing it must not pull in torch,
-    transformers, peft or deepspeed (~10 s a process on 2 cores, paid every stage)."""
+def test_what_the_trainers_controller_unpickles_needs_no_model_code():
+    """Ray Train's controller unpickles a stage's loop config (settings, the index
+    actors' handles) and draw plan, and Ray Data's tasks the plan's function: importing
+    their modules must not pull in torch, transformers, peft or deepspeed (~10 s a
+    process on 2 cores, paid again by every stage)."""
     import subprocess
     import sys
 
     heavy = ("torch", "transformers", "peft", "deepspeed")
-    probe = f"import sys, clara_ray.training.data; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    modules = "clara_ray.training.data, clara_ray.training.settings, clara_ray.index.actor"
+    probe = f"import sys, {modules}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"

@@ -1,12 +1,8 @@
 import pytest
 import torch
 
-from clara_ray.modeling.topk import (
-    annealed_temperature,
-    retrieval_scores,
-    select_memory,
-    straight_through_topk,
-)
+from clara_ray.modeling.topk import retrieval_scores, select_memory, straight_through_topk
+from clara_ray.training.settings import annealed_temperature
 
 
 def test_forward_is_hard_topk_in_order():
