@@ -34,19 +34,15 @@ import math
 import random
 import re
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from clara_ray.config import CounterfactualPool, ReconstructionOrder, ReconstructionWeighting, UnanswerableFrom
 from clara_ray.data.formats import Document
 from clara_ray.eval.baselines import bm25_rankings
-
-if TYPE_CHECKING:
-    from clara_ray.training.settings import Stage1Settings, Stage2Settings
 from clara_ray.modeling.text import UNANSWERABLE, Prompts, tokenize_targets, tokenize_texts
 from clara_ray.training.examples import QuestionBatch, Stage1Example, epoch_slices
-from clara_ray.training.settings import Lengths
+from clara_ray.training.settings import Lengths, Stage1Settings, Stage2Settings
 
 
 _WORD = re.compile(r"\w+")
