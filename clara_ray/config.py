@@ -105,13 +105,6 @@ class UnanswerableFrom(str, enum.Enum):
     BOTH = "both"  # one of either, drawn from the two pools together
 
 
-class CounterfactualPool(str, enum.Enum):
-    """Where a stage-1 counterfactual answer is drawn from."""
-
-    ALL = "all"  # every training answer
-    RIVALS = "rivals"  # the answers of the question's rivals: values of the asked kind
-
-
 class WorldSwap(str, enum.Enum):
     """What a stage-3 counterfactual world permutes (clara_ray/training/worlds.py)."""
 
@@ -361,10 +354,10 @@ class Stage1Config(_Section):
     # rebuilt so far, only from memory (clara_ray/training/batches.py, word_dropout).
     reconstruction_word_dropout: float = Field(0.0, ge=0, lt=1)
     counterfactual_rate: float = Field(1.0, ge=0, le=1)
-    # all: a counterfactual answer is any training answer, so a city question may be
-    # trained to answer "carpenter". rivals: one of its rivals' answers (below), a value
-    # of the asked kind; a question without rivals draws from all.
-    counterfactual_pool: CounterfactualPool = CounterfactualPool.ALL
+    # Share of counterfactual answers drawn from the question's rivals' answers (below):
+    # values of the asked kind. The rest (and every one of a question without rivals)
+    # is any training answer, so a city question may be trained to answer "carpenter".
+    counterfactual_of_kind: float = Field(0.0, ge=0, le=1)
     # Share of a QA example's other documents taken from the question's BM25
     # neighbours (the rest are random), out of its `hard_distractor_pool` nearest.
     hard_distractor_fraction: float = Field(0.75, ge=0, le=1)

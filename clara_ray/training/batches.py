@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from clara_ray.config import CounterfactualPool, ReconstructionOrder, ReconstructionWeighting, UnanswerableFrom
+from clara_ray.config import ReconstructionOrder, ReconstructionWeighting, UnanswerableFrom
 from clara_ray.data.formats import Document
 from clara_ray.eval.baselines import bm25_rankings
 from clara_ray.modeling.text import UNANSWERABLE, Prompts, tokenize_targets, tokenize_texts
@@ -197,8 +197,14 @@ def memory_qa_batch(
         rivals_as_distractors=not single and step <= settings.single_document_steps + settings.rival_steps,
         reconstruction_word_weights=reconstruction_word_weights,
         reconstruction_word_dropout=getattr(settings, "reconstruction_word_dropout", 0.0),
-        counterfactual_pool=getattr(settings, "counterfactual_pool", CounterfactualPool.ALL),
+        counterfactual_of_kind=getattr(settings, "counterfactual_of_kind", 0.0),
     )
+
+
+def _draw(probability: float, rng: random.Random) -> bool:
+    """True with `probability`; at 0 or 1 without drawing, so a setting at either end
+    leaves the rest of the batch's draws as they were without it."""
+    return probability >= 1 or (probability > 0 and rng.random() < probability)
 
 
 def stage1_batches(
@@ -253,12 +259,13 @@ def stage1_batch(
     rivals_as_distractors: bool = True,
     reconstruction_word_weights: dict[str, float] | None = None,
     reconstruction_word_dropout: float = 0.0,
-    counterfactual_pool: CounterfactualPool = CounterfactualPool.ALL,
+    counterfactual_of_kind: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Model inputs for `ClaraModel(Objective.COMPRESSOR_PRETRAINING, ...)`.
 
     A counterfactual answer (`counterfactual_rate`) comes from `answer_pool`, or with
-    `counterfactual_pool` RIVALS from the example's `rival_answers` where it has any.
+    probability `counterfactual_of_kind` from the example's `rival_answers` where it
+    has any.
 
     With probability `question_memory_rate` a QA example's question is compressed
     too, read as its last memory, and the prompt only says to answer it. With
@@ -291,7 +298,7 @@ def stage1_batch(
         else:
             document, answer = documents[example.document], example.answer
             if answer_pool and rng.random() < counterfactual_rate:
-                of_kind = counterfactual_pool == CounterfactualPool.RIVALS and example.rival_answers
+                of_kind = example.rival_answers and _draw(counterfactual_of_kind, rng)
                 pool = list(example.rival_answers) if of_kind else answer_pool
                 document, answer = counterfactual(document, answer, pool, rng)
             drawing = example if rivals_as_distractors else dataclasses.replace(example, rivals=())

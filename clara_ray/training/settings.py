@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clara_ray.config import (
-    CompressorMode, Config, ConfigError, CounterfactualPool, DType, ReconstructionOrder, ReconstructionWeighting,
+    CompressorMode, Config, ConfigError, DType, ReconstructionOrder, ReconstructionWeighting,
     UnanswerableFrom, WorldSwap,
 )
 
@@ -120,7 +120,7 @@ class Stage1Settings:
     reconstruction_order: ReconstructionOrder
     reconstruction_weighting: ReconstructionWeighting
     counterfactual_rate: float
-    counterfactual_pool: CounterfactualPool
+    counterfactual_of_kind: float
     hard_distractor_fraction: float
     single_document_steps: int  # QA examples read their gold document alone for steps 1..single_document_steps
     rival_steps: int  # then rivals join the distractors for this many steps
@@ -148,7 +148,7 @@ class Stage1Settings:
             reconstruction_order=s1.reconstruction_order,
             reconstruction_weighting=s1.reconstruction_weighting,
             counterfactual_rate=s1.counterfactual_rate,
-            counterfactual_pool=s1.counterfactual_pool,
+            counterfactual_of_kind=s1.counterfactual_of_kind,
             hard_distractor_fraction=s1.hard_distractor_fraction,
             single_document_steps=round(s1.single_document_fraction * steps),
             rival_steps=round(s1.rival_steps_fraction * steps),

@@ -144,27 +144,31 @@ def test_a_question_given_as_memory_is_its_examples_last_memory_and_leaves_the_p
 
 
 def test_counterfactual_answers_from_rivals_are_values_of_the_asked_kind():
-    """counterfactual_pool=rivals: Radjor's job question (gold 3, 'baker') whose rivals answer
+    """counterfactual_of_kind=1: Radjor's job question (gold 3, 'baker') whose rivals answer
     'weaver' is trained to answer 'weaver' from a document that says so; with the whole pool
-    a city may come instead. An example without rival answers still draws from the pool."""
-    from clara_ray.config import CounterfactualPool
-
+    a city may come instead, and at 0.5 both. An example without rival answers still draws
+    from the pool."""
     _, tokenizer = make_model()
     lengths = Lengths(doc=64, question=64, answer=6, reconstruction=30)
     pool = ["Marlow", "Ostrel", "baker", "weaver"]
 
     def read(examples, kind):
         batch = stage1_batch(examples, TEXTS[:4], 1, 2, tokenizer, lengths, random.Random(0), counterfactual_rate=1.0,
-                             answer_pool=pool, counterfactual_pool=kind)
+                             answer_pool=pool, counterfactual_of_kind=kind)
         docs = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in batch["doc_ids"]]
         return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in batch["target_ids"]], docs
 
     of_kind = [Stage1Example(3, "Which job does Radjor Galdun do?", "baker", rival_answers=("weaver",))] * 30
-    targets, docs = read(of_kind, CounterfactualPool.RIVALS)
+    targets, docs = read(of_kind, 1.0)
     assert set(targets) == {"weaver"} and all(d.startswith("Radjor Galdun works as a weaver") for d in docs)
-    assert {"Marlow", "Ostrel"} & set(read(of_kind, CounterfactualPool.ALL)[0])
+    def weavers(share):  # of 120 examples; from the whole pool 'weaver' is one of 3 answers
+        targets = read(of_kind * 4, share)[0]
+        assert {"Marlow", "Ostrel"} & set(targets)
+        return targets.count("weaver") / len(targets)
+
+    assert weavers(0.0) < 0.5 < weavers(0.5) < 0.9  # expected 1/3 and 1/2 + 1/6
     without = [Stage1Example(3, "Which job does Radjor Galdun do?", "baker")] * 30
-    assert {"Marlow", "Ostrel"} & set(read(without, CounterfactualPool.RIVALS)[0])
+    assert {"Marlow", "Ostrel"} & set(read(without, 1.0)[0])
 
 
 def test_an_unanswerable_example_reads_a_rival_in_place_of_its_gold_document():
