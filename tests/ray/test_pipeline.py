@@ -46,8 +46,9 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
         f"data.test_qa={tmp_path / 'test.jsonl'}", f"run.output_dir={tmp_path / 'runs'}", "run.name=user",
         "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
         "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300",
-        "stage1.steps=4", "stage1.report_every=2", "stage1.micro_batch_size_per_worker=2",
-        "stage3.steps=2 epochs", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=2",
+        # one training worker: pipelines on two run in test_two_nodes and test_refresh
+        "train.num_workers=1", "stage1.steps=4", "stage1.report_every=2", "stage1.micro_batch_size_per_worker=4",
+        "stage3.steps=2 epochs", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4",
         "stage3.top_k=2", "stage3.num_candidates=4", "eval.baselines=[bm25]", "encode.max_actors=1",
         # both attempts run: a tiny run fits nothing, so neither bound stops them
         "stage3.attempts=2", "stage3.attempt_target_recall=1.0", "stage3.takeoff_recall=0",
@@ -90,7 +91,7 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
     assert "model.answer_max_len = 8 [set]" in report and "model.doc_max_len = 32 [auto (q0.98" in report
     assert (run_dir / "training.png").stat().st_size > 0
     assert (run_dir / "models" / "stage3" / "adapters.safetensors").exists()
-    # the 8 training questions that fit, 2 per worker on 2 workers, twice over
+    # the 8 training questions that fit, 4 per step, twice over
     assert "[pipeline] stage3.steps = 4 (2 epochs of 8 training questions, 4 per step)" in messages
     # then half as many in name worlds (the default): the last window's steps all in one
     assert any(m.startswith("[pipeline] stage 3: 4 steps, then 2 in counterfactual names worlds") for m in messages)
