@@ -87,7 +87,8 @@ def start_ray(address: str | None, dashboard: bool = True):
     runtime_env["env_vars"]["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     # One machine has no node a cloud can preempt: Ray Train's preemption watcher (an
     # actor process per stage, ~3 s of CPU to start on 2 cores) has nothing to watch.
-    runtime_env["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    watcher = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+    runtime_env["env_vars"][watcher] = os.environ.get(watcher, "0")
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by Ray when it starts the head's GCS
     try:

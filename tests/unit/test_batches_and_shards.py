@@ -161,6 +161,7 @@ def test_counterfactual_answers_from_rivals_are_values_of_the_asked_kind():
     of_kind = [Stage1Example(3, "Which job does Radjor Galdun do?", "baker", rival_answers=("weaver",))] * 30
     targets, docs = read(of_kind, 1.0)
     assert set(targets) == {"weaver"} and all(d.startswith("Radjor Galdun works as a weaver") for d in docs)
+
     def weavers(share):  # of 120 examples; from the whole pool 'weaver' is one of 3 answers
         targets = read(of_kind * 4, share)[0]
         assert {"Marlow", "Ostrel"} & set(targets)
