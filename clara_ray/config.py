@@ -618,6 +618,10 @@ class EncodeConfig(_Section):
     # Ray accepts fractions: 0.5 GPUs per actor packs two encoders on one GPU.
     num_cpus_per_actor: float = Field(1, gt=0)
     num_gpus_per_actor: float = Field(0, ge=0)
+    # Seconds to wait for min_actors encoders to be up before the first batch is sent
+    # (an error past it: the cluster lacks what each asks for). 0: start on the first
+    # actor ready; the others join as they come (an autoscaling cluster's default).
+    wait_for_min_actors_s: int = Field(0, ge=0)
     # Parquet files gather at least this many documents (the last may hold fewer).
     rows_per_shard: int = Field(8192, gt=0)
     # Pad every batch to model.doc_max_len: each document's memory is then the same

@@ -57,6 +57,7 @@ from clara_ray.data.corpus_reader import (
 )
 from clara_ray.data.corpus_rows import CorpusFormat
 from clara_ray.data.formats import BadRowPolicy
+from clara_ray.errors import UserError
 from clara_ray.memory_shards import KEY_KIND_FLAT_MEMORY, MANIFEST, memory_table, write_manifest
 from clara_ray.placement import Scheduling, actor_options
 from clara_ray.write_commits import committed_rows, inspect_write, settle_interrupted_write
@@ -140,6 +141,8 @@ class EncodeSettings:
     max_actors: int = 1
     num_cpus_per_actor: float = 1
     num_gpus_per_actor: float = 0
+    # > 0: no batch is sent until min_actors are up, or an error after this many seconds.
+    wait_for_min_actors_s: int = 0
     dtype: str = "bfloat16"  # on GPU; CPU actors always compute in float32
     on_bad_row: BadRowPolicy = BadRowPolicy.QUARANTINE
     rows_per_shard: int = 8192
@@ -294,12 +297,13 @@ def encode_corpus(
 def _encode_good_rows(documents, model_dir, output_dir: Path, settings: EncodeSettings) -> None:
     """documents() -> the good rows, created here under the checkpoint config."""
     context = ray.data.DataContext.get_current()
-    previous = context.checkpoint_config
+    previous = context.checkpoint_config, context.wait_for_min_actors_s
     # Kept after success: it is what tells whole shards from half-written ones
     # until the manifest exists (encode_corpus deletes it after writing that).
     context.checkpoint_config = CheckpointConfig(
         id_column="row_key", checkpoint_path=str(checkpoint_dir(output_dir)), delete_checkpoint_on_success=False
     )
+    context.wait_for_min_actors_s = settings.wait_for_min_actors_s or -1  # Ray Data's "do not wait"
     try:
         documents().map_batches(
             CompressorActor,
@@ -317,8 +321,17 @@ def _encode_good_rows(documents, model_dir, output_dir: Path, settings: EncodeSe
             num_gpus=settings.num_gpus_per_actor,
             **settings.placement,
         ).write_parquet(str(output_dir), min_rows_per_file=settings.rows_per_shard)
+    except ray.exceptions.GetTimeoutError as error:
+        if "starting actors" not in str(error):
+            raise
+        raise UserError(
+            f"encode: {settings.min_actors} encoder actor(s) did not start within encode.wait_for_min_actors_s="
+            f"{settings.wait_for_min_actors_s} s: the cluster has no room for what each asks "
+            f"({settings.num_cpus_per_actor} CPU, {settings.num_gpus_per_actor} GPU, "
+            f"resources {dict(settings.resources_per_actor)}); lower encode.min_actors or add nodes"
+        ) from None
     finally:
-        context.checkpoint_config = previous
+        context.checkpoint_config, context.wait_for_min_actors_s = previous
 
 
 FINGERPRINT = "compressor_fingerprint.txt"

@@ -110,6 +110,7 @@ def encode_settings(config: Config) -> EncodeSettings:
         max_actors=encode.max_actors,
         num_cpus_per_actor=encode.num_cpus_per_actor,
         num_gpus_per_actor=encode.num_gpus_per_actor,
+        wait_for_min_actors_s=encode.wait_for_min_actors_s,
         dtype=config.model.dtype.value,
         on_bad_row=config.data.on_bad_row,
         rows_per_shard=encode.rows_per_shard,

@@ -1,6 +1,7 @@
 """Corpus encoding at scale: every input row is encoded or quarantined, exactly once,
 also when the driver or an encoder actor is killed mid-run."""
 
+import dataclasses
 import json
 import os
 import random
@@ -18,6 +19,7 @@ import pytest
 
 from clara_ray import encode
 from clara_ray.encode import EncodeSettings, checkpoint_dir, encode_corpus
+from clara_ray.errors import UserError
 from clara_ray.modeling.checkpoint import save_model
 from tests.tiny_model import make_model
 
@@ -102,6 +104,14 @@ def test_thousands_of_mixed_bad_rows_are_all_accounted_for(local_ray, model_dir,
 
     with pytest.raises(FileExistsError, match="finished encoding"):
         encode_corpus(paths, model_dir, tmp_path / "out", SETTINGS)
+
+
+def test_encoders_the_cluster_cannot_place_are_a_clear_error_when_asked_to_wait(local_ray, model_dir, tmp_path):
+    paths, _, _, _ = _mixed_corpus(tmp_path, 40)
+    settings = dataclasses.replace(SETTINGS, wait_for_min_actors_s=3, resources_per_actor={"no_such_node": 1})
+    with pytest.raises(UserError, match=r"1 encoder actor\(s\) did not start within encode.wait_for_min_actors_s=3 s"):
+        encode_corpus(paths, model_dir, tmp_path / "out", settings)
+    assert not list((tmp_path / "out").glob("*.parquet"))
 
 
 _DRIVER = """

@@ -97,7 +97,9 @@ def _overrides(output_dir) -> list[str]:
         "stage3.top_k=2", "stage3.num_candidates=8", "eval.baselines=[bm25]",
         # the placement under test
         "train.num_workers=2", "train.placement_strategy=strict_spread",
-        "encode.min_actors=2", "encode.max_actors=2", "encode.batch_size=16", "encode.resources_per_actor={encoder_slot: 1}",
+        # both encoders up before the first batch: one alone may otherwise encode all 108
+        "encode.min_actors=2", "encode.max_actors=2", "encode.wait_for_min_actors_s=600",
+        "encode.batch_size=16", "encode.resources_per_actor={encoder_slot: 1}",
         "index.num_shards=2", "index.resources_per_shard={shard_slot: 1}",
     ]
 
