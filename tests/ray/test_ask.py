@@ -1,45 +1,22 @@
-"""Asking a finished run: one small trap-corpus run of the whole pipeline (module fixture),
-then the API, the command and its errors on it (errors on copies of its small files)."""
+"""Asking a finished run: the session's small trap-corpus run of the whole pipeline
+(tests/ray/conftest.py), then the API, the command and its errors on it (errors on copies of its small files)."""
 
 import json
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
 from clara_ray.ask import Clara, LocalIndex, RunNotReady, ask_command
-from clara_ray.config import load_config
 from clara_ray.data.formats import read_qa
 from clara_ray.errors import UserError
 from clara_ray.eval.evaluate import query_reasoner_rankings
 from clara_ray.eval.metrics import recall_at_k
 from clara_ray.index.versions import IndexSettings, build_version, current_version, read_version_manifest
-from clara_ray.pipeline import run_pipeline
 from clara_ray.training.tables import DOCUMENTS, read_table, write_documents
 
 pytestmark = pytest.mark.ray
-
-# A smaller model, corpus and training than jobs/configs/tiny.yaml (which takes ~10 min):
-# ~3.5 min on 2 busy cores. Stage 3 has only begun to take off by its last step: measured
-# test Recall@1 0.117 (7 of 60 questions; chance is 1/360), train Recall@1 0.26.
-SMALL_RUN = [
-    "data.trap.num_entities=40", "model.tiny.hidden_size=128", "model.tiny.num_layers=2",
-    "model.tiny.num_heads=4", "model.tiny.intermediate_size=256",
-    "stage1.steps=800", "stage1.report_every=100", "stage3.steps=300", "stage3.report_every=100", "stage3.attempts=1",
-    "stage3.micro_batch_size_per_worker=16", "stage3.counterfactual_rate=0",  # measured without worlds
-    "train.num_workers=1", "eval.baselines=[]", "encode.max_actors=1",
-]
-
-
-@pytest.fixture(scope="module")
-def finished_run(local_ray, tmp_path_factory):
-    started = time.perf_counter()
-    config = load_config(None, [f"run.output_dir={tmp_path_factory.mktemp('runs')}", "run.name=ask", *SMALL_RUN])
-    summary = run_pipeline(config, log=lambda message: None)
-    print(f"[test_ask] the run took {time.perf_counter() - started:.0f}s: {summary['results']}")
-    return summary
 
 
 @pytest.fixture(scope="module")

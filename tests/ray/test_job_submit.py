@@ -1,12 +1,18 @@
-"""`ray job submit` against a head started with `ray start --head`, token authentication on.
+"""A run step by step as jobs, then `ray job submit` against a head started with
+`ray start --head`, token authentication on.
 
-The commands are the README's ("On one machine"), parsed out of it and run with
-only these changes: the head gets free ports, its own temp dir and `--block` (so the
-test can stop it by its process group: `ray stop` would stop every Ray process on
-the machine, other test sessions' too), `http://127.0.0.1:8265` becomes the head's
-job API, `$PWD/runs` a temporary directory, `<submission id>` the pipeline job's id,
-and the pipeline command gets the overrides that make it small. The token lives in
-a temporary file (RAY_AUTH_TOKEN_PATH), so ~/.ray is not touched.
+The head and the submissions are the README's commands ("On one machine"), parsed out
+of it and run with only these changes: the head gets free ports, its own temp dir and
+`--block` (so the test can stop it by its process group: `ray stop` would stop every
+Ray process on the machine, other test sessions' too), `http://127.0.0.1:8265` becomes
+the head's job API, `$PWD/runs` a temporary directory, `<submission id>` the pipeline
+job's id, and the pipeline command gets the overrides that make it small. The token
+lives in a temporary file (RAY_AUTH_TOKEN_PATH), so ~/.ray is not touched.
+
+Before the pipeline is submitted, its first steps run as the README's "One job per step"
+does, each a `python jobs/<step>.py` process joining the head with the same config and
+overrides: the submitted pipeline then trains only stage 3 and evaluates, and never
+trains stage 1 again. A step whose inputs are missing names the step to run first.
 """
 
 from __future__ import annotations
@@ -146,7 +152,7 @@ def run(command: str, env: dict[str, str], log: Path, timeout: float) -> str:
     return result.stdout + result.stderr
 
 
-def test_readme_job_submit_commands_run_against_a_local_head_with_token_auth(tmp_path):
+def test_a_run_step_by_step_as_jobs_then_the_readme_job_submit_commands_on_a_head_with_token_auth(tmp_path):
     start, jobs = readme_commands("On one machine: `ray start --head` and `ray job submit`")
     activate, auth_mode, get_token, start_head, submit_pipeline, submit_encode, stop = start
     assert activate == "source .venv/bin/activate"
@@ -188,12 +194,22 @@ def test_readme_job_submit_commands_run_against_a_local_head_with_token_auth(tmp
             raise AssertionError((tmp_path / "head.log").read_text()[-3000:])
         client_env = {**env, "RAY_ADDRESS": head.job_api}
 
+        # The pipeline's config, as the step jobs below are given it.
+        pipeline_arguments = submit_pipeline.split(" -- python jobs/pipeline.py ", 1)[1].replace("$PWD/runs", str(runs))
+        run_dir = runs / "exp1"
+        before = _run_first_steps_as_jobs([*pipeline_arguments.split(), *SMALL_PIPELINE], run_dir,
+                                          {**env, "RAY_ADDRESS": f"127.0.0.1:{head.gcs_port}"})
+        stage1_files = {p: p.stat().st_mtime_ns for p in (run_dir / "models" / "stage1").rglob("*") if p.is_file()}
+
         output = run(readme(submit_pipeline) + " " + " ".join(SMALL_PIPELINE), client_env, log, timeout=900)
         (job_id,) = set(re.findall(r"Job '(raysubmit_\w+)' succeeded", output))
-        run_dir = runs / "exp1"
+        assert "stage1 finished in an earlier attempt" in output  # the step jobs' stage 1, read back
+        assert {p: p.stat().st_mtime_ns for p in (run_dir / "models" / "stage1").rglob("*") if p.is_file()} == stage1_files
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert set(metrics["results"]) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
-        assert (run_dir / "steps" / "stage3.json").exists()
+        assert metrics["results"]["query reasoner before stage 3"] == before["query reasoner before stage 3"]
+        assert json.loads((run_dir / "steps" / "stage3.json").read_text())["steps"] == 2
+        assert (run_dir / "report.md").exists()
         for command, expected in ((status, "succeeded"), (logs, "query reasoner after stage 3")):
             assert expected in run(readme(command).replace("<submission id>", job_id), client_env, log, timeout=120)
 
@@ -213,6 +229,42 @@ def test_readme_job_submit_commands_run_against_a_local_head_with_token_auth(tmp
         if head is not None:
             head.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _run_first_steps_as_jobs(arguments: list[str], run_dir: Path, env: dict[str, str]) -> dict:
+    """Prepare, stage 1, encode, index and the evaluation before stage 3, each a
+    `python jobs/<step>.py` process on the head; the evaluation's results."""
+    from clara_ray.config import load_config
+    from clara_ray.pipeline import Run, StepNotReady
+
+    # Out of order: each says which step comes first (no Ray needed to find out).
+    config_file = arguments[arguments.index("--config") + 1]
+    overrides = [a for a in arguments if a not in ("--config", config_file)]
+    early = Run(load_config(REPOSITORY / config_file, overrides), log=lambda line: None)
+    with pytest.raises(StepNotReady, match=r"run `train --stage 1` first"):
+        early.train(3)
+    with pytest.raises(StepNotReady, match=r"run `encode_corpus` first"):
+        early.build_index()
+
+    prepared = _job("prepare_data", arguments, env)
+    assert prepared["corpus"] > 0 and prepared["test_qa"] > 0 and prepared["run_dir"] == str(run_dir)
+    stage1 = _job("train", ["--stage", "1", *arguments], env)
+    assert stage1["steps"] == 4 and Path(stage1["model_dir"]) == run_dir / "models" / "stage1"
+    encoded = _job("encode_corpus", arguments, env)
+    assert encoded["num_encoded"] == prepared["corpus"] and encoded["num_quarantined"] == 0
+    index = _job("build_index", arguments, env)
+    assert (run_dir / "index" / "CURRENT").read_text().strip() == index["version"]
+    before = _job("evaluate", arguments, env)
+    assert set(before) == {"query reasoner before stage 3"}
+    return before
+
+
+def _job(step: str, arguments: list[str], env: dict[str, str]) -> dict:
+    """`python jobs/<step>.py ...` from the repository: its last line, as JSON."""
+    done = subprocess.run([sys.executable, f"jobs/{step}.py", *arguments], cwd=REPOSITORY, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_start_ray_joins_only_a_cluster_that_runs(monkeypatch):

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from clara_ray.config import load_config
+from clara_ray.memory_shards import read_memory_shards
 from clara_ray.pipeline import run_pipeline
 from clara_ray.training.tables import DOCUMENTS, read_table
 
@@ -14,7 +15,11 @@ def _write(path, lines):
     path.write_bytes(b"\n".join(line if isinstance(line, bytes) else line.encode() for line in lines) + b"\n")
 
 
-def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
+LONG_ANSWER = "a baker who also works as a smith in Marlow and in Tessin every summer"
+
+
+def _user_files_with_bad_rows(tmp_path) -> list[str]:
+    """A corpus and QA files of a user's, with bad rows of every kind; the overrides of a small run on them."""
     people = [("Ann Berg", "Marlow", "baker"), ("Bo Lind", "Tessin", "smith"), ("Cy Moor", "Ostrel", "potter"),
               ("Di Vale", "Marlow", "weaver"), ("Ed Holt", "Tessin", "baker"), ("Fay Rusk", "Ostrel", "smith")]
     corpus = []
@@ -33,30 +38,30 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
     train += [json.dumps({"question": f"What is {n}'s job?", "answers": [j], "gold_doc_ids": [f"j{i}"]})
               for i, (n, _, j) in enumerate(people[:4])]
     train.append('{"question": "no answers", "answers": []}')
-    long_answer = "a baker who also works as a smith in Marlow and in Tessin every summer"
-    train.append(json.dumps({"question": "What does Ann Berg do?", "answers": [long_answer], "gold_doc_ids": ["j0"]}))
+    train.append(json.dumps({"question": "What does Ann Berg do?", "answers": [LONG_ANSWER], "gold_doc_ids": ["j0"]}))
     test = [json.dumps({"question": f"Where did {n} grow up?", "answers": [c], "gold_doc_ids": [f"c{i + 4}"]})
             for i, (n, c, _) in enumerate(people[4:])]
-    test.append(json.dumps({"question": "What does Ed Holt do?", "answers": [long_answer], "gold_doc_ids": ["j4"]}))
+    test.append(json.dumps({"question": "What does Ed Holt do?", "answers": [LONG_ANSWER], "gold_doc_ids": ["j4"]}))
     for name, lines in (("corpus", corpus), ("train", train), ("test", test)):
         _write(tmp_path / f"{name}.jsonl", lines)
 
-    config = load_config(None, [
+    return [
         f"data.corpus={tmp_path / 'corpus.jsonl'}", f"data.train_qa={tmp_path / 'train.jsonl'}",
         f"data.test_qa={tmp_path / 'test.jsonl'}", f"run.output_dir={tmp_path / 'runs'}", "run.name=user",
         "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
         "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300",
-        # one training worker: pipelines on two run in test_two_nodes and test_refresh
+        # one training worker (pipelines on two run in test_two_nodes and test_refresh)
         "train.num_workers=1", "stage1.steps=4", "stage1.report_every=2", "stage1.micro_batch_size_per_worker=4",
         "stage3.steps=2 epochs", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4",
         "stage3.top_k=2", "stage3.num_candidates=4", "eval.baselines=[bm25]", "encode.max_actors=1",
         # both attempts run: a tiny run fits nothing, so neither bound stops them
         "stage3.attempts=2", "stage3.attempt_target_recall=1.0", "stage3.takeoff_recall=0",
         "model.answer_max_len=8",  # given, so the long answers are set aside (auto would fit them)
-    ])
-    messages = []
-    summary = run_pipeline(config, log=messages.append)
+    ]
 
+
+def _check_user_files_run(summary, messages, tmp_path):
+    """Every row of the user's files accounted for, and the run trained and reported on the rest."""
     files = summary["data"]["files"]
     assert files["corpus"] == {"input": 17, "used": 12, "quarantined": 5}
     assert files["train_qa"] == {"input": 10, "used": 8, "quarantined": 2}
@@ -72,7 +77,7 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
     for name in ("train_qa", "test_qa"):
         rows = [json.loads(line) for line in (run_dir / "data" / f"{name}.quarantine.jsonl").read_text().splitlines()]
         (long,) = [row for row in rows if "model.answer_max_len is 8" in row["reason"]]
-        assert long["line_number"] is None and long_answer in long["raw"]
+        assert long["line_number"] is None and LONG_ANSWER in long["raw"]
     lengths = summary["lengths"]
     assert lengths["answer_max_len"] == 8 and "answer_max_len" not in lengths["picked"]
     assert lengths["doc_max_len"] % 16 == 0 and "doc_max_len" in lengths["picked"]
@@ -113,15 +118,22 @@ def test_pipeline_on_user_files_with_bad_rows(local_ray, tmp_path):
 
 
 _DRIVER = """
-import sys, ray
+import json, sys, ray
 from clara_ray.config import load_config
 from clara_ray.pipeline import run_pipeline
 ray.init(address=sys.argv[1])
-run_pipeline(load_config(None, sys.argv[2:]), log=lambda message: None)
+messages = []
+def log(message):
+    messages.append(message)
+    print(message, flush=True)
+summary = run_pipeline(load_config(None, sys.argv[3:]), log=log)
+with open(sys.argv[2], "w") as out:
+    json.dump({"summary": summary, "messages": messages}, out)
 """
 
 
-def _small_trap_run(output_dir, name: str) -> list[str]:
+def _trainable_trap_run(output_dir, name: str) -> list[str]:
+    """A small trap-corpus run with stage 2 and a trainable compressor (the index refreshed every 2 steps)."""
     return [
         f"run.output_dir={output_dir}", f"run.name={name}", "data.trap.num_entities=12",
         "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
@@ -131,45 +143,53 @@ def _small_trap_run(output_dir, name: str) -> list[str]:
         "stage2.num_documents=2",
         "stage3.steps=4", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4", "stage3.attempts=1",
         "stage3.top_k=2", "stage3.num_candidates=8", "eval.baselines=[bm25]", "encode.max_actors=1",
+        "stage3.compressor=trainable", "stage3.refresh_every=2",
+        "stage3.counterfactual_rate=0",  # no world steps: the refreshes are at stage3.steps' multiples of 2
+        "train.num_workers=1",
     ]
 
 
-def _driver(local_ray, overrides, log_path):
-    """A pipeline driver in its own process on the test cluster; its output goes to `log_path`."""
+def _driver(local_ray, overrides, name: str, tmp_path):
+    """A pipeline driver in its own process on the test cluster; its output goes to
+    <name>.log, its summary and log messages (once it finished) to <name>.json."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    with open(log_path, "wb") as log:
+    with open(tmp_path / f"{name}.log", "wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-c", _DRIVER, local_ray.get_runtime_context().gcs_address, *overrides],
+            [sys.executable, "-c", _DRIVER, local_ray.get_runtime_context().gcs_address, str(tmp_path / f"{name}.json"),
+             *overrides],
             cwd=Path(__file__).parents[2], stdout=log, stderr=subprocess.STDOUT,
         )
 
 
-def test_two_pipelines_on_one_cluster_one_killed_after_stage1_and_rerun(local_ray, tmp_path):
-    """Two drivers started at once on one cluster. One is killed once its stage 1 has
-    finished, wherever it then is (or after it finished everything); the other finishes
-    all the same, and a rerun of the killed one's config never trains stage 1 again
-    and finishes its run (with stage 2). One training worker each: the two runs' stages
-    fit beside each other on the 4 logical CPUs and really run at the same time."""
-    runs = {"other": [*_small_trap_run(tmp_path, "other"), "train.num_workers=1", "stage2.enabled=false"],
-            "killed": [*_small_trap_run(tmp_path, "killed"), "train.num_workers=1"]}
-    drivers = {name: _driver(local_ray, overrides, tmp_path / f"{name}.log") for name, overrides in runs.items()}
+def test_two_pipelines_on_one_cluster_user_files_with_bad_rows_and_one_killed_after_stage1_and_rerun(
+        local_ray, tmp_path):
+    """Two drivers started at once on one cluster: a run on a user's files with bad rows,
+    and a trap-corpus run with stage 2 and a trainable compressor. The trap run's driver
+    is killed once its stage 1 has finished, wherever it then is (or after it finished
+    everything); the other finishes all the same, and a rerun of the killed one's config
+    never trains stage 1 again and finishes its run: stage 2, stage 3 refreshing the
+    index as it trains, the evaluation on the final version. One training worker each:
+    the two runs' stages fit beside each other on the 4 logical CPUs and really run at
+    the same time."""
+    runs = {"user": _user_files_with_bad_rows(tmp_path), "killed": _trainable_trap_run(tmp_path, "killed")}
+    drivers = {name: _driver(local_ray, overrides, name, tmp_path) for name, overrides in runs.items()}
     try:
         _kill_after_stage1_and_rerun(drivers["killed"], tmp_path / "killed", runs["killed"])
-        assert drivers["other"].wait(timeout=1200) == 0, (tmp_path / "other.log").read_text(errors="replace")[-3000:]
+        assert drivers["user"].wait(timeout=1200) == 0, (tmp_path / "user.log").read_text(errors="replace")[-3000:]
     finally:  # a failure above must not leave the other driver running on the session's cluster
-        if drivers["other"].poll() is None:
-            drivers["other"].kill()
-            drivers["other"].wait()
-    metrics = json.loads((tmp_path / "other" / "metrics.json").read_text())
-    assert set(metrics["results"]) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
+        if drivers["user"].poll() is None:
+            drivers["user"].kill()
+            drivers["user"].wait()
+    finished = json.loads((tmp_path / "user.json").read_text())
+    _check_user_files_run(finished["summary"], finished["messages"], tmp_path)
 
 
 def _kill_after_stage1_and_rerun(killed, run_dir, overrides):
     """Kill the driver `killed` once its run's stage 1 has finished, then rerun its
-    config here: stage 1 is not trained again and the run finishes."""
+    config here: stage 1 is not trained again and the run finishes, its index refreshed
+    by the trainable compressor and evaluated on the final version."""
     import os
     import signal
     import time
@@ -193,6 +213,14 @@ def _kill_after_stage1_and_rerun(killed, run_dir, overrides):
     assert (run_dir / "report.md").exists()
     assert set(summary["results"]) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
     assert os.path.exists(summary["models"]["stage3"])
+    # Refreshes while stage 3 ran, the last from the stage-3 model; the evaluation on that version.
+    events = summary["refresh"]["events"]
+    assert events[-1]["step"] == 4 and events[-1]["outcome"] == "swapped"
+    assert {e["step"] for e in events} | set(summary["refresh"]["skipped"]) == {2, 4}
+    assert (run_dir / "index" / "CURRENT").read_text().strip() == "v4"
+    fingerprint = json.loads((run_dir / "models" / "stage3" / "clara.json").read_text())["compressor_fingerprint"]
+    assert read_memory_shards(run_dir / "refresh" / "memory-v4").manifest["model_fingerprint"] == fingerprint
+    assert "| 4 | swapped |" in (run_dir / "report.md").read_text()
 
 
 def test_run_directory_of_another_config_is_refused(local_ray, tmp_path):

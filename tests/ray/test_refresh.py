@@ -1,5 +1,6 @@
 """Stage 3 with a trainable compressor: the index is refreshed in the background while
-training runs, and a refresh whose encode is killed midway costs nothing but itself."""
+training runs, and a refresh whose encode is killed midway costs nothing but itself.
+(The whole pipeline with a trainable compressor runs in tests/ray/test_pipeline.py.)"""
 
 import json
 import os
@@ -190,29 +191,3 @@ def test_refresh_encoders_swap_in_new_adapters_and_match_a_fresh_encoding(prepar
     assert refreshed["model_fingerprint"] == json.loads((changed / "clara.json").read_text())["compressor_fingerprint"]
     for count in ("num_input_documents", "num_encoded", "num_quarantined", "quarantined_by_kind"):
         assert refreshed[count] == source.manifest[count], count
-
-
-def test_a_trainable_pipeline_refreshes_and_evaluates_on_the_final_version(local_ray, tmp_path):
-    """The whole pipeline with a trainable compressor: refreshes while stage 3 runs, the
-    final one from the stage-3 model, and the evaluation after stage 3 on that version."""
-    from clara_ray.pipeline import run_pipeline
-
-    overrides = [
-        f"run.output_dir={tmp_path}", "run.name=trainable", "data.trap.num_entities=12",
-        "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
-        "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300", "train.num_workers=1",
-        "stage1.steps=4", "stage1.report_every=2", "stage1.micro_batch_size_per_worker=4",
-        "stage3.steps=6", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4",
-        "stage3.top_k=2", "stage3.num_candidates=8", "stage3.compressor=trainable", "stage3.refresh_every=2",
-        "eval.baselines=[bm25]", "encode.max_actors=1", "stage3.counterfactual_rate=0",
-    ]
-    summary = run_pipeline(load_config(None, overrides), log=lambda line: None)
-    run_dir = tmp_path / "trainable"
-    events = summary["refresh"]["events"]
-    assert events[-1]["step"] == 6 and events[-1]["outcome"] == "swapped"
-    assert {e["step"] for e in events} | set(summary["refresh"]["skipped"]) == {2, 4, 6}
-    assert (run_dir / "index" / "CURRENT").read_text().strip() == "v6"
-    fingerprint = json.loads((run_dir / "models" / "stage3" / "clara.json").read_text())["compressor_fingerprint"]
-    assert read_memory_shards(run_dir / "refresh" / "memory-v6").manifest["model_fingerprint"] == fingerprint
-    assert set(summary["results"]) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
-    assert "| 6 | swapped |" in (run_dir / "report.md").read_text()

@@ -1,56 +1,42 @@
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
 from clara_ray.cli import _parser, run_sweep_command
 from clara_ray.config import load_config
-from clara_ray.pipeline import Run
 from clara_ray.sweep import SWEPT, SourceRun, run_sweep
 
 pytestmark = pytest.mark.ray
 
-RUN = [
-    "data.trap.num_entities=16", "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
-    "model.tiny.intermediate_size=64", "model.tiny.vocab_size=300",
-    "stage1.steps=30", "stage1.report_every=10", "stage1.micro_batch_size_per_worker=4",
-    "stage3.steps=2", "stage3.report_every=2", "stage3.micro_batch_size_per_worker=4", "stage3.attempts=1",
-    "stage3.top_k=1", "stage3.num_candidates=8", "eval.baselines=[bm25]", "encode.max_actors=1",
-    # One training worker: each trial is a Ray Train run, and on 2 cores starting a
-    # second DeepSpeed worker per trial is most of a trial's time. Two workers are
-    # tested in test_training.py and test_pipeline.py.
-    "train.num_workers=1",
-    # Without counterfactual worlds, so a trial's steps are sweep.steps (ASHA's rungs below).
-    "stage3.counterfactual_rate=0",
-]
 # Three trials one at a time, so ASHA's decisions are deterministic, and made by
 # design rather than by how training goes: at a learning rate of 1e-6 the query
 # reasoner does not move in 4 steps, so every trial ranks the validation questions'
 # candidates alike, and a trial that keeps L = 3 candidates has a lower validation
-# MRR than one that keeps 64 (a gold document ranked 4th to 64th counts in the
-# latter only). Sweep seed 1 draws L = 64, 3, 64: ASHA (grace 4, reduction
+# MRR than one that keeps all 360 documents of the run's corpus (after its stage 1
+# no gold document is among the first 3, or even the first 64, and every one is
+# among all 360). Sweep seed 1 draws L = 360, 3, 360: ASHA (grace 4, reduction
 # factor 2) stops the second trial at step 4 (below the first) and lets the third
 # (above the median of the first two) run to step 8.
 SWEEP = [
     "sweep.num_trials=3", "sweep.steps=8", "sweep.grace_steps=4", "sweep.reduction_factor=2",
-    "sweep.max_concurrent_trials=1", "stage3.report_every=4", "sweep.num_candidates=[3, 64]",
+    "sweep.max_concurrent_trials=1", "stage3.report_every=4", "sweep.num_candidates=[3, 360]",
     "sweep.learning_rate=[1.0e-6, 2.0e-6]", "sweep.seed=1",
 ]
 
 
-def test_sweep_over_stage3_stops_trials_early_and_writes_a_runnable_best_config(local_ray, tmp_path, capsys):
-    # A sweep needs a run's stage 1 and encoded corpus, not its stage 3: the run stops there.
-    base = Run(load_config(None, [*RUN, f"run.output_dir={tmp_path}", "run.name=base"]), log=lambda m: None)
-    base.train(1)
-    base.encode_corpus()
-    base.build_index()
-    assert not (tmp_path / "base" / "steps" / "stage3.json").exists()
+def test_sweep_over_stage3_stops_trials_early_and_writes_a_runnable_best_config(finished_run, tmp_path, capsys):
+    # A sweep needs a run's stage 1 and encoded corpus: the session's small finished run
+    # (tests/ray/conftest.py: one training worker, no counterfactual worlds, so a trial's
+    # steps are sweep.steps, ASHA's rungs above); its stage 3 is not read. The sweep goes to <run>/sweep.
+    base = Path(finished_run["run_dir"])
     # The command, as a user runs it: half the sweep's settings in a --config file, half as overrides.
     sweep_file = tmp_path / "sweep.yaml"
-    sweep_file.write_text("sweep:\n  num_trials: 3\n  steps: 8\n  grace_steps: 4\n  num_candidates: [3, 64]\n"
+    sweep_file.write_text("sweep:\n  num_trials: 3\n  steps: 8\n  grace_steps: 4\n  num_candidates: [3, 360]\n"
                           "stage3:\n  report_every: 4\n")
-    args = _parser().parse_args(["sweep", "--from-run", str(tmp_path / "base"), "--config", str(sweep_file),
+    args = _parser().parse_args(["sweep", "--from-run", str(base), "--config", str(sweep_file),
                                  *[o for o in SWEEP if not o.startswith(("sweep.num_trials", "sweep.steps",
                                                                          "sweep.grace_steps", "sweep.num_candidates",
                                                                          "stage3.report_every"))]])
@@ -58,9 +44,9 @@ def test_sweep_over_stage3_stops_trials_early_and_writes_a_runnable_best_config(
     # In this process the trials' lines can still arrive after the summary (the command
     # stays on the test's cluster; `clara-ray sweep` leaves Ray before printing it).
     summary = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
-    out = tmp_path / "base" / "sweep"
+    out = base / "sweep"
     ran_with = load_config(out / "sweep_config.yaml")
-    assert ran_with == SourceRun.open(tmp_path / "base", SWEEP).config  # file, then overrides, on the run's config
+    assert ran_with == SourceRun.open(base, SWEEP).config  # file, then overrides, on the run's config
 
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -77,17 +63,17 @@ def test_sweep_over_stage3_stops_trials_early_and_writes_a_runnable_best_config(
     assert held and not train & held
 
     best = load_config(summary["best_config"])  # what `clara-ray demo --config` reads
-    assert best.run.name == "base-sweep-best" and best.stage3.validation_fraction == 0
+    assert best.run.name == f"{base.name}-sweep-best" and best.stage3.validation_fraction == 0
     assert {k: getattr(best.stage3, k) for k in ("top_k", "num_candidates")} == {
         k: int(rows[0][k]) for k in ("top_k", "num_candidates")}
     assert best.stage3.temperature == pytest.approx(float(rows[0]["temperature"]))
     assert float(rows[0]["best_val_recall_at_1"]) == max(float(r["best_val_recall_at_1"]) for r in rows)
     assert len({r["best_val_mrr"] for r in rows}) > 1  # the metric ASHA stops on tells the trials apart
-    assert yaml.safe_load((out / "best.yaml").read_text())["model"] == load_config(tmp_path / "base" / "config.yaml").to_dict()["model"]
+    assert yaml.safe_load((out / "best.yaml").read_text())["model"] == load_config(base / "config.yaml").to_dict()["model"]
     assert set(SWEPT) <= set(rows[0])
 
     with pytest.raises(FileExistsError, match="finished sweep"):
-        run_sweep(SourceRun.open(tmp_path / "base", SWEEP), log=lambda m: None)
+        run_sweep(SourceRun.open(base, SWEEP), log=lambda m: None)
 
 
 def _ids(path):
