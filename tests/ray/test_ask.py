@@ -16,7 +16,8 @@ from clara_ray.eval.metrics import recall_at_k
 from clara_ray.index.versions import IndexSettings, build_version, current_version, read_version_manifest
 from clara_ray.training.tables import DOCUMENTS, read_table, write_documents
 
-pytestmark = pytest.mark.ray
+# The first test to use the session's small run builds it (minutes): more than the default timeout.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from clara_ray.cli import _parser, run_sweep_command
 from clara_ray.config import load_config
 from clara_ray.sweep import SWEPT, SourceRun, run_sweep
 
-pytestmark = pytest.mark.ray
+# The first test to use the session's small run builds it (minutes): more than the default timeout.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
 
 # Three trials one at a time, so ASHA's decisions are deterministic, and made by
 # design rather than by how training goes: at a learning rate of 1e-6 the query
