@@ -445,13 +445,6 @@ class Stage3Config(_Section):
     # false = CLaRa's hard top-k.
     gumbel_top_k: bool = True
     num_candidates: int = Field(128, gt=0)
-    # Spread (0 = off): minus this times the entropy of the batch's mean retrieval
-    # distribution (each question's softmax(scores / temperature), summed per distinct
-    # document, over log of the batch size) joins the loss. Questions about different
-    # subjects that all pile onto the same few documents (a relation's wording matched,
-    # its subject ignored) are pushed apart; questions that each find their own
-    # document already spread and feel little of it. No gold label is read.
-    spread_weight: float = Field(0.0, ge=0)
     # Loss distillation (0 = off): this many candidates per question, drawn from
     # softmax(scores / distillation_temperature), are each read alone by the generator
     # (no gradient); the query reasoner's softmax over them is pulled towards

@@ -24,7 +24,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from clara_ray.modeling.topk import retrieval_scores, retrieval_spread, select_memory, straight_through_topk
+from clara_ray.modeling.topk import retrieval_scores, select_memory, straight_through_topk
 
 if TYPE_CHECKING:
     from clara_ray.training.settings import Distillation  # stage 3's settings: only read here
@@ -387,7 +387,7 @@ class ClaraModel(nn.Module):
         self, question_ids, question_mask, candidate_memory, prompt_ids, prompt_mask,
         target_ids, target_mask, k: int, temperature: float, sample: bool = False,
         distillation: Distillation | None = None, candidate_doc_ids=None, candidate_doc_mask=None,
-        candidate_rows=None, spread_weight: float = 0.0, candidate_groups=None,
+        candidate_rows=None,
     ):
         """Stage 3: query reasoner scores L candidates, a differentiable top-k picks
         k of them (the best k, or a sample: ``straight_through_topk``), the generator
@@ -398,10 +398,7 @@ class ClaraModel(nn.Module):
         candidate_memory: (B, L, n, d) stored memories, or None with a trainable
         compressor: then the batch's distinct candidates' tokens candidate_doc_ids /
         candidate_doc_mask (U, T) are compressed here, with gradient, and
-        candidate_rows (B, L) says which of the U each candidate is.
-
-        spread_weight > 0 (with candidate_groups (B, L): which distinct document of the
-        batch each candidate is): minus that times ``retrieval_spread`` joins the loss."""
+        candidate_rows (B, L) says which of the U each candidate is."""
         if candidate_doc_ids is not None:
             fresh, _ = self.encode(Role.COMPRESSOR, candidate_doc_ids, candidate_doc_mask)  # (U, n, d)
             candidate_memory = fresh[candidate_rows]  # (B, L, n, d)
@@ -415,9 +412,6 @@ class ClaraModel(nn.Module):
             distilled = self._loss_distillation(scores, candidate_memory, prompt_ids, prompt_mask, target_ids,
                                                 target_mask, distillation)
             out.update(loss=generation + distillation.weight * distilled, distillation_loss=distilled)
-        if spread_weight > 0:
-            spread = retrieval_spread(scores, candidate_groups, temperature)
-            out.update(loss=out["loss"] - spread_weight * spread, spread=spread.detach())
         return out
 
     def _loss_distillation(self, scores, candidate_memory, prompt_ids, prompt_mask, target_ids, target_mask,

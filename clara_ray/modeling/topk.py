@@ -8,8 +8,6 @@ retrieval scores of every remaining candidate, not only of the picked one.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -66,17 +64,3 @@ def retrieval_scores(query_memory: torch.Tensor, candidate_memory: torch.Tensor)
         candidate_memory.flatten(2).to(query.dtype), dim=-1
     )  # (B, L, n_mem*d)
     return torch.einsum("bd,bld->bl", query, candidates)
-
-
-def retrieval_spread(scores: torch.Tensor, groups: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The entropy of the batch's mean retrieval distribution over its distinct
-    documents, over log(batch size): each question's softmax(scores / temperature)
-    (B, L), its mass summed per distinct document (`groups` (B, L): which of the
-    batch's distinct documents each candidate is) and averaged over the questions.
-    1 when B questions put their mass on B different documents (more when each
-    spreads), 0 when all put it on one."""
-    batch = scores.shape[0]
-    probabilities = torch.softmax(scores.float() / temperature, dim=-1)
-    mean = probabilities.new_zeros(int(groups.max()) + 1).index_add(0, groups.flatten(), probabilities.flatten()) / batch
-    entropy = -(mean * torch.log(mean.clamp(min=1e-12))).sum()
-    return entropy / math.log(batch) if batch > 1 else entropy

@@ -223,7 +223,6 @@ class Stage3Settings:
     initial_temperature: float  # the first step's (geometric annealing in between)
     gumbel_top_k: bool  # sample the k documents (Gumbel top-k) instead of taking the best k
     num_candidates: int
-    spread_weight: float  # the batch's retrieval-spread term (0 = off)
     distillation: Distillation  # candidates 0 = off
     distillation_start_step: int  # distillation counts after this step
     hold_gains_steps: int  # the gains stay at 1 for steps 1..hold_gains_steps
@@ -264,7 +263,6 @@ class Stage3Settings:
             initial_temperature=s3.initial_temperature or s3.temperature,
             gumbel_top_k=s3.gumbel_top_k,
             num_candidates=s3.num_candidates,
-            spread_weight=s3.spread_weight,
             distillation=Distillation(s3.distillation_candidates, s3.distillation_weight, s3.distillation_temperature,
                                       s3.distillation_target_temperature),
             distillation_start_step=round(s3.distillation_start_fraction * steps),

@@ -130,15 +130,9 @@ def stage3_step(
     in_play = world.in_play([*batch.questions, *batch.answers]) if world is not None else frozenset()
     candidate_inputs, encoded = _candidate_inputs(model, tokenizer, found, settings, lengths, documents, world, in_play)
     temperature = settings.temperature_at(step)
-    spread = {}
-    if settings.spread_weight > 0:
-        _, groups = np.unique(found.doc_ids.astype(str), return_inverse=True)
-        spread = {"spread_weight": settings.spread_weight,
-                  "candidate_groups": torch.from_numpy(groups.reshape(found.doc_ids.shape)).to(device)}
     out = updater.forward(Objective.JOINT, **inputs, **candidate_inputs, k=settings.top_k, temperature=temperature,
                           sample=settings.gumbel_top_k,
-                          distillation=settings.distillation if step > settings.distillation_start_step else None,
-                          **spread)
+                          distillation=settings.distillation if step > settings.distillation_start_step else None)
     anchored = step > settings.anchor_start_step
     with torch.set_grad_enabled(anchored):  # before the pull starts it is only logged
         penalty = anchor.penalty()
@@ -151,7 +145,6 @@ def stage3_step(
     tokens = int(sum(inputs[k].sum() for k in ("question_mask", "prompt_mask", "target_mask")))
     metrics = {"loss": out["loss"].item(), "temperature": temperature, "tokens": tokens,
                **({"distillation_loss": out["distillation_loss"].item()} if "distillation_loss" in out else {}),
-               **({"spread": out["spread"].item()} if "spread" in out else {}),
                "seconds_step": sum(clock.seconds.values()), **clock.seconds}
     if settings.trainable_compressor or worlds is not None:
         metrics["candidates_encoded"] = encoded

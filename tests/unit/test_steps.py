@@ -1,7 +1,6 @@
 """The Ray-free step functions and candidate sources, on the tiny test model."""
 
 import dataclasses
-import math
 import random
 
 import numpy as np
@@ -213,27 +212,6 @@ def test_stage3_step_trains_only_the_query_reasoner_from_any_candidate_source():
     changed = _changed(model, before)
     assert changed and changed <= set(model.role_parameters(Role.QUERY_REASONER))
     assert torch.equal(gain, before["retrieval_gain.query_reasoner.weight"])  # held for 90% of the steps
-
-
-def test_stage3_step_with_a_spread_weight_reports_the_spread_and_its_loss_includes_it():
-    model, tokenizer = make_model()
-    model.set_trainable([Role.QUERY_REASONER], backbone=False)
-    doc_ids = [f"d{i}" for i in range(len(TEXTS))]
-    memory = _memory(model, tokenizer, TEXTS)
-    batch = QuestionBatch(["q0", "q1"], ["Which city was Zorvan Kellit born in?", "What does Quipel Silhir own?"],
-                          ["Marlow", "cello"], [("d0",), ("d2",)])
-    losses = {}
-    for weight in (0.0, 0.5):
-        torch.manual_seed(0)
-        config = load_config(None, ["stage3.steps=10", "stage3.num_candidates=4", f"stage3.spread_weight={weight}",
-                                    "stage3.gumbel_top_k=false"])
-        settings = Stage3Settings.from_config(config)
-        anchor = ParameterAnchor(model, 0.0)
-        metrics = stage3_step(TorchUpdater(model, dataclasses.replace(settings.optimiser, learning_rate=0.0)),
-                              tokenizer, batch, ExactSearch(doc_ids, memory), settings, LENGTHS, 1, anchor)
-        losses[weight] = metrics
-    assert "spread" not in losses[0.0] and 0 < losses[0.5]["spread"] <= math.log(8) / math.log(2)
-    assert losses[0.5]["loss"] == pytest.approx(losses[0.0]["loss"] - 0.5 * losses[0.5]["spread"], rel=1e-5)
 
 
 def test_stage3_step_with_a_trainable_compressor_reencodes_candidates_with_gradient():

@@ -1,9 +1,7 @@
-import math
-
 import pytest
 import torch
 
-from clara_ray.modeling.topk import retrieval_scores, retrieval_spread, select_memory, straight_through_topk
+from clara_ray.modeling.topk import retrieval_scores, select_memory, straight_through_topk
 from clara_ray.training.settings import annealed_temperature
 
 
@@ -90,20 +88,3 @@ def test_annealed_temperature_goes_geometrically_from_initial_to_final():
         annealed_temperature(0, 5, 0.1, 0.02)
     with pytest.raises(ValueError, match="temperatures"):
         annealed_temperature(1, 5, 0.0, 0.02)
-
-
-def test_retrieval_spread_is_the_batch_mean_distributions_entropy_over_log_batch_size():
-    sharp = torch.tensor([[9.0, 0.0], [9.0, 0.0], [9.0, 0.0], [9.0, 0.0]])  # each question sure of its first candidate
-    own = torch.tensor([[0], [1], [2], [3]]).expand(4, 2) * 2 + torch.tensor([0, 1])  # all candidates distinct
-    shared = torch.tensor([[0, 1], [0, 2], [0, 3], [0, 4]])  # every first candidate the same document
-    assert retrieval_spread(sharp, own, 0.01).item() == pytest.approx(1.0, abs=1e-6)  # four documents, one each
-    assert retrieval_spread(sharp, shared, 0.01).item() == pytest.approx(0.0, abs=1e-6)  # all on one
-    flat = torch.zeros(4, 2)
-    assert retrieval_spread(flat, own, 0.1).item() == pytest.approx(math.log(8) / math.log(4))
-
-
-def test_retrieval_spread_pushes_questions_off_a_document_they_all_pick():
-    scores = torch.tensor([[2.0, 1.0], [2.0, 1.0], [2.0, 1.0]], requires_grad=True)
-    groups = torch.tensor([[0, 1], [0, 2], [0, 3]])  # the shared document first for all three
-    (-retrieval_spread(scores, groups, 0.5)).backward()
-    assert (scores.grad[:, 0] > 0).all() and (scores.grad[:, 1] < 0).all()  # minimising the loss: shared down, own up
