@@ -208,7 +208,8 @@ def test_a_run_step_by_step_as_jobs_then_the_readme_job_submit_commands_on_a_hea
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert set(metrics["results"]) == {"bm25", "query reasoner before stage 3", "query reasoner after stage 3"}
         assert metrics["results"]["query reasoner before stage 3"] == before["query reasoner before stage 3"]
-        assert json.loads((run_dir / "steps" / "stage3.json").read_text())["steps"] == 2
+        assert json.loads((run_dir / "steps" / "stage3.json").read_text())["history"][0]["step"] == 2  # report_every
+        assert (run_dir / "models" / "stage3" / "adapters.safetensors").exists()
         assert (run_dir / "report.md").exists()
         for command, expected in ((status, "succeeded"), (logs, "query reasoner after stage 3")):
             assert expected in run(readme(command).replace("<submission id>", job_id), client_env, log, timeout=120)
