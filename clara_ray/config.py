@@ -437,7 +437,7 @@ class Stage3Config(_Section):
     temperature: float = Field(0.02, gt=0)
     # Anneal the top-k temperature geometrically from this value down to
     # `temperature` over the run; null keeps it constant (CLaRa).
-    initial_temperature: float | None = Field(0.1, gt=0)
+    initial_temperature: float | None = Field(0.3, gt=0)
     # Training picks the k documents by sampling (Gumbel top-k: without replacement,
     # each draw from softmax(scores / temperature)) instead of taking the k best, so
     # the generator also reads documents ranked just below the top and its loss
