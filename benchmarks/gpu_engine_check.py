@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clara_ray.config import load_config  # noqa: E402
+from clara_ray.data.lengths import choose_lengths  # noqa: E402
 from clara_ray.data.trap import generate_trap_corpus  # noqa: E402
 from clara_ray.modeling.checkpoint import load_model  # noqa: E402
 from clara_ray.modeling.clara import Role  # noqa: E402
@@ -44,9 +45,12 @@ def main() -> None:
     use_gpu = torch.cuda.is_available()
     config = load_config(CONFIG, [f"stage3.steps={args.steps}", "model.dtype=bfloat16", f"train.zero_stage={args.zero}",
                                   "stage3.anchor_weight=0", "stage3.retrieval_gain_start_fraction=0"])
-    settings, worker = Stage3Settings.from_config(config), WorkerSettings.from_config(config)
     corpus = generate_trap_corpus(160, 0.5, 0)
     model, tokenizer, _ = load_model(args.model_dir)
+    # The preset's token lengths are "auto": picked from this corpus as the demo picked them.
+    config = config.with_lengths(choose_lengths(config.model, tokenizer, corpus.documents, corpus.train_qa,
+                                                corpus.test_qa).lengths)
+    settings, worker = Stage3Settings.from_config(config), WorkerSettings.from_config(config)
     model.set_trainable([Role.QUERY_REASONER], backbone=False)
     updater = DeepSpeedUpdater(model, settings.optimiser, settings.micro_batch_size, args.zero, use_gpu, bf16=True)
     device = updater.device

@@ -27,15 +27,15 @@ sys.path.insert(0, str(REPO))
 WARMUP = 5
 
 
-def _setup(model_dir: str, micro_batch: int, rank: int, world: int):
-    from clara_ray.config import Config
+def _setup(model_dir: str, config_tree: dict, micro_batch: int, rank: int, world: int):
+    from clara_ray.config import config_from_dict
     from clara_ray.data.trap import generate_trap_corpus
     from clara_ray.modeling.checkpoint import load_model
     from clara_ray.modeling.clara import Role
     from clara_ray.training.batches import prepare_stage1_examples, stage1_batches
     from clara_ray.training.settings import Stage1Settings, WorkerSettings
 
-    config = Config()
+    config = config_from_dict(config_tree, "the benchmark's config")  # token lengths picked from the data
     trap = config.data.trap
     corpus = generate_trap_corpus(trap.num_entities, trap.test_fraction, trap.seed, trap.family.value)
     documents = {d.id: d.text for d in corpus.documents}
@@ -71,13 +71,13 @@ def _time_steps(updater, batches, steps: int) -> dict[str, float]:
     return {k: round(v / steps, 4) for k, v in totals.items()}
 
 
-def one_process(model_dir: str, steps: int, threads: int, micro_batch: int) -> dict:
+def one_process(model_dir: str, config_tree: dict, steps: int, threads: int, micro_batch: int) -> dict:
     import torch
 
     from clara_ray.training.engine import TorchUpdater
 
     torch.set_num_threads(threads)
-    model, settings, batches = _setup(model_dir, micro_batch, 0, 1)
+    model, settings, batches = _setup(model_dir, config_tree, micro_batch, 0, 1)
     return _time_steps(TorchUpdater(model, settings.optimiser), batches, steps)
 
 
@@ -90,19 +90,20 @@ def _worker(run: dict) -> dict:
     torch.set_num_threads(run["threads"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    model, settings, batches = _setup(run["model_dir"], run["micro_batch"], rank, world)
+    model, settings, batches = _setup(run["model_dir"], run["config"], run["micro_batch"], rank, world)
     updater = DeepSpeedUpdater(model, settings.optimiser, settings.micro_batch_size, run["zero"], False, False)
     return _time_steps(updater, batches, run["steps"])
 
 
-def ray_train(model_dir: str, steps: int, workers: int, threads: int, micro_batch: int, zero: int, storage: str) -> dict:
+def ray_train(model_dir: str, config_tree: dict, steps: int, workers: int, threads: int, micro_batch: int, zero: int,
+              storage: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"model_dir": model_dir, "steps": steps, "threads": threads, "micro_batch": micro_batch,
-                           "zero": zero},
+        train_loop_config={"model_dir": model_dir, "config": config_tree, "steps": steps, "threads": threads,
+                           "micro_batch": micro_batch, "zero": zero},
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),
         run_config=RunConfig(storage_path=storage),
     )
@@ -124,13 +125,14 @@ def main() -> int:
     trap = config.data.trap
     corpus = generate_trap_corpus(trap.num_entities, trap.test_fraction, trap.seed, trap.family.value)
     with tempfile.TemporaryDirectory() as work:
-        model_dir = str(build_initial_model(config, corpus.documents, corpus.train_qa, Path(work) / "init").model_dir)
-        results = {"one process, 1 thread, 16 examples": one_process(model_dir, args.steps, 1, 16)}
+        initial = build_initial_model(config, corpus.documents, corpus.train_qa, Path(work) / "init", corpus.test_qa)
+        model_dir, tree = str(initial.model_dir), initial.config.to_dict()
+        results = {"one process, 1 thread, 16 examples": one_process(model_dir, tree, args.steps, 1, 16)}
         start_ray(None, dashboard=True)
         results["Ray Train, 2 workers x 1 thread x 16 examples"] = ray_train(
-            model_dir, args.steps, 2, 1, 16, args.zero, str(Path(work) / "ray"))
+            model_dir, tree, args.steps, 2, 1, 16, args.zero, str(Path(work) / "ray"))
         results["Ray Train, 1 worker x 2 threads x 32 examples"] = ray_train(
-            model_dir, args.steps, 1, 2, 32, args.zero, str(Path(work) / "ray"))
+            model_dir, tree, args.steps, 1, 2, 32, args.zero, str(Path(work) / "ray"))
     for name, parts in results.items():
         print(f"{name}: {sum(parts.values()):.3f} s a step ({', '.join(f'{k} {v:.3f}' for k, v in parts.items())})")
     print(json.dumps(results))
