@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clara_ray.config import Config, ReconstructionOrder, load_config  # noqa: E402
+from clara_ray.config import Config, ReconstructionOrder, load_config, steps_for_counts  # noqa: E402
 from clara_ray.data.lengths import choose_lengths  # noqa: E402
 from clara_ray.data.trap import generate_trap_corpus  # noqa: E402
 from clara_ray.eval.evaluate import decode_answers, generate_answers, query_reasoner_rankings, score  # noqa: E402
@@ -174,6 +174,9 @@ def run_one(args) -> None:
     log: dict = {"config": config.to_dict(), "overrides": args.overrides, "device": str(device), "curve": []}
     corpus, documents = _trap(config)
     train, test = corpus.train_qa, corpus.test_qa
+    # steps given in epochs, counted as the pipeline counts them (one stage-1 example per document and per question)
+    counts = {"stage1": len(documents) + len(train), "stage2": len(train), "stage3": len(train)}
+    config = config.with_steps({stage: n for stage, (n, _) in steps_for_counts(config, counts).items()})
     if args.stage1_dir:
         model, tokenizer, _ = load_model(args.stage1_dir)
         model.to(device)

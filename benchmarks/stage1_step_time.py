@@ -28,7 +28,7 @@ WARMUP = 5
 
 
 def _setup(model_dir: str, config_tree: dict, micro_batch: int, rank: int, world: int):
-    from clara_ray.config import config_from_dict
+    from clara_ray.config import config_from_dict, steps_for_counts
     from clara_ray.data.trap import generate_trap_corpus
     from clara_ray.modeling.checkpoint import load_model
     from clara_ray.modeling.clara import Role
@@ -42,6 +42,7 @@ def _setup(model_dir: str, config_tree: dict, micro_batch: int, rank: int, world
     s1 = config.stage1
     examples = prepare_stage1_examples(documents, corpus.train_qa, s1.hard_distractor_fraction,
                                        s1.hard_distractor_pool, s1.rival_pool, 0)
+    config = config.with_steps({s: n for s, (n, _) in steps_for_counts(config, {"stage1": len(examples)}).items()})
     settings = dataclasses.replace(Stage1Settings.from_config(config), micro_batch_size=micro_batch)
     model, tokenizer, _ = load_model(model_dir)
     model.set_trainable([Role.COMPRESSOR, Role.GENERATOR], backbone=True)

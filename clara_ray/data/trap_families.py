@@ -365,6 +365,14 @@ FAMILIES: dict[str, TrapFamily] = {
             echoes_per_fact=(1, 2), near_misses_per_fact=1, question_templates=4,
             fillers_per_document=(0, 1),
         ),
+        # wide's two differences from bundled taken one at a time (BENCHMARKS.md, "Two scratch
+        # tuning families"): its document shape with bundled's three relations, and
+        # bundled's shape with its five relations.
+        TrapFamily(
+            "wide3", ("birth_city", "profession", "instrument"), "tuning",
+            echoes_per_fact=(1, 3), question_templates=4, fillers_per_document=(0, 2),
+        ),
+        TrapFamily("bundled5", ("birth_city", "profession", "instrument", "pet", "sport"), "bundled"),
         # Held out (BENCHMARKS.md, "Trap families"): evaluated, never tuned on.
         TrapFamily(
             "held_out_a", ("language", "vehicle", "dish"), "held_out",

@@ -16,7 +16,6 @@ Train's storage into <run_dir>/models/<stage>) and the metric history.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from clara_ray.config import Config, config_from_dict, epochs_of
+from clara_ray.config import Config, config_from_dict, steps_for_counts
 from clara_ray.errors import DataError
 from clara_ray.placement import train_placement
 from clara_ray.progress import PROGRESS_FILE, StageBar, use_bars
@@ -97,22 +96,10 @@ def _check_fills(stage: str, count: int, micro_batch: int, workers: int, what: s
 
 
 def steps_for_data(config: Config, data: TrainingData) -> dict[str, tuple[int, str]]:
-    """The step count of each stage whose `steps` is given as "<n> epochs": epochs x the
-    stage's examples in `data` / (micro_batch_size_per_worker x train.num_workers), rounded
-    up. {stage: (steps, how they were counted)}; stages given as a number are left out."""
-    files = {"stage1": (data.stage1_examples, "stage-1 examples"), "stage2": (data.stage2_examples, "training questions"),
-             "stage3": (data.stage3_questions, "training questions")}
-    steps = {}
-    for stage, (path, what) in files.items():
-        section = getattr(config, stage)
-        epochs = epochs_of(section.steps)
-        if epochs is None or path is None:
-            continue
-        count = read_table(path).num_rows
-        per_step = section.micro_batch_size_per_worker * config.train.num_workers
-        steps[stage] = (math.ceil(epochs * count / per_step),
-                        f"{epochs:g} epochs of {count} {what}, {per_step} per step")
-    return steps
+    """The step count of each stage whose `steps` is given as "<n> epochs", from the
+    examples written to `data` (``steps_for_counts``)."""
+    files = {"stage1": data.stage1_examples, "stage2": data.stage2_examples, "stage3": data.stage3_questions}
+    return steps_for_counts(config, {stage: read_table(path).num_rows for stage, path in files.items() if path is not None})
 
 
 def write_stage3_questions(questions: QuestionBatch, validation_fraction: float, seed: int,

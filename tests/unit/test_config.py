@@ -285,7 +285,21 @@ def test_steps_for_data_turns_epochs_into_steps(tmp_path):
     count = len(corpus.train_qa) - len(read_table(data.stage3_validation))
     assert steps["stage3"] == (-(-3 * count // 16), f"1.5 epochs of {count} training questions, 8 per step")
     assert set(steps) == {"stage1", "stage3"}  # stage 2 is off
-    assert load_config(None, []).stage1.steps == 800 and steps_for_data(load_config(None, []), data) == {}
+    assert steps_for_data(load_config(None, ["stage1.steps=800", "stage3.steps=400"]), data) == {}  # numbers stay
+
+
+def test_default_step_counts_are_the_tuned_800_and_400_steps_on_the_bundled_corpus():
+    from clara_ray.config import steps_for_counts
+    from clara_ray.data.trap import generate_trap_corpus
+
+    corpus = generate_trap_corpus()
+    counts = {"stage1": len(corpus.documents) + len(corpus.train_qa), "stage3": len(corpus.train_qa)}
+    assert counts == {"stage1": 2160, "stage3": 720}
+    steps = steps_for_counts(load_config(None, []), counts)
+    assert {stage: count for stage, (count, _) in steps.items()} == {"stage1": 800, "stage3": 400}
+    # twice the data, twice the steps
+    doubled = steps_for_counts(load_config(None, []), {stage: 2 * n for stage, n in counts.items()})
+    assert {stage: count for stage, (count, _) in doubled.items()} == {"stage1": 1600, "stage3": 800}
 
 
 def test_refresh_needs_a_trainable_compressor():
