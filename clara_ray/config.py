@@ -356,6 +356,11 @@ class Stage1Config(_Section):
     learning_rate: float = Field(1.0e-3, gt=0)
     micro_batch_size_per_worker: int = Field(16, gt=0)
     mse_weight: float = Field(0.1, ge=0)
+    # The generation loss: null = one mean over every target token, so QA examples'
+    # few answer tokens weigh a fraction of the documents' reconstructions (about a
+    # seventh on the bundled corpus); a share s = s x the QA examples' mean + (1 - s) x
+    # the reconstructions' mean.
+    qa_loss_share: float | None = Field(None, gt=0, lt=1)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     # See clara_ray/training/batches.py: reversed reconstruction and counterfactual
     # answers keep a small model from memorising facts instead of reading memory.

@@ -343,6 +343,7 @@ class ClaraModel(nn.Module):
         self, doc_ids, doc_mask, doc_group, doc_slot, memory_mask,
         prompt_ids, prompt_mask, target_ids, target_mask, is_qa, mse_weight: float, target_weight=None,
         separation_weight: float = 0.0, separation_temperature: float = 0.1, target_input_ids=None,
+        qa_loss_share: float | None = None,
     ):
         """Stage 1: generate QA answers / reconstructions from documents' memory,
         plus MSE between each document's mean memory vector and mean token state.
@@ -357,6 +358,8 @@ class ClaraModel(nn.Module):
         (None = 1; ``batches.reconstruction_weights``), each a weighted mean.
         separation_weight: weight of `memory_separation` over the batch's documents.
         target_input_ids: what the generator is teacher-forced on (None = target_ids).
+        qa_loss_share: None = the pooled token mean; a share s = s x the QA mean + (1 - s) x
+        the reconstruction mean, when the batch has both kinds (one kind alone: its mean).
         """
         memory, token_states = self.encode(Role.COMPRESSOR, doc_ids, doc_mask)  # (N, n, d), (N, T, d)
         batch_size, width = memory_mask.shape
@@ -370,7 +373,10 @@ class ClaraModel(nn.Module):
         real = (labels != IGNORE_INDEX).to(per_token.dtype)
         weight = real if target_weight is None else real * target_weight.to(per_token.dtype)
         qa_loss, reconstruction_loss = (_masked_mean(per_token, weight * rows[:, None]) for rows in (is_qa, ~is_qa))
-        generation = _masked_mean(per_token, weight)
+        if qa_loss_share is not None and bool(is_qa.any()) and not bool(is_qa.all()):
+            generation = qa_loss_share * qa_loss + (1 - qa_loss_share) * reconstruction_loss
+        else:
+            generation = _masked_mean(per_token, weight)
         weights = doc_mask.unsqueeze(-1).to(token_states.dtype)
         mean_tokens = (token_states * weights).sum(1) / weights.sum(1).clamp(min=1)
         # In memory's standardised coordinates (affine, so standardising the mean is enough).

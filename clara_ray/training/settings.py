@@ -114,6 +114,7 @@ class Stage1Settings:
     micro_batch_size: int
     optimiser: OptimiserSettings
     mse_weight: float
+    qa_loss_share: float | None
     separation_weight: float
     separation_temperature: float
     reconstruction_word_dropout: float
@@ -142,6 +143,7 @@ class Stage1Settings:
             micro_batch_size=s1.micro_batch_size_per_worker,
             optimiser=_optimiser(steps, s1.learning_rate, s1.warmup_fraction, config.train.gradient_clipping),
             mse_weight=s1.mse_weight,
+            qa_loss_share=s1.qa_loss_share,
             separation_weight=s1.separation_weight,
             separation_temperature=s1.separation_temperature,
             reconstruction_word_dropout=s1.reconstruction_word_dropout,

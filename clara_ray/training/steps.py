@@ -39,6 +39,7 @@ def stage1_step(updater, batch: dict[str, torch.Tensor], settings: Stage1Setting
         mse_weight=settings.mse_weight,
         separation_weight=settings.separation_weight,
         separation_temperature=settings.separation_temperature,
+        qa_loss_share=settings.qa_loss_share,
     )
     updater.backward(out["loss"])
     updater.step()

@@ -101,6 +101,25 @@ def test_stage1_loss_is_the_token_mean_and_each_kind_is_reported_apart():
     assert reconstruction_tokens > qa_tokens
 
 
+def test_a_qa_loss_share_weighs_the_two_kinds_means_and_leaves_a_one_kind_batch_alone():
+    model, tokenizer = make_model()
+    model.eval()
+    qa, reconstruction = Stage1Example(1, "Which city?", "Marlow", (2,)), Stage1Example(0)
+
+    def losses(examples, share):
+        batch = stage1_batch(examples, TEXTS, 2, model.num_memory_tokens, tokenizer, LENGTHS, random.Random(0))
+        with torch.no_grad():
+            return model(Objective.COMPRESSOR_PRETRAINING, **batch, mse_weight=0.0, qa_loss_share=share)
+
+    mixed = losses([qa, reconstruction], 0.75)
+    torch.testing.assert_close(mixed["generation_loss"], 0.75 * mixed["qa_loss"] + 0.25 * mixed["reconstruction_loss"])
+    torch.testing.assert_close(mixed["loss"], mixed["generation_loss"])
+    pooled = losses([qa, reconstruction], None)
+    assert not torch.isclose(pooled["generation_loss"], mixed["generation_loss"])
+    for alone in ([qa], [reconstruction]):
+        torch.testing.assert_close(losses(alone, 0.75)["generation_loss"], losses(alone, None)["generation_loss"])
+
+
 def test_stage1_token_weights_make_each_loss_a_weighted_mean():
     model, tokenizer = make_model()
     model.eval()
