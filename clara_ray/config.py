@@ -359,7 +359,8 @@ class Stage1Config(_Section):
     # The generation loss: null = one mean over every target token, so QA examples'
     # few answer tokens weigh a fraction of the documents' reconstructions (about a
     # seventh on the bundled corpus); a share s = s x the QA examples' mean + (1 - s) x
-    # the reconstructions' mean.
+    # the reconstructions' mean. 0.5 on wide3: EM given gold 0.675 -> 0.217 and the
+    # names lost from memory (one run; BENCHMARKS.md, twentieth session), so off.
     qa_loss_share: float | None = Field(None, gt=0, lt=1)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     # See clara_ray/training/batches.py: reversed reconstruction and counterfactual
